@@ -1,0 +1,3 @@
+from gaborprune.cli import main
+
+main()

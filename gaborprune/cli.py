@@ -1,0 +1,325 @@
+"""The command line: parse, call the library, print. The only module that imports typer."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gaborprune.errors import GaborPruneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Compress CNNs: convert early convolutions to learnable Gabor banks, fine-tune with sparsity, "
+    "prune the zeroed kernels, export compact ONNX, and benchmark it.",
+)
+# Piped output is not cut to 80 columns: tables of layer names would wrap into noise.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False)
+
+# -- shared options ------------------------------------------------------------------------------
+Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19, torchvision:NAME, package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
+NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs (default: the model's own).", show_default=False)]
+Weights = Annotated[Optional[str], typer.Option("--weights", metavar="FILE", help="Local state_dict file to load (nothing is downloaded).", show_default=False)]
+ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", metavar="KEY=VALUE", help="Builder keyword argument KEY=VALUE, repeatable (e.g. k1=9 for resnet20_altered).", show_default=False)]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input C,H,W (default: from the model source).", show_default=False)]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Also write a machine-readable report here.", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+
+
+def _command(fn):
+    """Register a command whose GaborPruneErrors become one red line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GaborPruneError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+def _shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise typer.BadParameter(f"'{text}' is not C,H,W (three positive integers, e.g. 3,32,32)", param_hint="--input-shape")
+    return shape
+
+
+def _model_args(items: list[str] | None) -> dict:
+    args = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise typer.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--model-arg")
+        try:
+            args[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            args[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return args
+
+
+def _load(source: str, num_classes, weights, model_args, input_shape):
+    from gaborprune.recipe import load_model
+
+    return load_model(source, num_classes=num_classes, weights=weights, model_args=_model_args(model_args), input_shape=_shape(input_shape))
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+# -- convert -------------------------------------------------------------------------------------
+@_command
+def convert(
+    source: Source,
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe file to write.", show_default=False)],
+    layers: Annotated[Optional[int], typer.Option("--layers", metavar="N", help="Convert the first N convolutions in execution order.", show_default=False)] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", metavar="NAME", help="Convert this layer (qualified name, or re:REGEX); repeatable.", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option("--init", metavar="fit|random", help="fit: least squares to the trained kernels (default); random: a spread bank.", show_default=False)] = None,
+    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay).", show_default=False)] = None,
+    freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, wavelength, psi, gamma; repeatable.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random bank.", show_default=False)] = None,
+    num_classes: NumClasses = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    input_shape: InputShape = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Turn chosen convolutions of a trained model into learnable Gabor banks and save a recipe."""
+    from gaborprune import convert as convert_model
+    from gaborprune._io import check_output, write_json
+    from gaborprune.convert.spec import ConversionSpec
+    from gaborprune.recipe import save_recipe
+    from gaborprune.summary import summarize
+
+    options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed}
+    spec = ConversionSpec(**{k: v for k, v in options.items() if v is not None})
+    for path in (output, json_path):
+        check_output(path, force)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    params_before = summarize(model, recipe.input_shape).params
+    with err.status("fitting Gabor banks..." if spec.init == "fit" else "converting..."):
+        report = convert_model(model, recipe, spec)
+    params_after = summarize(model, recipe.input_shape).params
+    save_recipe(output, model, recipe, force=force)
+
+    table = Table(title=f"{source} -> {output}")
+    for col in ("layer", "kernel", "in -> out", "groups", "kernels", "fit error"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for layer in report.layers:
+        kernel = "x".join(map(str, layer.kernel_size))
+        if layer.kernel_size != layer.original_kernel_size:
+            kernel = f"{'x'.join(map(str, layer.original_kernel_size))} -> {kernel}"
+        error = "random init" if layer.fit_rel_error is None else f"{layer.fit_rel_error:.3f}"
+        table.add_row(layer.name, kernel, f"{layer.in_channels} -> {layer.out_channels}", str(layer.groups), str(layer.kernels), error)
+    out.print(table)
+    out.print(f"parameters: {_count(params_before)} -> {_count(params_after)}   (fit error = ||w - g|| / ||w|| over the layer)")
+    if json_path:
+        write_json(json_path, {
+            "model": source,
+            "output": str(output),
+            "layers": [{
+                "name": layer.name, "kernel_size": list(layer.kernel_size), "original_kernel_size": list(layer.original_kernel_size),
+                "in_channels": layer.in_channels, "out_channels": layer.out_channels, "groups": layer.groups,
+                "kernels": layer.kernels, "fit_rel_error": layer.fit_rel_error,
+            } for layer in report.layers],
+            "params_before": params_before,
+            "params_after": params_after,
+        }, force)
+
+
+# -- inspect -------------------------------------------------------------------------------------
+@_command
+def inspect(
+    source: Source,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Draw the Gabor banks (or the first conv) as a grid of kernels.", show_default=False)] = None,
+    num_classes: NumClasses = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    input_shape: InputShape = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs."""
+    from gaborprune._io import check_output, write_json
+    from gaborprune.plot import plot_banks
+    from gaborprune.summary import summarize
+
+    for path in (png, json_path):
+        check_output(path, force)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    summary = summarize(model, recipe.input_shape)
+
+    table = Table(title=f"{source}  (input {'x'.join(map(str, summary.input_shape))})")
+    for col in ("layer", "type", "kernel", "groups", "in -> out", "kernels", "alive", "params", "MACs"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for layer in summary.layers:
+        style = "cyan" if layer.type == "gabor" else None
+        table.add_row(
+            layer.name, layer.type, "x".join(map(str, layer.kernel_size)), str(layer.groups),
+            f"{layer.in_channels} -> {layer.out_channels}", str(layer.kernels), str(layer.kernels_alive),
+            _count(layer.params), _count(layer.macs), style=style,
+        )
+    out.print(table)
+    out.print(f"parameters: {_count(summary.params)}   MACs: {_count(summary.macs)}   FLOPs: {_count(summary.flops)}   (FLOPs = 2 x MACs; conv and linear layers, removed kernels skipped)")
+    if png:
+        drawn = plot_banks(model, png, force=force)
+        out.print(f"drew {', '.join(drawn)} -> {png}")
+    if json_path:
+        write_json(json_path, {"model": source} | summary.to_dict(), force)
+
+
+# -- finetune and eval ---------------------------------------------------------------------------
+DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: digits, fake:N[:CLASSES], cifar10:DIR, cifar100:DIR or imagefolder:DIR (with train/ and val/).", show_default=False)]
+Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when available (default).", show_default=False)]
+
+
+def _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, seed=None):
+    import torch
+
+    from gaborprune.data import DataSpec, load_data
+    from gaborprune.train.distributed import setup
+
+    spec = DataSpec.parse(data)
+    dist, dev = setup(device or "auto")
+    torch.manual_seed(seed or 0)  # a fresh source's initial weights are part of the run
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    train, test = load_data(spec, recipe.input_shape, resize=resize)
+    return dist, dev, model, recipe, str(spec), train, test
+
+
+@_command
+def finetune(
+    source: Source,
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe to write; checkpoints go beside it (FILE.last.pt, FILE.best.pt, FILE.metrics.jsonl).", show_default=False)],
+    epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Epochs (default 10).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Global batch size (default 128; split over torchrun processes).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.05), linear warm-up then cosine.", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", metavar="sgd|adamw", help="sgd (momentum 0.9, Nesterov; default) or adamw.", show_default=False)] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum (default 0.9).", show_default=False)] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (default on).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="On conv/linear weights and Gabor amplitudes, never on Gabor shape parameters (default 5e-4).", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up length (default 1).", show_default=False)] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Default 0.", show_default=False)] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help="Gabor sparsity pressure: 0 off (default), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for data order and augmentation (default 0).", show_default=False)] = None,
+    device: Device = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on; bf16 where supported).", show_default=False)] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Default: on for CUDA.", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (default off).", show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic algorithms (default off).", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="FILE", help="Continue the run saved in FILE (an OUT.last.pt).", show_default=False)] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre crop (default H*256/224).", show_default=False)] = None,
+    num_classes: NumClasses = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    input_shape: InputShape = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Fine-tune any model source (Gabor banks get the sparsity pressure); writes a recipe."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gaborprune._io import check_output, write_json
+    from gaborprune.recipe import save_recipe
+    from gaborprune.train import Checkpoints, TrainConfig, finetune as run_finetune
+    from gaborprune.train.distributed import teardown
+
+    options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+                   weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
+                   seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic)
+    config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    checkpoints = Checkpoints(output)
+    if resume is not None and not resume.is_file():
+        raise GaborPruneError(f"resume file '{resume}' not found")
+    dist, dev, model, recipe, data_name, train, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, config.seed)
+    if dist.main:
+        for path in [output, json_path] + ([] if resume else checkpoints.paths):
+            check_output(path, force)
+    try:
+        progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
+                            TimeRemainingColumn(), console=err, transient=True, disable=not dist.main)
+        task = progress.add_task("train", total=1, epoch=0, loss=0.0, acc=0.0, ips=0.0)
+
+        def on_step(s):
+            progress.update(task, completed=s.step, total=s.steps, epoch=f"{s.epoch}/{config.epochs}", loss=s.loss, acc=s.accuracy, ips=s.images_per_second)
+
+        def on_epoch(r):
+            alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+            out.print(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  train {r['train_accuracy']:5.1f}%  "
+                      f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + (f"  alive: {alive}" if alive else ""))
+
+        if dist.main:
+            out.print(f"fine-tuning {source} on {data_name} ({len(train)} train / {len(test)} test images) on {dev}"
+                      + (f" x {dist.world} processes" if dist.world > 1 else ""))
+        with progress:
+            try:
+                result = run_finetune(model, recipe, train, test, config, device=dev, data_name=data_name, checkpoints=checkpoints,
+                                      resume=resume, dist=dist, on_step=on_step, on_epoch=on_epoch)
+            except KeyboardInterrupt:
+                raise GaborPruneError(f"interrupted; continue with the same command plus --resume {checkpoints.last}") from None
+        if dist.main:
+            save_recipe(output, model.cpu(), recipe, force=force)
+            out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {output}  (checkpoints: {checkpoints.last}, {checkpoints.best})")
+            if json_path:
+                write_json(json_path, result.to_dict(), force)
+    finally:
+        teardown()
+
+
+@_command
+def eval(
+    source: Source,
+    data: DataOpt,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Default 256.", show_default=False)] = None,
+    device: Device = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize before the centre crop.", show_default=False)] = None,
+    num_classes: NumClasses = None,
+    weights: Weights = None,
+    model_arg: ModelArg = None,
+    input_shape: InputShape = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Top-1 / top-5 accuracy and loss on the test split of a dataset."""
+    from gaborprune._io import check_output, write_json
+    from gaborprune.train import evaluate
+    from gaborprune.train.loop import check_classes
+
+    check_output(json_path, force)
+    dist, dev, model, recipe, data_name, _, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize)
+    model.to(dev)
+    check_classes(model, recipe, test.num_classes, data_name)
+    result = evaluate(model, test.to(dev), dev, batch_size=batch_size or 256)
+    out.print(f"{source} on {data_name}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.samples} test images, {dev})")
+    if json_path:
+        write_json(json_path, {"top1": result.top1, "top5": result.top5, "loss": result.loss, "samples": result.samples}, force)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

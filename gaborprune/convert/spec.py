@@ -1,0 +1,220 @@
+"""Conversion specs (data) and `gaborize_`, the in-place transform they drive."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from gaborprune.convert.kernel import GABOR_PARAMS
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.errors import ConversionError
+
+INITS = ("fit", "random")
+
+
+@dataclass(frozen=True)
+class ConversionSpec:
+    """Which convolutions become Gabor banks, and how they start.
+
+    Exactly one of `first` and `targets` selects the layers.
+
+    Attributes:
+        first: the first N convolutions in execution order.
+        targets: qualified module names (`layer1.0.conv1`) or regexes prefixed `re:` (full match).
+        kernel_size: enlarge kernels to K x K (padding grows so output shapes do not change).
+        init: "fit" (least squares to the trained kernels) or "random" (a spread bank).
+        freeze: Gabor parameters that stay fixed during training, from GABOR_PARAMS.
+        seed: seeds the random bank.
+        fit_steps: refinement steps of the fit.
+    """
+
+    first: int | None = None
+    targets: tuple[str, ...] = ()
+    kernel_size: int | None = None
+    init: str = "fit"
+    freeze: tuple[str, ...] = ()
+    seed: int = 0
+    fit_steps: int = 150
+    to: str = field(default="gabor")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        if self.to != "gabor":
+            raise ConversionError(f"unknown conversion '{self.to}'; known: gabor")
+        if (self.first is None) == (not self.targets):
+            raise ConversionError("say which layers to convert: either --layers N or --target NAME (not both)")
+        if self.first is not None and self.first < 1:
+            raise ConversionError(f"--layers must be at least 1, not {self.first}")
+        if self.kernel_size is not None and self.kernel_size < 1:
+            raise ConversionError(f"--kernel-size must be at least 1, not {self.kernel_size}")
+        if self.init not in INITS:
+            raise ConversionError(f"unknown --init '{self.init}'; known: {', '.join(INITS)}")
+        bad = [f for f in self.freeze if f not in GABOR_PARAMS]
+        if bad:
+            raise ConversionError(f"cannot freeze '{bad[0]}'; Gabor parameters are {', '.join(GABOR_PARAMS)}")
+        if self.fit_steps < 0:
+            raise ConversionError(f"fit steps must be >= 0, not {self.fit_steps}")
+        for t in self.targets:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise ConversionError(f"target '{t}' is not a valid regex: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"], d["freeze"] = list(self.targets), list(self.freeze)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConversionSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LayerConversion:
+    """What one converted layer became."""
+
+    name: str
+    kernel_size: tuple[int, int]
+    original_kernel_size: tuple[int, int]
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernels: int
+    fit_rel_error: float | None  # ||w - g||_F / ||w||_F over the layer; None for a random init
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    spec: ConversionSpec
+    layers: tuple[LayerConversion, ...]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def conv_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every 2-D convolution (plain or Gabor) by qualified name, in definition order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, GaborConv2d))}
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the convolutions in the order a forward pass first calls them.
+
+    Runs one forward pass on zeros of shape [1, *input_shape] in eval mode.
+    """
+    convs = conv_modules(model)
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None) for n, m in convs.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else "cpu"
+        model(torch.zeros(1, *input_shape, device=device))
+    except Exception as e:  # a user model can raise anything on a wrong input shape
+        raise ConversionError(f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass its (C,H,W) with --input-shape") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def select_layers(model: nn.Module, spec: ConversionSpec, input_shape: tuple[int, ...] | None = None) -> list[str]:
+    """The qualified names of the plain convolutions `spec` selects. Never mutates the model.
+
+    Raises:
+        ConversionError: a target matches nothing, or matches only modules that are not convolutions.
+    """
+    modules = dict(model.named_modules())
+    convs = conv_modules(model)
+    if spec.first is not None:
+        if input_shape is None:
+            raise ConversionError("--layers N needs the model's input shape to find execution order")
+        order = [n for n in execution_order(model, input_shape) if isinstance(convs[n], nn.Conv2d)]
+        if not order:
+            raise ConversionError("the model has no plain convolution left to convert")
+        return order[: spec.first]
+    chosen: list[str] = []
+    for target in spec.targets:
+        if target.startswith("re:"):
+            pattern = re.compile(target[3:])
+            hits = [n for n in modules if n and pattern.fullmatch(n)]
+            conv_hits = [n for n in hits if isinstance(modules[n], nn.Conv2d)]
+            if not conv_hits:
+                found = f"only non-convolutions (e.g. '{hits[0]}', a {type(modules[hits[0]]).__name__})" if hits else "nothing"
+                raise ConversionError(f"target '{target}' matches {found}; list layer names with `gaborprune inspect`")
+            chosen += conv_hits
+        elif target not in modules or not target:
+            close = [n for n in convs if target.split(".")[-1] in n][:5]
+            hint = f"; convolutions include {', '.join(close or list(convs)[:5])}"
+            raise ConversionError(f"target '{target}' matches no layer{hint}")
+        elif isinstance(modules[target], GaborConv2d):
+            raise ConversionError(f"target '{target}' is already a Gabor bank")
+        elif not isinstance(modules[target], nn.Conv2d):
+            raise ConversionError(f"target '{target}' is a {type(modules[target]).__name__}, not a Conv2d; only 2-D convolutions can become Gabor banks")
+        else:
+            chosen.append(target)
+    return list(dict.fromkeys(chosen))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def gaborize_(
+    model: nn.Module,
+    spec: ConversionSpec,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    layers: list[str] | None = None,
+    init: str | None = None,
+) -> ConversionReport:
+    """Replace the convolutions that `spec` selects with Gabor banks, in place.
+
+    Args:
+        model: the network; its selected `nn.Conv2d` layers are replaced.
+        spec: which layers and how to initialise them.
+        input_shape: (C, H, W), needed when `spec.first` selects by execution order.
+        layers: the resolved names, when replaying a recorded conversion (skips selection).
+        init: override `spec.init`; replay passes "none" because a state_dict follows.
+
+    Returns:
+        A report per converted layer, with the relative fit error of the whole layer.
+    """
+    names = layers if layers is not None else select_layers(model, spec, input_shape)
+    generator = torch.Generator().manual_seed(spec.seed)
+    results = []
+    for name in names:
+        conv = model.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise ConversionError(f"layer '{name}' is a {type(conv).__name__}, not a Conv2d")
+        try:
+            layer, target = GaborConv2d.from_conv2d(
+                conv, kernel_size=spec.kernel_size, init=init or spec.init, freeze=spec.freeze,
+                generator=generator, fit_steps=spec.fit_steps,
+            )
+        except ValueError as e:
+            raise ConversionError(f"layer '{name}': {e}") from None
+        error = None
+        if target is not None:
+            with torch.no_grad():
+                denom = target.norm()
+                error = float((target - layer.weight).norm() / denom) if denom > 0 else 0.0
+        layer.train(conv.training)
+        replace_module(model, name, layer)
+        results.append(LayerConversion(
+            name, layer.kernel_size, conv.kernel_size, conv.in_channels, conv.out_channels, conv.groups,
+            layer.mask.numel(), error,
+        ))
+    return ConversionReport(spec, tuple(results))

@@ -1,0 +1,61 @@
+"""ImageFolder trees (DIR/train/CLASS/*.jpg, DIR/val/CLASS/*.jpg), read by DataLoader workers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gaborprune.data.specs import IMAGENET_MEAN, IMAGENET_STD, DataError
+
+
+class FolderData:
+    """One split of an ImageFolder tree, with the `TensorData.batches` interface (CPU pinned batches)."""
+
+    def __init__(self, root: Path, transform, num_workers: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self.dataset = ImageFolder(str(root), transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"image folder '{root}' has no images: {e}") from None
+        self.num_classes = len(self.dataset.classes)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def to(self, device) -> FolderData:
+        return self  # images are decoded per batch; the trainer moves each batch
+
+    def batches(self, batch_size: int, *, train: bool, generator: torch.Generator | None = None, rank: int = 0,
+                world: int = 1, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if train else torch.arange(n)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, sampler=order[rank::world].tolist(), num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
+        )
+        yield from loader
+
+
+def load_image_folder(root: Path, input_shape: tuple[int, int, int], resize: int | None = None) -> tuple[FolderData, FolderData]:
+    """Train split: random resized crop + flip; val split: resize (default size * 256 / 224) + centre crop."""
+    from torchvision import transforms as T
+
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"image folder '{root}' lacks {' and '.join(f'{s}/' for s in missing)}; expected {root}/train/CLASS/*.jpg and {root}/val/CLASS/*.jpg")
+    size = input_shape[1]
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    rgb = [T.Grayscale(1)] if input_shape[0] == 1 else []  # ImageFolder's loader already gives RGB
+    train = T.Compose(rgb + [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + normalize)
+    val = T.Compose(rgb + [T.Resize(resize or round(size * 256 / 224)), T.CenterCrop(size)] + normalize)
+    workers = min(8, os.cpu_count() or 1)
+    splits = FolderData(root / "train", train, workers), FolderData(root / "val", val, workers)
+    if splits[0].dataset.classes != splits[1].dataset.classes:
+        raise DataError(f"image folder '{root}': train/ and val/ have different class folders")
+    return splits

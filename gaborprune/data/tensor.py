@@ -1,0 +1,81 @@
+"""Device-resident datasets with batched augmentation on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class TensorData:
+    """One split of a small dataset, kept whole on a device.
+
+    Attributes:
+        images: uint8 Tensor[N, C, H, W].
+        labels: int64 Tensor[N].
+        mean, std: per-channel normalisation, Tensor[C].
+        crop_padding: random-crop padding in pixels for training augmentation (0: none).
+        flip: random horizontal flips in training augmentation.
+    """
+
+    images: Tensor
+    labels: Tensor
+    mean: Tensor
+    std: Tensor
+    num_classes: int
+    crop_padding: int = 0
+    flip: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return TensorData(self.images.to(device), self.labels.to(device), self.mean.to(device), self.std.to(device),
+                          self.num_classes, self.crop_padding, self.flip)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised float batches (Tensor[B, C, H, W], Tensor[B]) on the data's device.
+
+        In training the order is a fresh permutation from `generator` (the same on every rank) and
+        each rank takes every `world`-th sample; the augmentation draws from `generator` too.
+        """
+        n = len(self)
+        device = self.images.device
+        order = torch.randperm(n, generator=generator).to(device) if train else torch.arange(n, device=device)
+        order = order[rank::world]
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            x = self.images[idx].float().div_(255)
+            if train:
+                x = self._augment(x, generator)
+            yield (x - self.mean[:, None, None]) / self.std[:, None, None], self.labels[idx]
+
+    def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        n, _, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(x.device)
+            padded = F.pad(x, (p, p, p, p))
+            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [N, 1, H, 1]
+            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [N, 1, 1, W]
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]  # [N, C, H, W]
+        if self.flip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x

@@ -1,0 +1,190 @@
+"""Model sources: one spec string names a model wherever the CLI or API takes one.
+
+- a built-in CIFAR network: resnet20, resnet32, resnet56, resnet20_altered, vgg11/13/16/19;
+- `torchvision:NAME`: any torchvision classification model (weights from a local file only);
+- `package.module:factory`: a user's own callable returning an `nn.Module`;
+- a gaborprune recipe file (`.pt`), handled by `gaborprune.recipe.load_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gaborprune._io import safe_torch_load
+from gaborprune.errors import ModelSourceError
+from gaborprune.models.cifar import BUILTINS
+
+_OTHER_FORMS = "torchvision:NAME, package.module:factory, or a recipe .pt file"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to build a model's architecture from nothing (weights come separately).
+
+    Attributes:
+        spec: a built-in name, `torchvision:NAME` or `package.module:factory`.
+        num_classes: passed to the builder when given.
+        kwargs: extra keyword arguments for the builder (JSON-compatible values).
+    """
+
+    spec: str
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ModelSourceError(f"--num-classes must be at least 1, not {self.num_classes}")
+
+    @property
+    def kind(self) -> str:
+        if self.spec.startswith("torchvision:"):
+            return "torchvision"
+        if ":" in self.spec:
+            return "factory"
+        return "builtin"
+
+    def build(self) -> nn.Module:
+        """A fresh model with default initialisation. Raises ModelSourceError."""
+        builder = {"builtin": _builtin, "torchvision": _torchvision, "factory": _factory}[self.kind](self.spec)
+        kwargs = dict(self.kwargs)
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        try:
+            model = builder(**kwargs)
+        except TypeError as e:
+            raise ModelSourceError(f"model '{self.spec}' does not take these arguments {kwargs}: {e}") from None
+        except (ValueError, RuntimeError) as e:
+            raise ModelSourceError(f"model '{self.spec}' could not be built: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise ModelSourceError(f"factory '{self.spec}' returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) the model expects: 32x32 for the CIFAR nets, the pretrained crop size for
+        torchvision models, 224x224 for factories (override with --input-shape)."""
+        if self.kind == "builtin":
+            return (3, 32, 32)
+        if self.kind == "torchvision":
+            name = self.spec.split(":", 1)[1]
+            try:
+                weights = torchvision_models().get_model_weights(name).DEFAULT
+                crop = weights.transforms.keywords.get("crop_size", 224)
+                crop = crop[0] if isinstance(crop, (list, tuple)) else crop
+                return (3, int(crop), int(crop))
+            except (ValueError, AttributeError, KeyError):
+                return (3, 224, 224)
+        return (3, 224, 224)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "num_classes": self.num_classes, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSource:
+        return cls(d["spec"], d.get("num_classes"), dict(d.get("kwargs") or {}))
+
+
+def torchvision_models():
+    import torchvision.models
+
+    return torchvision.models
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of torchvision's classification models (not detection, segmentation, video...)."""
+    return sorted(torchvision_models().list_models(module=torchvision_models()))
+
+
+def _builtin(spec: str):
+    if spec not in BUILTINS:
+        raise ModelSourceError(f"unknown model '{spec}'; known: {', '.join(BUILTINS)}, or {_OTHER_FORMS}")
+    return BUILTINS[spec]
+
+
+def _torchvision(spec: str):
+    name = spec.split(":", 1)[1]
+    known = torchvision_classifiers()
+    if name not in known:
+        close = [k for k in known if k.startswith(name[:4])][:8] or known[:8]
+        raise ModelSourceError(f"unknown torchvision classification model '{name}'; e.g. {', '.join(close)} (all: python -c 'import torchvision; print(torchvision.models.list_models())')")
+
+    def build(**kwargs):
+        if kwargs.get("weights") is not None:
+            raise ModelSourceError("pretrained weights are never downloaded; pass a local state_dict with --weights FILE")
+        return torchvision_models().get_model(name, weights=None, **kwargs)
+
+    return build
+
+
+def _factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelSourceError(f"model spec '{spec}' is not package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelSourceError(f"cannot import module '{module_name}' for model '{spec}': {e}; is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSourceError(f"module '{module_name}' has no callable '{attr}' (model '{spec}')")
+    return factory
+
+
+def pretrained_hint(source: ModelSource, weights: str) -> str:
+    """A message for a --weights value that names a pretrained weight set instead of a file."""
+    if source.kind == "torchvision":
+        name = source.spec.split(":", 1)[1]
+        try:
+            enum = torchvision_models().get_model_weights(name)
+            entry = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+            return (
+                f"weights file '{weights}' not found; pretrained weights are never downloaded here. "
+                f"Fetch {entry.url} on a machine with internet and pass the saved file with --weights PATH"
+            )
+        except (KeyError, ValueError, AttributeError):
+            pass
+    return f"weights file '{weights}' not found; pass the path of a saved state_dict"
+
+
+def load_state_dict_file(model: nn.Module, path: str, source: ModelSource) -> None:
+    """Load a state_dict (or a {"state_dict"/"model": ...} checkpoint) from a local file into `model`.
+
+    Raises:
+        ModelSourceError: missing file, unsafe or corrupt file, or weights that do not fit.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelSourceError(pretrained_hint(source, path))
+    obj = safe_torch_load(p, "weights file", ModelSourceError)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelSourceError(f"weights file '{path}' does not hold a state_dict of tensors")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}  # saved from DataParallel/DDP
+    fit_state_dict(model, obj, f"weights file '{path}'", f"model '{source.spec}'")
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, target: str) -> None:
+    """`model.load_state_dict(state)` with a one-line error naming the first mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:2])})")
+        raise ModelSourceError(f"{what} does not fit {target}: {'; '.join(parts)}; check the model name and --num-classes")
+    model.load_state_dict(state)
+

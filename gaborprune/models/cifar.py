@@ -1,0 +1,143 @@
+"""The CIFAR networks of the seed paper: ResNet-20/32/56, VGG-11/13/16/19 with BatchNorm, and the
+altered ResNet-20 whose first five convolutions become two larger Gabor layers.
+
+All take Tensor[N, 3, 32, 32] and return logits Tensor[N, num_classes]. ResNet shortcuts that change
+shape are 1x1 convolutions with BatchNorm (option B of He et al.), which export as plain ONNX and
+keep channel ties explicit for pruning.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gaborprune.convert.layer import GaborConv2d
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for CIFAR: a 3x3 stem, three stages of n basic blocks at 16, 32, 64 channels.
+
+    With `stem_kernels=(k1, k2)` the stem and the first two blocks (five convolutions) are replaced by
+    two convolutions of kernel sizes k1 and k2 at `stem_channels` (the paper's altered ResNet-20),
+    which are Gabor banks when `gabor` is true.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        stem_kernels: tuple[int, int] | None = None,
+        stem_channels: int = 16,
+        gabor: bool = True,
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), not {depth}")
+        n = (depth - 2) // 6
+        self.relu = nn.ReLU(inplace=True)
+        if stem_kernels is None:
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            first_blocks, in_planes = n, 16
+        else:
+            if n < 2:
+                raise ValueError("the altered stem replaces two blocks; it needs depth >= 14")
+            conv = GaborConv2d if gabor else nn.Conv2d
+            k1, k2 = stem_kernels
+            self.conv1 = conv(3, stem_channels, k1, 1, k1 // 2, bias=False)
+            self.bn1 = nn.BatchNorm2d(stem_channels)
+            self.conv2 = conv(stem_channels, stem_channels, k2, 1, k2 // 2, bias=False)
+            self.bn2 = nn.BatchNorm2d(stem_channels)
+            first_blocks, in_planes = n - 2, stem_channels
+        self.layer1 = self._stage(in_planes, 16, first_blocks, 1)
+        self.layer2 = self._stage(16, 32, n, 2)
+        self.layer3 = self._stage(32, 64, n, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for i in range(blocks):
+            layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+            in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        if hasattr(self, "conv2"):
+            x = self.relu(self.bn2(self.conv2(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+_VGG_CONFIGS = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+class CifarVGG(nn.Module):
+    """VGG with BatchNorm for 32x32 input: conv3x3-BN-ReLU stacks, five max-pools, one linear layer."""
+
+    def __init__(self, depth: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        if depth not in _VGG_CONFIGS:
+            raise ValueError(f"VGG depth must be one of {sorted(_VGG_CONFIGS)}, not {depth}")
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for v in _VGG_CONFIGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(in_channels, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                in_channels = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def resnet20_altered(num_classes: int = 10, k1: int = 7, k2: int = 5, channels: int = 16, gabor: bool = True) -> CifarResNet:
+    """The paper's altered ResNet-20: stem + first two blocks -> two Gabor layers (k1 x k1, k2 x k2)."""
+    return CifarResNet(20, num_classes, stem_kernels=(k1, k2), stem_channels=channels, gabor=gabor)
+
+
+BUILTINS = {
+    "resnet20": lambda num_classes=10: CifarResNet(20, num_classes),
+    "resnet32": lambda num_classes=10: CifarResNet(32, num_classes),
+    "resnet56": lambda num_classes=10: CifarResNet(56, num_classes),
+    "resnet20_altered": resnet20_altered,
+    "vgg11": lambda num_classes=10: CifarVGG(11, num_classes),
+    "vgg13": lambda num_classes=10: CifarVGG(13, num_classes),
+    "vgg16": lambda num_classes=10: CifarVGG(16, num_classes),
+    "vgg19": lambda num_classes=10: CifarVGG(19, num_classes),
+}

@@ -1,0 +1,76 @@
+"""Pictures of filter banks: one tile per 2-D kernel, removed kernels left blank."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from gaborprune._io import write_atomic
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import conv_modules
+from gaborprune.summary import alive_kernels
+
+
+SEPARATOR = (0.25, 0.25, 0.25, 1.0)  # dark grey lines between kernels
+REMOVED = (0.82, 0.82, 0.82, 1.0)  # light grey tiles: removed kernels (a live zero is white)
+
+
+def bank_image(conv: nn.Module, max_rows: int = 64, max_cols: int = 64) -> np.ndarray:
+    """An RGBA grid of a layer's kernels: rows are output channels, columns input channels.
+
+    Live kernels use a diverging colour map scaled by the layer's largest |weight| (so weak kernels
+    look faint); removed kernels are flat light grey.
+
+    Returns:
+        float array [rows * (kh + 1) + 1, cols * (kw + 1) + 1, 4].
+    """
+    import matplotlib
+
+    with torch.no_grad():
+        w = conv.weight.detach().float().cpu()[:max_rows, :max_cols]  # [O, I, kh, kw]
+        alive = alive_kernels(conv).cpu()[:max_rows, :max_cols]
+    o, i, kh, kw = w.shape
+    scale = float(w.abs().max()) or 1.0
+    colours = matplotlib.colormaps["RdBu_r"]((w.numpy() / scale + 1) / 2)  # [O, I, kh, kw, 4]
+    img = np.empty((o * (kh + 1) + 1, i * (kw + 1) + 1, 4))
+    img[:] = SEPARATOR
+    for r in range(o):
+        for c in range(i):
+            y, x = 1 + r * (kh + 1), 1 + c * (kw + 1)
+            img[y:y + kh, x:x + kw] = colours[r, c] if alive[r, c] else REMOVED
+    return img
+
+
+def plot_banks(model: nn.Module, path: str | os.PathLike, *, layers: list[str] | None = None, force: bool = False) -> list[str]:
+    """Draw the Gabor banks of `model` (or the first convolution if it has none) into a PNG.
+
+    Returns:
+        The names of the layers drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    convs = conv_modules(model)
+    if layers is None:
+        layers = [n for n, m in convs.items() if isinstance(m, GaborConv2d)] or list(convs)[:1]
+    images = [bank_image(convs[n]) for n in layers]
+    fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4), squeeze=False)
+    for ax, name, img in zip(axes[0], layers, images):
+        m = convs[name]
+        ax.imshow(img, interpolation="nearest")
+        alive = int(alive_kernels(m).sum())
+        total = m.out_channels * m.in_channels // m.groups
+        ax.set_title(f"{name}\n{alive}/{total} kernels alive (grey: removed)", fontsize=9)
+        ax.set_xlabel("input channel")
+        ax.set_ylabel("output channel")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    plt.close(fig)
+    return layers

@@ -1,0 +1,103 @@
+"""Per-layer and whole-model counts: kernels, parameters, MACs and FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import conv_modules
+from gaborprune.errors import GaborPruneError
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    name: str
+    type: str  # "conv" or "gabor"
+    kernel_size: tuple[int, int]
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernels: int  # 2-D kernels: out_channels * in_channels / groups
+    kernels_alive: int  # not masked (Gabor) or not all-zero (plain)
+    params: int
+    macs: int  # multiply-accumulates of this layer for one input image
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Counts at one input image of shape `input_shape`.
+
+    MACs count convolutions and linear layers, skipping removed kernels; FLOPs = 2 x MACs.
+    `params` counts stored parameter values (a Gabor kernel stores 6 whatever its size).
+    """
+
+    input_shape: tuple[int, int, int]
+    layers: tuple[LayerSummary, ...]
+    params: int
+    macs: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def to_dict(self) -> dict:
+        return {
+            "input_shape": list(self.input_shape),
+            "layers": [asdict(layer) | {"kernel_size": list(layer.kernel_size)} for layer in self.layers],
+            "params": self.params,
+            "macs": self.macs,
+            "flops": self.flops,
+        }
+
+
+def alive_kernels(conv: nn.Module) -> torch.Tensor:
+    """Bool Tensor[C_out, C_in / groups]: which 2-D kernels are present."""
+    if isinstance(conv, GaborConv2d):
+        return conv.mask != 0
+    return conv.weight.detach().flatten(2).abs().amax(dim=2) > 0
+
+
+@torch.no_grad()
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
+    """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape]."""
+    convs = conv_modules(model)
+    spatial: dict[str, int] = {}  # output H*W of each conv
+    linear_macs = 0
+
+    def conv_hook(name):
+        def hook(module, args, output):
+            spatial.setdefault(name, output.shape[-2] * output.shape[-1])
+        return hook
+
+    def linear_hook(module, args, output):
+        nonlocal linear_macs
+        linear_macs += module.in_features * output.numel() // output.shape[0]
+
+    hooks = [m.register_forward_hook(conv_hook(n)) for n, m in convs.items()]
+    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        model(torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu"))
+    except Exception as e:
+        raise GaborPruneError(f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}); pass its (C,H,W) with --input-shape") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    layers = []
+    for name, m in convs.items():
+        alive = int(alive_kernels(m).sum())
+        kh, kw = m.kernel_size
+        layers.append(LayerSummary(
+            name, "gabor" if isinstance(m, GaborConv2d) else "conv", (kh, kw), m.in_channels, m.out_channels,
+            m.groups, m.out_channels * (m.in_channels // m.groups), alive,
+            sum(p.numel() for p in m.parameters()), alive * kh * kw * spatial.get(name, 0),
+        ))
+    params = sum(p.numel() for p in model.parameters())
+    return ModelSummary(tuple(input_shape), tuple(layers), params, sum(layer.macs for layer in layers) + linear_macs)

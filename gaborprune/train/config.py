@@ -1,0 +1,66 @@
+"""Fine-tuning settings, as validated data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gaborprune.errors import GaborPruneError
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a fine-tuning run (the device is chosen at run time, not here).
+
+    Attributes:
+        epochs, batch_size: the global batch size; under torchrun each of N processes takes 1/N.
+        lr: peak learning rate, reached after `warmup_epochs` of linear warm-up, then cosine to 0.
+        optimizer: "sgd" (momentum, optionally Nesterov) or "adamw".
+        weight_decay: on conv/linear weights and Gabor amplitudes; never on biases, norms or Gabor
+            shape parameters (orientation, width, wavelength, phase, aspect ratio).
+        sparsity: strength of the Gabor sparsity pressure (0 disables); see `gaborprune.sparsity`.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        channels_last: memory format; None means on for CUDA, off for CPU.
+        compile: wrap the model in torch.compile.
+        deterministic: deterministic algorithms (slower), for bit-reproducible runs.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    sparsity: float = 0.0
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {self.label_smoothing}"),
+            (self.sparsity >= 0, f"--sparsity must be >= 0 (0 disables), not {self.sparsity}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GaborPruneError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**d)
