@@ -34,7 +34,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model, recipe = gp.load_model(args.model)
         if not any(isinstance(m, gp.GaborConv2d) for m in model.modules()):
-            gp.convert(model, recipe, gp.ConversionSpec(first=1))
+            gp.convert_model(model, recipe, gp.ConversionSpec(first=1))
         train, test = load_data("digits", recipe.input_shape)
         config = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, sparsity=strength, seed=args.seed)
         t0 = time.perf_counter()
@@ -45,7 +45,8 @@ def main() -> None:
               f"accuracy {result.final_accuracy:.2f}% ({rows[-1]['seconds']:.0f} s)", flush=True)
 
     layers = list(rows[0]["kernels_total"])
-    print(f"\n| --sparsity | {' | '.join(f'{n} alive / {rows[0]['kernels_total'][n]}' for n in layers)} | removed | test accuracy |")
+    header = " | ".join(f"{n} alive / {rows[0]['kernels_total'][n]}" for n in layers)
+    print(f"\n| --sparsity | {header} | removed | test accuracy |")
     print("|---:|" + "---:|" * len(layers) + "---:|---:|")
     for r in rows:
         alive, total = sum(r["kernels_alive"].values()), sum(r["kernels_total"].values())

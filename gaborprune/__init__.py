@@ -1,36 +1,48 @@
 """gaborprune: compress CNNs with learnable Gabor banks.
 
-    model, recipe = gaborprune.load_model("resnet20")
-    report = gaborprune.convert(model, recipe, gaborprune.ConversionSpec(first=2))
-    gaborprune.save_recipe("resnet20-gabor.pt", model, recipe)
+    import gaborprune as gp
+    model, recipe = gp.load_model("resnet20")
+    report = gp.convert_model(model, recipe, gp.ConversionSpec(first=2))
+    gp.save_recipe("resnet20-gabor.pt", model, recipe)
+
+Names are imported on first use, so `gaborprune --help` does not wait for torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from gaborprune.convert import (  # noqa: E402
-    GABOR_PARAMS,
-    ConversionReport,
-    ConversionSpec,
-    GaborConv2d,
-    fit_gabor,
-    gabor_kernel,
-    gaborize_,
-)
-from gaborprune.errors import GaborPruneError  # noqa: E402
-from gaborprune.models import ModelSource  # noqa: E402
-from gaborprune.recipe import Recipe, load_model, read_recipe, save_recipe  # noqa: E402
-from gaborprune.summary import ModelSummary, summarize  # noqa: E402
+_EXPORTS = {
+    "GABOR_PARAMS": "gaborprune.convert",
+    "ConversionReport": "gaborprune.convert",
+    "ConversionSpec": "gaborprune.convert",
+    "GaborConv2d": "gaborprune.convert",
+    "fit_gabor": "gaborprune.convert",
+    "gabor_kernel": "gaborprune.convert",
+    "gaborize_": "gaborprune.convert",
+    "GaborPruneError": "gaborprune.errors",
+    "ModelSource": "gaborprune.models",
+    "Recipe": "gaborprune.recipe",
+    "convert_model": "gaborprune.recipe",
+    "load_model": "gaborprune.recipe",
+    "read_recipe": "gaborprune.recipe",
+    "save_recipe": "gaborprune.recipe",
+    "ModelSummary": "gaborprune.summary",
+    "summarize": "gaborprune.summary",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 
-def convert(model, recipe: Recipe, spec: ConversionSpec) -> ConversionReport:
-    """Convert the layers `spec` selects to Gabor banks in place and record it in `recipe`."""
-    report = gaborize_(model, spec, recipe.input_shape)
-    recipe.record(report)
-    return report
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gaborprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "GABOR_PARAMS", "ConversionReport", "ConversionSpec", "GaborConv2d", "GaborPruneError", "ModelSource",
-    "ModelSummary", "Recipe", "__version__", "convert", "fit_gabor", "gabor_kernel", "gaborize_", "load_model",
-    "read_recipe", "save_recipe", "summarize",
-]
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gaborprune.errors import GaborPruneError
+from gaborprune.train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -108,7 +109,7 @@ def convert(
     force: Force = False,
 ) -> None:
     """Turn chosen convolutions of a trained model into learnable Gabor banks and save a recipe."""
-    from gaborprune import convert as convert_model
+    from gaborprune.recipe import convert_model
     from gaborprune._io import check_output, write_json
     from gaborprune.convert.spec import ConversionSpec
     from gaborprune.recipe import save_recipe
@@ -192,6 +193,7 @@ def inspect(
 
 
 # -- finetune and eval ---------------------------------------------------------------------------
+_TRAIN = TrainConfig()  # the library defaults, quoted in --help
 DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: digits, fake:N[:CLASSES], cifar10:DIR, cifar100:DIR or imagefolder:DIR (with train/ and val/).", show_default=False)]
 Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when available (default).", show_default=False)]
 
@@ -215,17 +217,17 @@ def finetune(
     source: Source,
     data: DataOpt,
     output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe to write; checkpoints go beside it (FILE.last.pt, FILE.best.pt, FILE.metrics.jsonl).", show_default=False)],
-    epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Epochs (default 10).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Global batch size (default 128; split over torchrun processes).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.05), linear warm-up then cosine.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help=f"Epochs (default {_TRAIN.epochs}).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Global batch size (default {_TRAIN.batch_size}; split over torchrun processes).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Peak learning rate (default {_TRAIN.lr}), linear warm-up then cosine.", show_default=False)] = None,
     optimizer: Annotated[Optional[str], typer.Option("--optimizer", metavar="sgd|adamw", help="sgd (momentum 0.9, Nesterov; default) or adamw.", show_default=False)] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum (default 0.9).", show_default=False)] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help=f"SGD momentum (default {_TRAIN.momentum}).", show_default=False)] = None,
     nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (default on).", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="On conv/linear weights and Gabor amplitudes, never on Gabor shape parameters (default 5e-4).", show_default=False)] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up length (default 1).", show_default=False)] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Default 0.", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help=f"On conv/linear weights and Gabor amplitudes, never on Gabor shape parameters (default {_TRAIN.weight_decay}).", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=f"Linear warm-up length (default {_TRAIN.warmup_epochs}).", show_default=False)] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help=f"Default {_TRAIN.label_smoothing}.", show_default=False)] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help="Gabor sparsity pressure: 0 off (default), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for data order and augmentation (default 0).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).", show_default=False)] = None,
     device: Device = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on; bf16 where supported).", show_default=False)] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Default: on for CUDA.", show_default=False)] = None,
@@ -245,7 +247,7 @@ def finetune(
 
     from gaborprune._io import check_output, write_json
     from gaborprune.recipe import save_recipe
-    from gaborprune.train import Checkpoints, TrainConfig, finetune as run_finetune
+    from gaborprune.train import Checkpoints, finetune as run_finetune
     from gaborprune.train.distributed import teardown
 
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,

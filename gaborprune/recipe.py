@@ -28,7 +28,7 @@ from gaborprune import __version__
 from gaborprune._io import safe_torch_load, write_atomic
 from gaborprune.convert.spec import ConversionReport, ConversionSpec, gaborize_
 from gaborprune.errors import ModelSourceError, RecipeError
-from gaborprune.models import ModelSource, fit_state_dict, load_state_dict_file
+from gaborprune.models import ModelSource, fit_state_dict, load_state_dict_file, portable_state_dict
 
 FORMAT = "gaborprune.recipe"
 VERSION = 1
@@ -66,6 +66,13 @@ class Recipe:
             "prune_plan": self.prune_plan,
             "metadata": self.metadata,
         }
+
+
+def convert_model(model: nn.Module, recipe: Recipe, spec: ConversionSpec) -> ConversionReport:
+    """Convert the layers `spec` selects to Gabor banks in place and record it in `recipe`."""
+    report = gaborize_(model, spec, recipe.input_shape)
+    recipe.record(report)
+    return report
 
 
 def save_recipe(path: str | os.PathLike, model: nn.Module, recipe: Recipe, *, force: bool = False) -> Path:
@@ -109,7 +116,7 @@ def read_recipe(path: str | os.PathLike) -> tuple[Recipe, dict[str, torch.Tensor
 def save_payload(path: str | os.PathLike, model: nn.Module, recipe: Recipe, extra: dict[str, Any] | None = None, *, force: bool = False) -> Path:
     """Write a recipe with extra top-level entries (plain data and tensors), atomically."""
     payload = recipe.to_dict() | (extra or {})
-    payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload["state_dict"] = portable_state_dict(model)
     return write_atomic(path, lambda tmp: torch.save(payload, tmp), force)
 
 
@@ -150,4 +157,4 @@ def load_model(
     model = source.build()
     if weights is not None:
         load_state_dict_file(model, weights, source)
-    return model, Recipe(source, input_shape or source.input_shape())
+    return model, Recipe(source, input_shape or source.input_shape(model))

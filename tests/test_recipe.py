@@ -16,7 +16,7 @@ from gaborprune.errors import ModelSourceError, OutputExistsError, RecipeError
 def converted(tmp_path, name="resnet20", **spec):
     torch.manual_seed(0)
     model, recipe = gp.load_model(name)
-    gp.convert(model, recipe, gp.ConversionSpec(**({"first": 2, "fit_steps": 5} | spec)))
+    gp.convert_model(model, recipe, gp.ConversionSpec(**({"first": 2, "fit_steps": 5} | spec)))
     with torch.no_grad():
         model.conv1.mask[0, 1] = 0
         model.bn1.running_mean.normal_()
@@ -39,7 +39,7 @@ def test_round_trip_by_replay(tmp_path):
 def test_recipe_of_a_recipe_keeps_the_history(tmp_path):
     _, _, path = converted(tmp_path)
     model, recipe = gp.load_model(str(path))
-    gp.convert(model, recipe, gp.ConversionSpec(targets=("layer1.1.conv1",), init="random"))
+    gp.convert_model(model, recipe, gp.ConversionSpec(targets=("layer1.1.conv1",), init="random"))
     second = gp.save_recipe(tmp_path / "r2.pt", model, recipe)
     again, r = gp.load_model(str(second))
     assert [c["layers"] for c in r.conversions] == [["conv1", "layer1.0.conv1"], ["layer1.1.conv1"]]
@@ -147,3 +147,16 @@ def test_torchvision_input_shape_from_weight_metadata():
     assert gp.ModelSource("torchvision:inception_v3").input_shape() == (3, 299, 299)
     assert gp.ModelSource("torchvision:resnet18").input_shape() == (3, 224, 224)
     assert gp.ModelSource("vgg16").input_shape() == (3, 32, 32)
+
+
+def test_public_api_is_importable_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, gaborprune as gp; assert 'torch' not in sys.modules; gp.GaborConv2d; assert 'torch' in sys.modules; print(sorted(gp.__all__))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in gp.__all__:
+        assert getattr(gp, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gp.nope

@@ -35,7 +35,7 @@ def test_following_norms_by_dataflow():
     model, recipe = gp.load_model("resnet20_altered")
     assert following_norms(model, recipe.input_shape) == {"conv1": "bn1", "conv2": "bn2"}
     tv, r = gp.load_model("torchvision:mobilenet_v3_small")
-    gp.convert(tv, r, gp.ConversionSpec(first=2, init="random"))
+    gp.convert_model(tv, r, gp.ConversionSpec(first=2, init="random"))
     assert following_norms(tv, (3, 64, 64)) == {"features.0.0": "features.0.1", "features.1.block.0.0": "features.1.block.0.1"}
 
 

@@ -52,25 +52,41 @@ def _start_grid(size: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tens
     return t.flatten(), s.flatten(), w.flatten(), torch.ones_like(t.flatten())
 
 
-def _project(target: Tensor, envelope: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
-    """Best (a, b) per kernel and the squared residual.
+def _solve(target: Tensor, c: Tensor, s: Tensor, r0: Tensor, r1: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form least squares of target ~ a c + b s, from the 2x2 normal equations.
 
     Args:
-        target: Tensor[N, K] (flattened kernels).
-        envelope, phase: Tensor[M, K] with M == N, or M == 1 / S broadcast against N via [N, S, K].
+        target: Tensor[N, K]; c, s: the two basis kernels, Tensor[M, K]; r0, r1: target . c and
+            target . s, broadcast to the result shape R ([N] when M == N, [N, M] for shared starts).
 
     Returns:
-        (coefficients Tensor[..., 2], squared residual Tensor[...]).
+        (coefficients Tensor[*R, 2], squared residual Tensor[*R]).
     """
-    c, s = envelope * torch.cos(phase), envelope * torch.sin(phase)  # [.., K]
     g00, g01, g11 = (c * c).sum(-1), (c * s).sum(-1), (s * s).sum(-1)
-    ridge = 1e-6 * (g00 + g11).clamp_min(1e-12)
+    ridge = 1e-6 * (g00 + g11).clamp_min(1e-12)  # keeps 1x1 and needle-thin kernels solvable
     g00, g11 = g00 + ridge, g11 + ridge
-    r0, r1 = (target * c).sum(-1), (target * s).sum(-1)
     det = g00 * g11 - g01 * g01
-    coef = torch.stack([(g11 * r0 - g01 * r1) / det, (g00 * r1 - g01 * r0) / det], dim=-1)  # [.., 2]
-    residual = (target**2).sum(-1) - coef[..., 0] * r0 - coef[..., 1] * r1
+    coef = torch.stack([(g11 * r0 - g01 * r1) / det, (g00 * r1 - g01 * r0) / det], dim=-1)
+    residual = (target**2).sum(-1, keepdim=r0.dim() > 1) - coef[..., 0] * r0 - coef[..., 1] * r1
     return coef, residual
+
+
+def _basis(envelope: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+    """The cosine and sine Gabor kernels, each Tensor[M, K] (flattened)."""
+    envelope, phase = envelope.flatten(-2), phase.flatten(-2)
+    return envelope * torch.cos(phase), envelope * torch.sin(phase)
+
+
+def _project_each(target: Tensor, envelope: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+    """Each kernel against its own basis: target Tensor[N, K], basis from Tensor[N, kh, kw]."""
+    c, s = _basis(envelope, phase)
+    return _solve(target, c, s, (target * c).sum(-1), (target * s).sum(-1))
+
+
+def _project_shared(target: Tensor, envelope: Tensor, phase: Tensor) -> Tensor:
+    """Every kernel against every start (matrix products, no [N, S, K] tensor): residual Tensor[N, S]."""
+    c, s = _basis(envelope, phase)
+    return _solve(target, c, s, target @ c.T, target @ s.T)[1]
 
 
 def fit_gabor(weight: Tensor, *, steps: int = 150, lr: float = 0.05) -> tuple[GaborParams, Tensor]:
@@ -93,7 +109,7 @@ def fit_gabor(weight: Tensor, *, steps: int = 150, lr: float = 0.05) -> tuple[Ga
     # Grid of starts: the basis depends on the start only, so all kernels share it.
     starts = _start_grid(size, torch.float64)
     env, phase = gabor_envelope_phase(*starts, grid)  # [S, kh, kw]
-    _, res = _project(target[:, None, :], env.flatten(-2)[None], phase.flatten(-2)[None])  # [N, S]
+    res = _project_shared(target, env, phase)  # [N, S]
     best = res.argmin(dim=1)
     theta, sigma, wavelength, gamma = (s[best].clone() for s in starts)
 
@@ -105,7 +121,7 @@ def fit_gabor(weight: Tensor, *, steps: int = 150, lr: float = 0.05) -> tuple[Ga
     optimizer = torch.optim.Adam(raw, lr=lr)
     for step in range(steps + 1):
         env, phase = gabor_envelope_phase(raw[0], raw[1].exp(), raw[2].exp(), raw[3].exp(), grid)
-        _, res = _project(target, env.flatten(-2), phase.flatten(-2))  # [N]
+        _, res = _project_each(target, env, phase)  # [N]
         with torch.no_grad():
             improved = res < best_res
             best_res = torch.where(improved, res, best_res)
@@ -119,7 +135,7 @@ def fit_gabor(weight: Tensor, *, steps: int = 150, lr: float = 0.05) -> tuple[Ga
 
     theta, sigma, wavelength, gamma = best_raw[0], *(r.exp() for r in best_raw[1:])
     env, phase = gabor_envelope_phase(theta, sigma, wavelength, gamma, grid)
-    coef, _ = _project(target, env.flatten(-2), phase.flatten(-2))
+    coef, _ = _project_each(target, env, phase)
     a, b = coef[:, 0] * norms, coef[:, 1] * norms
     params = GaborParams(torch.hypot(a, b), theta, sigma, wavelength, torch.atan2(-b, a), gamma)
     fitted = params.kernel(size).flatten(1)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,16 @@ class ModelSource:
             raise ModelSourceError(f"factory '{self.spec}' returned {type(model).__name__}, not a torch.nn.Module")
         return model
 
-    def input_shape(self) -> tuple[int, int, int]:
-        """The (C, H, W) the model expects: 32x32 for the CIFAR nets, the pretrained crop size for
-        torchvision models, 224x224 for factories (override with --input-shape)."""
+    def input_shape(self, model: nn.Module | None = None) -> tuple[int, int, int]:
+        """The (C, H, W) the model expects: 32x32 for the CIFAR nets; for torchvision models the
+        built architecture's fixed `image_size` (ViT) or else the pretrained crop size; 224x224 for
+        factories (override with --input-shape)."""
         if self.kind == "builtin":
             return (3, 32, 32)
         if self.kind == "torchvision":
+            fixed = getattr(model, "image_size", None)
+            if isinstance(fixed, int):
+                return (3, fixed, fixed)
             name = self.spec.split(":", 1)[1]
             try:
                 weights = torchvision_models().get_model_weights(name).DEFAULT
@@ -167,7 +172,14 @@ def load_state_dict_file(model: nn.Module, path: str, source: ModelSource) -> No
                 obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelSourceError(f"weights file '{path}' does not hold a state_dict of tensors")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}  # saved from DataParallel/DDP
+    metadata = getattr(obj, "_metadata", None)
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+        if metadata is not None:
+            metadata = OrderedDict((k.removeprefix("module").removeprefix("."), v) for k, v in metadata.items())
+    if metadata is not None:  # per-module versions, which some models' loaders need (MNASNet)
+        obj = OrderedDict(obj)
+        obj._metadata = metadata
     fit_state_dict(model, obj, f"weights file '{path}'", f"model '{source.spec}'")
 
 
@@ -186,5 +198,17 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, 
         if wrong:
             parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:2])})")
         raise ModelSourceError(f"{what} does not fit {target}: {'; '.join(parts)}; check the model name and --num-classes")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        raise ModelSourceError(f"{what} could not be loaded into {target}: {str(e).splitlines()[0]}") from None
+
+
+def portable_state_dict(model: nn.Module) -> OrderedDict:
+    """`model.state_dict()` on the CPU, detached, keeping the per-module version metadata
+    (`_metadata`, which `torch.load(weights_only=True)` restores and some models need)."""
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", OrderedDict())
+    return out
 
