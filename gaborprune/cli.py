@@ -77,9 +77,12 @@ def _model_args(items: list[str] | None) -> dict:
     return args
 
 
-def _load(source: str, num_classes, weights, model_args, input_shape):
+def _load(source: str, num_classes, weights, model_args, input_shape, seed: int | None = None):
+    import torch
+
     from gaborprune.recipe import load_model
 
+    torch.manual_seed(seed or 0)  # a fresh source's initial weights are reproducible, like the rest of a run
     return load_model(source, num_classes=num_classes, weights=weights, model_args=_model_args(model_args), input_shape=_shape(input_shape))
 
 
@@ -100,7 +103,7 @@ def convert(
     init: Annotated[Optional[str], typer.Option("--init", metavar="fit|random", help="fit: least squares to the trained kernels (default); random: a spread bank.", show_default=False)] = None,
     kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay).", show_default=False)] = None,
     freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, wavelength, psi, gamma; repeatable.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random bank.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a fresh source's initial weights and of the random bank (default 0).", show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
@@ -119,7 +122,7 @@ def convert(
     spec = ConversionSpec(**{k: v for k, v in options.items() if v is not None})
     for path in (output, json_path):
         check_output(path, force)
-    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed)
     params_before = summarize(model, recipe.input_shape).params
     with err.status("fitting Gabor banks..." if spec.init == "fit" else "converting..."):
         report = convert_model(model, recipe, spec)
@@ -199,15 +202,12 @@ Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cud
 
 
 def _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, seed=None):
-    import torch
-
     from gaborprune.data import DataSpec, load_data
     from gaborprune.train.distributed import setup
 
     spec = DataSpec.parse(data)
     dist, dev = setup(device or "auto")
-    torch.manual_seed(seed or 0)  # a fresh source's initial weights are part of the run
-    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed)
     train, test = load_data(spec, recipe.input_shape, resize=resize)
     return dist, dev, model, recipe, str(spec), train, test
 
