@@ -63,9 +63,9 @@ def plot_banks(model: nn.Module, path: str | os.PathLike, *, layers: list[str] |
     for ax, name, img in zip(axes[0], layers, images):
         m = convs[name]
         ax.imshow(img, interpolation="nearest")
-        alive = int(alive_kernels(m).sum())
+        present = int(alive_kernels(m).sum())
         total = m.out_channels * m.in_channels // m.groups
-        ax.set_title(f"{name}\n{alive}/{total} kernels alive (grey: removed)", fontsize=9)
+        ax.set_title(f"{name}\n{present}/{total} kernels present (grey: removed)", fontsize=9)
         ax.set_xlabel("input channel")
         ax.set_ylabel("output channel")
         ax.set_xticks([])

@@ -10,6 +10,7 @@ from torch import nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import conv_modules
 from gaborprune.errors import GaborPruneError
+from gaborprune.sparsity import GaborSparsity
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class LayerSummary:
     out_channels: int
     groups: int
     kernels: int  # 2-D kernels: out_channels * in_channels / groups
-    kernels_alive: int  # not masked (Gabor) or not all-zero (plain)
+    kernels_alive: int  # present and, in a Gabor bank, not driven to zero (see `summarize`)
     params: int
     macs: int  # multiply-accumulates of this layer for one input image
 
@@ -54,7 +55,7 @@ class ModelSummary:
 
 
 def alive_kernels(conv: nn.Module) -> torch.Tensor:
-    """Bool Tensor[C_out, C_in / groups]: which 2-D kernels are present."""
+    """Bool Tensor[C_out, C_in / groups]: which 2-D kernels are present (not removed, not all-zero)."""
     if isinstance(conv, GaborConv2d):
         return conv.mask != 0
     return conv.weight.detach().flatten(2).abs().amax(dim=2) > 0
@@ -62,7 +63,13 @@ def alive_kernels(conv: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
-    """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape]."""
+    """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape].
+
+    A Gabor kernel is alive when it is not removed (masked) and its strength is at least
+    `DEFAULT_THRESHOLD` of the strongest in its layer: the count `finetune` logs and `prune` keeps by
+    default. A plain kernel is alive when it is not all zeros. MACs skip removed kernels only: weak
+    ones are still computed until they are pruned.
+    """
     convs = conv_modules(model)
     spatial: dict[str, int] = {}  # output H*W of each conv
     linear_macs = 0
@@ -90,14 +97,16 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
             h.remove()
         model.train(was_training)
 
+    strong = GaborSparsity(model, input_shape).alive()
     layers = []
     for name, m in convs.items():
-        alive = int(alive_kernels(m).sum())
+        present = int(alive_kernels(m).sum())
+        alive = strong.get(name, present)
         kh, kw = m.kernel_size
         layers.append(LayerSummary(
             name, "gabor" if isinstance(m, GaborConv2d) else "conv", (kh, kw), m.in_channels, m.out_channels,
             m.groups, m.out_channels * (m.in_channels // m.groups), alive,
-            sum(p.numel() for p in m.parameters()), alive * kh * kw * spatial.get(name, 0),
+            sum(p.numel() for p in m.parameters()), present * kh * kw * spatial.get(name, 0),
         ))
     params = sum(p.numel() for p in model.parameters())
     return ModelSummary(tuple(input_shape), tuple(layers), params, sum(layer.macs for layer in layers) + linear_macs)

@@ -124,6 +124,12 @@ def test_cli_finetune_and_eval(tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "exists; pass --force" in again.stderr and out.read_bytes() == before
 
+    # inspect counts alive kernels as finetune does: present and not driven to zero
+    result = runner.invoke(app, ["inspect", str(out), "--json", str(tmp_path / "in.json")])
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "in.json").read_text())["layers"]}
+    assert layers["0"]["kernels_alive"] == report["kernels_alive"]["0"]
+
     result = runner.invoke(app, ["eval", str(out), "--data", "fake:200:4", "--json", str(tmp_path / "ev.json")])
     assert result.exit_code == 0, result.output
     ev = json.loads((tmp_path / "ev.json").read_text())
