@@ -26,7 +26,6 @@ so lower `--steps` or `--batch-size`, or pick `--models`, for a quick look:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics

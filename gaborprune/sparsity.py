@@ -22,15 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.probe import probe
 
 #: A kernel is alive while its strength is at least this fraction of the strongest in its layer.
 DEFAULT_THRESHOLD = 0.05
 
 
-@torch.no_grad()
 def following_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
     """For each Gabor layer, the BatchNorm2d that directly consumes its output, found by one
-    forward pass on zeros [2, *input_shape] (a tensor passed straight from the conv to the BN)."""
+    forward pass on zeros (a tensor passed straight from the conv to the BN)."""
     modules = dict(model.named_modules())
     gabors = {n for n, m in modules.items() if isinstance(m, GaborConv2d)}
     outputs: dict[int, str] = {}
@@ -48,15 +48,7 @@ def following_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict
 
     hooks = [modules[n].register_forward_hook(conv_hook(n)) for n in gabors]
     hooks += [m.register_forward_pre_hook(bn_hook(n)) for n, m in modules.items() if isinstance(m, nn.BatchNorm2d)]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        model(torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape, hooks)
     return pairs
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import conv_modules
-from gaborprune.errors import GaborPruneError
+from gaborprune.probe import probe
 from gaborprune.sparsity import GaborSparsity
 
 
@@ -85,17 +85,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
 
     hooks = [m.register_forward_hook(conv_hook(n)) for n, m in convs.items()]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        model(torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu"))
-    except Exception as e:
-        raise GaborPruneError(f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}); pass its (C,H,W) with --input-shape") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape, hooks)
 
     strong = GaborSparsity(model, input_shape).alive()
     layers = []

@@ -123,3 +123,10 @@ def test_module_entry_point_and_clean_failure():
     bad = subprocess.run([sys.executable, "-m", "gaborprune", "inspect", "torchvision:resnet1"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error: unknown torchvision classification model 'resnet1'")
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_input_shape_the_model_cannot_take(tmp_path):
+    one_line_error(run("inspect", "vgg16", "--input-shape", "3,16,16"), "the model failed on an input of shape [3, 16, 16]", "--input-shape")
+    one_line_error(run("convert", "torchvision:vit_b_16", "--layers", "1", "--input-shape", "3,64,64", "-o", tmp_path / "v.pt"),
+                   "failed on an input of shape [3, 64, 64]")
+    assert not (tmp_path / "v.pt").exists()

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gaborprune.convert import GABOR_PARAMS, GaborConv2d, gabor_kernel

@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 import gaborprune as gp
 from gaborprune.cli import app
-from gaborprune.convert import GaborConv2d
 from gaborprune.data import load_data
 from gaborprune.errors import GaborPruneError
 from gaborprune.train import Checkpoints, TrainConfig, TrainingError, finetune

@@ -11,6 +11,7 @@ from torch import nn
 from gaborprune.convert.kernel import GABOR_PARAMS
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import ConversionError
+from gaborprune.probe import probe
 
 INITS = ("fit", "random")
 
@@ -104,27 +105,14 @@ def conv_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, GaborConv2d))}
 
 
-@torch.no_grad()
 def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """Names of the convolutions in the order a forward pass first calls them.
 
     Runs one forward pass on zeros of shape [1, *input_shape] in eval mode.
     """
-    convs = conv_modules(model)
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None) for n, m in convs.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        model(torch.zeros(1, *input_shape, device=device))
-    except Exception as e:  # a user model can raise anything on a wrong input shape
-        raise ConversionError(f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass its (C,H,W) with --input-shape") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape, [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+                               for n, m in conv_modules(model).items()])
     return order
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
+from gaborprune.probe import probe
 from gaborprune.recipe import Recipe
 from gaborprune.sparsity import GaborSparsity
 from gaborprune.train.checkpoint import Checkpoints
@@ -66,13 +67,7 @@ class StepInfo:
 
 def output_classes(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """The size of the model's output for one input (its number of classes)."""
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
-    model.train(was_training)
-    return out.shape[-1]
+    return probe(model, input_shape).shape[-1]
 
 
 def check_classes(model: nn.Module, recipe: Recipe, num_classes: int, data_name: str) -> None:
