@@ -43,6 +43,14 @@ def test_batches_shard_over_ranks_and_cover_everything():
         g.manual_seed(0)  # every rank draws the same permutation
         seen += [int(v) for _, y in data.batches(3, train=True, generator=g, rank=rank, world=2) for v in y]
     assert sorted(seen) == list(range(10))
+    odd = TensorData(data.images[:9], data.labels[:9], data.mean, data.std, 10)
+    shards = []
+    for rank in range(2):
+        g.manual_seed(0)
+        shards.append([int(v) for _, y in odd.batches(4, train=True, generator=g, rank=rank, world=2) for v in y])
+    assert [len(s) for s in shards] == [4, 4] and not set(shards[0]) & set(shards[1])  # same step count on every rank
+    evaluated = [int(v) for rank in range(2) for _, y in odd.batches(4, train=False, rank=rank, world=2) for v in y]
+    assert sorted(evaluated) == list(range(9))  # evaluation sees every sample once
 
 
 def test_random_crop_and_flip_match_a_per_image_oracle():

@@ -35,6 +35,8 @@ class FolderData:
                 world: int = 1, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self)
         order = torch.randperm(n, generator=generator) if train else torch.arange(n)
+        if train:  # equal shards, as in TensorData.batches
+            order = order[: n - n % world]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=order[rank::world].tolist(), num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,

@@ -49,12 +49,15 @@ class TensorData:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised float batches (Tensor[B, C, H, W], Tensor[B]) on the data's device.
 
-        In training the order is a fresh permutation from `generator` (the same on every rank) and
-        each rank takes every `world`-th sample; the augmentation draws from `generator` too.
+        In training the order is a fresh permutation from `generator` (the same on every rank), cut to
+        a multiple of `world`, and each rank takes every `world`-th sample; the augmentation draws from
+        `generator` too. In evaluation every sample is seen once across the ranks.
         """
         n = len(self)
         device = self.images.device
         order = torch.randperm(n, generator=generator).to(device) if train else torch.arange(n, device=device)
+        if train:  # equal shards: every rank must run the same number of steps, or DDP waits forever
+            order = order[: len(order) - len(order) % world]
         order = order[rank::world]
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
