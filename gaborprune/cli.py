@@ -25,8 +25,9 @@ app = typer.Typer(
     "prune the zeroed kernels, export compact ONNX, and benchmark it.",
 )
 # Piped output is not cut to 80 columns: tables of layer names would wrap into noise.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+# Names, paths and dataset specs are printed verbatim: no markup, no emoji codes (fake:100:4 has one).
+out = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 # -- shared options ------------------------------------------------------------------------------
 Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19, torchvision:NAME, package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
@@ -264,7 +265,7 @@ def finetune(
     try:
         progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
-                            TimeRemainingColumn(), console=err, transient=True, disable=not dist.main)
+                            TimeRemainingColumn(), console=err, transient=True, disable=not (dist.main and err.is_terminal))
         task = progress.add_task("train", total=1, epoch=0, loss=0.0, acc=0.0, ips=0.0)
 
         def on_step(s):

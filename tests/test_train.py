@@ -115,6 +115,7 @@ def test_cli_finetune_and_eval(tmp_path):
             "--device", "cpu", "--json", str(tmp_path / "ft.json")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "on fake:200:4 (160 train / 40 test images) on cpu" in result.output  # printed verbatim, no emoji codes
     report = json.loads((tmp_path / "ft.json").read_text())
     assert {"epochs", "best_accuracy", "final_accuracy", "kernels_alive", "kernels_total", "images_per_second", "device"} <= set(report)
     assert report["kernels_total"] == {"0": 24} and report["device"] == "cpu" and "alive: 0 " in result.output
