@@ -82,7 +82,7 @@ def load_data(spec: DataSpec | str, input_shape: tuple[int, int, int], *, resize
         return _fake(spec, input_shape)
     from gaborprune.data.folder import load_image_folder
 
-    return load_image_folder(Path(spec.path), input_shape, resize)
+    return load_image_folder(Path(spec.path).expanduser(), input_shape, resize)
 
 
 def _fit_images(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
