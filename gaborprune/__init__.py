@@ -10,7 +10,7 @@ Names are imported on first use, so `gaborprune --help` does not wait for torch.
 
 from __future__ import annotations
 
-import importlib
+from gaborprune._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -34,14 +34,7 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gaborprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -113,10 +113,9 @@ def convert(
     force: Force = False,
 ) -> None:
     """Turn chosen convolutions of a trained model into learnable Gabor banks and save a recipe."""
-    from gaborprune.recipe import convert_model
     from gaborprune._io import check_output, write_json
     from gaborprune.convert.spec import ConversionSpec
-    from gaborprune.recipe import save_recipe
+    from gaborprune.recipe import convert_model, save_recipe
     from gaborprune.summary import summarize
 
     options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed}

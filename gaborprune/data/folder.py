@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from gaborprune.data.specs import IMAGENET_MEAN, IMAGENET_STD, DataError
+from gaborprune.data.tensor import shard_order
 
 
 class FolderData:
@@ -33,12 +34,9 @@ class FolderData:
 
     def batches(self, batch_size: int, *, train: bool, generator: torch.Generator | None = None, rank: int = 0,
                 world: int = 1, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if train else torch.arange(n)
-        if train:  # equal shards, as in TensorData.batches
-            order = order[: n - n % world]
+        order = shard_order(len(self), train=train, generator=generator, rank=rank, world=world)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=order[rank::world].tolist(), num_workers=self.num_workers,
+            self.dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
         )
         yield from loader

@@ -10,6 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def shard_order(n: int, *, train: bool, generator: torch.Generator | None, rank: int, world: int) -> Tensor:
+    """The sample indices this rank visits in one pass, Tensor[n_rank] (on the CPU).
+
+    In training: a fresh permutation from `generator` (the same on every rank), cut to a multiple of
+    `world` so every rank runs the same number of steps (DDP would wait forever otherwise), of which
+    each rank takes every `world`-th sample. In evaluation every sample is seen once across the ranks.
+    """
+    if not train:
+        return torch.arange(rank, n, world)
+    order = torch.randperm(n, generator=generator)
+    return order[: n - n % world][rank::world]
+
+
 @dataclass
 class TensorData:
     """One split of a small dataset, kept whole on a device.
@@ -49,16 +62,9 @@ class TensorData:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised float batches (Tensor[B, C, H, W], Tensor[B]) on the data's device.
 
-        In training the order is a fresh permutation from `generator` (the same on every rank), cut to
-        a multiple of `world`, and each rank takes every `world`-th sample; the augmentation draws from
-        `generator` too. In evaluation every sample is seen once across the ranks.
+        The order is `shard_order`'s; the training augmentation draws from `generator` too.
         """
-        n = len(self)
-        device = self.images.device
-        order = torch.randperm(n, generator=generator).to(device) if train else torch.arange(n, device=device)
-        if train:  # equal shards: every rank must run the same number of steps, or DDP waits forever
-            order = order[: len(order) - len(order) % world]
-        order = order[rank::world]
+        order = shard_order(len(self), train=train, generator=generator, rank=rank, world=world).to(self.images.device)
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]

@@ -4,7 +4,7 @@ Names are imported on first use (the CLI reads `TrainConfig` defaults without im
 
 from __future__ import annotations
 
-import importlib
+from gaborprune._lazy import lazy_getattr
 
 _EXPORTS = {
     "Checkpoints": "gaborprune.train.checkpoint",
@@ -17,9 +17,4 @@ _EXPORTS = {
     "finetune": "gaborprune.train.loop",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gaborprune.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
