@@ -212,6 +212,34 @@ def _training_context(source, data, device, num_classes, weights, model_arg, inp
     return dist, dev, model, recipe, str(spec), train, test
 
 
+def _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints=None, resume=None):
+    """Run the fine-tuning loop with a progress bar (on a terminal) and one line per epoch."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gaborprune.train import finetune as run_finetune
+
+    progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
+                        TimeRemainingColumn(), console=err, transient=True, disable=not (dist.main and err.is_terminal))
+    task = progress.add_task("train", total=1, epoch=0, loss=0.0, acc=0.0, ips=0.0)
+
+    def on_step(s):
+        progress.update(task, completed=s.step, total=s.steps, epoch=f"{s.epoch}/{config.epochs}", loss=s.loss, acc=s.accuracy, ips=s.images_per_second)
+
+    def on_epoch(r):
+        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+        out.print(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  train {r['train_accuracy']:5.1f}%  "
+                  f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + (f"  alive: {alive}" if alive else ""))
+
+    with progress:
+        try:
+            return run_finetune(model, recipe, train, test, config, device=dev, data_name=data_name, checkpoints=checkpoints,
+                                resume=resume, dist=dist, on_step=on_step, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            hint = f"; continue with the same command plus --resume {checkpoints.last}" if checkpoints else ""
+            raise GaborPruneError(f"interrupted{hint}") from None
+
+
 @_command
 def finetune(
     source: Source,
@@ -243,11 +271,9 @@ def finetune(
     force: Force = False,
 ) -> None:
     """Fine-tune any model source (Gabor banks get the sparsity pressure); writes a recipe."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from gaborprune._io import check_output, write_json
     from gaborprune.recipe import save_recipe
-    from gaborprune.train import Checkpoints, finetune as run_finetune
+    from gaborprune.train import Checkpoints
     from gaborprune.train.distributed import teardown
 
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
@@ -262,28 +288,10 @@ def finetune(
         for path in [output, json_path] + ([] if resume else checkpoints.paths):
             check_output(path, force)
     try:
-        progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
-                            TimeRemainingColumn(), console=err, transient=True, disable=not (dist.main and err.is_terminal))
-        task = progress.add_task("train", total=1, epoch=0, loss=0.0, acc=0.0, ips=0.0)
-
-        def on_step(s):
-            progress.update(task, completed=s.step, total=s.steps, epoch=f"{s.epoch}/{config.epochs}", loss=s.loss, acc=s.accuracy, ips=s.images_per_second)
-
-        def on_epoch(r):
-            alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
-            out.print(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  train {r['train_accuracy']:5.1f}%  "
-                      f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + (f"  alive: {alive}" if alive else ""))
-
         if dist.main:
             out.print(f"fine-tuning {source} on {data_name} ({len(train)} train / {len(test)} test images) on {dev}"
                       + (f" x {dist.world} processes" if dist.world > 1 else ""))
-        with progress:
-            try:
-                result = run_finetune(model, recipe, train, test, config, device=dev, data_name=data_name, checkpoints=checkpoints,
-                                      resume=resume, dist=dist, on_step=on_step, on_epoch=on_epoch)
-            except KeyboardInterrupt:
-                raise GaborPruneError(f"interrupted; continue with the same command plus --resume {checkpoints.last}") from None
+        result = _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints, resume)
         if dist.main:
             save_recipe(output, model.cpu(), recipe, force=force)
             out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {output}  (checkpoints: {checkpoints.last}, {checkpoints.best})")
@@ -320,6 +328,188 @@ def eval(
     out.print(f"{source} on {data_name}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.samples} test images, {dev})")
     if json_path:
         write_json(json_path, {"top1": result.top1, "top5": result.top5, "loss": result.loss, "samples": result.samples}, force)
+
+
+# -- prune ---------------------------------------------------------------------------------------
+def _budgets(items: list[str] | None, option: str, kind: type) -> tuple[float | int | None, dict]:
+    """--ratio/--keep values: one global VALUE and/or NAME=VALUE per layer."""
+    overall, per_layer = None, {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise typer.BadParameter(f"'{item}' is not {'R' if kind is float else 'N'} or NAME={'R' if kind is float else 'N'}", param_hint=option) from None
+        if sep:
+            per_layer[name] = number
+        elif overall is not None:
+            raise typer.BadParameter(f"two global values ({overall} and {item}); give one, or NAME=VALUE per layer", param_hint=option)
+        else:
+            overall = number
+    return overall, per_layer
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of thresholds (e.g. 0.01,0.05,0.1)", param_hint="--sweep")
+    return values
+
+
+def _prune_table(report, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "type", "kernels", "removed", "out channels", "in channels"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+
+    def change(a: int, b: int) -> str:
+        return str(a) if a == b else f"{a} -> {b}"
+
+    for c in report.layers:
+        table.add_row(c.name, c.type, change(c.kernels_before, c.kernels_after), f"{c.removed:.0%}",
+                      change(c.channels_before, c.channels_after), change(c.in_channels_before, c.in_channels_after),
+                      style="cyan" if c.type == "gabor" else None)
+    return table
+
+
+def _print_prune(report, dry_run: bool) -> None:
+    from itertools import groupby
+
+    def change(label: str, a: int, b: int) -> str:
+        return f"{label}: {_count(a)} -> {_count(b)} ({(b - a) / a:+.1%})" if a else f"{label}: 0"
+
+    before, after = report.before, report.after
+    out.print("   ".join([change("parameters", before.params, after.params), change("MACs", before.macs, after.macs),
+                          change("FLOPs", before.flops, after.flops)]) + "   (FLOPs = 2 x MACs)")
+    for (layer, reason), kept in groupby(report.kept, key=lambda k: (k.layer, k.reason)):
+        out.print(f"kept dead channels of {layer} ({', '.join(str(k.channel) for k in kept)}), their kernels masked: {reason}")
+    if dry_run:
+        for name, sides in report.plan.channels.items():
+            cut = "; ".join(f"{side} {', '.join(map(str, idx))}" for side, idx in sides.items() if idx)
+            out.print(f"would remove from {name}: {cut}")
+    out.print(f"compacted vs masked model, max |output difference|: {report.max_abs_diff:.2g}")
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+
+@_command
+def prune(
+    source: Annotated[str, typer.Argument(help="A recipe .pt with Gabor banks (from convert or finetune), or any model source that has them.", metavar="RECIPE", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Recipe to write (the compacted model and its prune plan).", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="T", help="Remove kernels weaker than T x the strongest of their layer (default 0.05; BatchNorm-scale invariant).", show_default=False)] = None,
+    ratio: Annotated[Optional[list[str]], typer.Option("--ratio", metavar="R|NAME=R", help="Remove this fraction of the kernels: R across all Gabor banks (weakest first), or NAME=R for one layer; repeatable.", show_default=False)] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, or NAME=N for one layer; repeatable.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset (digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", metavar="N", help="Recover accuracy with N epochs of fine-tuning, removed kernels staying removed (needs --data).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Recovery fine-tuning peak learning rate (default 0.01).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Recovery and evaluation batch size (default {_TRAIN.batch_size}).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Recovery fine-tuning seed (default 0).", show_default=False)] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", metavar="T1,T2,...", help="Prune at each threshold, evaluate on --data, print and plot accuracy vs kernels kept; writes no recipe.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="--sweep's plot (default prune-sweep.png).", show_default=False)] = None,
+    device: Device = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize before the centre crop.", show_default=False)] = None,
+    input_shape: InputShape = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Remove the dead kernels of the Gabor banks and cut the channels they leave empty out of the network."""
+    from gaborprune._io import check_output, write_json
+    from gaborprune.data import DataSpec, load_data
+    from gaborprune.prune import PruneSpec, prune_model
+    from gaborprune.recipe import save_recipe
+    from gaborprune.train import evaluate
+    from gaborprune.train.distributed import setup, teardown
+    from gaborprune.train.loop import check_classes
+
+    global_ratio, layer_ratio = _budgets(ratio, "--ratio", float)
+    global_keep, layer_keep = _budgets(keep, "--keep", int)
+    options = dict(threshold=threshold, ratio=global_ratio, keep=global_keep)
+    spec = PruneSpec(**{k: v for k, v in options.items() if v is not None}, layer_ratio=layer_ratio, layer_keep=layer_keep)
+    thresholds = _thresholds(sweep) if sweep is not None else None
+    if thresholds is not None:
+        bad = [t for t in thresholds if not 0 <= t < 1]
+        if bad:
+            raise GaborPruneError(f"--sweep threshold {bad[0]} is out of range; thresholds are fractions in [0, 1)")
+        if output is not None:
+            raise GaborPruneError("a sweep writes no recipe; drop -o, pick a threshold from its table, then prune with --threshold")
+        png = png or Path("prune-sweep.png")
+    elif output is None and not dry_run:
+        raise GaborPruneError("say where to write the pruned recipe with -o FILE (or look first with --dry-run)")
+    if (finetune_epochs is not None or sweep is not None) and data is None:
+        raise GaborPruneError(f"{'--sweep' if sweep is not None else '--finetune-epochs'} needs --data SPEC to measure accuracy")
+    if finetune_epochs is not None and finetune_epochs < 1:
+        raise GaborPruneError(f"--finetune-epochs must be at least 1, not {finetune_epochs}")
+    config = TrainConfig(epochs=finetune_epochs or 1, lr=lr or 0.01, batch_size=batch_size or _TRAIN.batch_size, seed=seed or 0)
+    writes = [json_path, png] + ([] if dry_run else [output])
+    for path in writes:
+        check_output(path, force)
+
+    data_spec = DataSpec.parse(data) if data is not None else None
+    model, recipe = _load(source, None, None, None, input_shape)
+    dist, dev = setup(device or "auto")
+    try:
+        if data_spec is not None:
+            train, test = load_data(data_spec, recipe.input_shape, resize=resize)
+            check_classes(model, recipe, test.num_classes, str(data_spec))
+            test = test.to(dev)
+
+        def accuracy(m) -> float:
+            return evaluate(m.to(dev), test, dev, batch_size=config.batch_size).top1
+
+        def recover(m, r) -> float:
+            _train(m, r, train, test, config, dev, dist, str(data_spec))
+            return accuracy(m)
+
+        if thresholds is not None:
+            _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else accuracy, png, json_path, source, force)
+            return
+        before = accuracy(model) if data_spec is not None else None
+        with err.status("pruning..."):
+            report = prune_model(model, recipe, spec)
+        title = f"{source} -> {'(dry run)' if dry_run else output}: {spec.describe([c.name for c in report.gabor_layers])}"
+        out.print(_prune_table(report, title))
+        _print_prune(report, dry_run)
+        if data_spec is not None:
+            report.accuracy_before = before
+            report.accuracy_pruned = report.accuracy_after = accuracy(model)
+            if finetune_epochs and not dry_run:
+                out.print(f"recovering: {finetune_epochs} epoch(s) on {data_spec}, removed kernels stay removed")
+                report.accuracy_after = recover(model, recipe)
+            recovered = f"  after recovery {report.accuracy_after:.2f}%" if finetune_epochs and not dry_run else ""
+            out.print(f"top-1 accuracy on {data_spec}: before {before:.2f}%  pruned {report.accuracy_pruned:.2f}%{recovered}")
+        if not dry_run:
+            recipe.metadata.setdefault("prunes", []).append(report.to_dict() | {"source": source})
+            save_recipe(output, model.to("cpu"), recipe, force=force)
+            out.print(f"-> {output}")
+        if json_path:
+            write_json(json_path, {"model": source, "output": None if dry_run else str(output)} | report.to_dict(), force)
+    finally:
+        teardown()
+
+
+def _prune_sweep(model, recipe, thresholds, accuracy, png, json_path, source, force) -> None:
+    from gaborprune._io import write_json
+    from gaborprune.plot import plot_sweep
+    from gaborprune.prune import sweep
+
+    with err.status(f"pruning at {len(thresholds)} thresholds..."):
+        points = sweep(model, recipe, thresholds, accuracy)
+    table = Table(title=f"{source}: accuracy vs kernels kept")
+    for col in ("threshold", "kernels kept", "kept", "parameters", "MACs", "top-1"):
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(f"{p.threshold:g}", f"{p.kernels_kept}/{p.kernels_total}", f"{p.kernels_kept / p.kernels_total:.1%}",
+                      _count(p.params), _count(p.macs), f"{p.accuracy:.2f}%")
+    out.print(table)
+    plot_sweep(points, png, title=source, force=force)
+    out.print(f"plot -> {png}")
+    if json_path:
+        from dataclasses import asdict
+
+        write_json(json_path, {"model": source, "points": [asdict(p) for p in points]}, force)
 
 
 def main() -> None:

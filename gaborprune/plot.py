@@ -74,3 +74,24 @@ def plot_banks(model: nn.Module, path: str | os.PathLike, *, layers: list[str] |
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
     plt.close(fig)
     return layers
+
+
+def plot_sweep(points, path: str | os.PathLike, *, title: str = "", force: bool = False) -> None:
+    """Accuracy against the share of Gabor kernels kept, one labelled point per threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = [100 * p.kernels_kept / p.kernels_total for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(kept, [p.accuracy for p in points], "o-")
+    for x, p in zip(kept, points):
+        ax.annotate(f"T={p.threshold:g}", (x, p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("Gabor kernels kept (%)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs kernels kept" if title else "accuracy vs kernels kept", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    plt.close(fig)

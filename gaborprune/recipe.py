@@ -6,7 +6,7 @@ A recipe is a plain dict of strings, numbers, lists and tensors, so it loads wit
     {"format": "gaborprune.recipe", "version": 1, "gaborprune_version": "0.1.0",
      "source": {"spec", "num_classes", "kwargs"}, "input_shape": [C, H, W],
      "conversions": [{"spec": {...}, "layers": [names]}],   # replayed in order
-     "prune_plan": None | {...},
+     "prune_plans": [{"kernels", "channels", "spec", "after_conversions"}],  # replayed after that many conversions
      "metadata": {...},                                     # metrics, history
      "state_dict": {name: Tensor}}
 
@@ -41,14 +41,20 @@ class Recipe:
     source: ModelSource
     input_shape: tuple[int, int, int]
     conversions: list[dict[str, Any]] = field(default_factory=list)
-    prune_plan: dict[str, Any] | None = None
+    prune_plans: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
         """The architecture by replay, with fresh (not trained) weights."""
+        from gaborprune.prune.plan import PrunePlan, apply_plan_
+
         model = self.source.build()
-        for record in self.conversions:
-            gaborize_(model, ConversionSpec.from_dict(record["spec"]), layers=record["layers"], init="none")
+        plans = sorted(self.prune_plans, key=lambda p: p.get("after_conversions", 0))  # stable: keeps their order
+        for k, record in enumerate([*self.conversions, None]):
+            while plans and plans[0].get("after_conversions", 0) <= k:
+                apply_plan_(model, PrunePlan.from_dict(plans.pop(0)))
+            if record is not None:
+                gaborize_(model, ConversionSpec.from_dict(record["spec"]), layers=record["layers"], init="none")
         return model
 
     def record(self, report: ConversionReport) -> None:
@@ -63,7 +69,7 @@ class Recipe:
             "source": self.source.to_dict(),
             "input_shape": list(self.input_shape),
             "conversions": self.conversions,
-            "prune_plan": self.prune_plan,
+            "prune_plans": self.prune_plans,
             "metadata": self.metadata,
         }
 
@@ -106,7 +112,7 @@ def read_recipe(path: str | os.PathLike) -> tuple[Recipe, dict[str, torch.Tensor
     try:
         recipe = Recipe(
             ModelSource.from_dict(obj["source"]), tuple(obj["input_shape"]), list(obj["conversions"]),
-            obj.get("prune_plan"), dict(obj.get("metadata") or {}),
+            list(obj.get("prune_plans") or []), dict(obj.get("metadata") or {}),
         )
     except (KeyError, TypeError) as e:
         raise RecipeError(f"recipe '{path}' is malformed ({e}); it may be corrupt") from None

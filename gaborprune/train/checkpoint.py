@@ -67,7 +67,7 @@ class Checkpoints:
                     f"resume file '{path}' is from a different run: its {key} is {theirs.get(key)!r}, this run's is {ours[key]!r}; "
                     "repeat the original command with --resume, or start a new run"
                 )
-        if payload.get("prune_plan") != recipe.prune_plan:
+        if (payload.get("prune_plans") or []) != recipe.prune_plans:
             raise GaborPruneError(f"resume file '{path}' is from a different run: its prune plan differs")
         fit_state_dict(model, payload["state_dict"], f"the checkpoint '{path}'", f"model '{recipe.source.spec}'")
         return state

@@ -1,0 +1,118 @@
+"""Prune plans (data) and `apply_plan_`, the surgery they drive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import replace_module
+from gaborprune.prune.select import PruneError
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What one prune removes, as plain data that replays on a fresh model of the same architecture.
+
+    Indices refer to the model as it was before this plan.
+
+    Attributes:
+        kernels: {Gabor layer: [[o, i], ...]}: every kernel masked after this prune, including those in
+            channels that stay (export lowers those) and those of removed channels.
+        channels: {module: {"out": [...], "in": [...]}}: output / input channels physically removed from
+            convolutions, BatchNorms and linear layers.
+        spec: the criterion that chose the kernels (`PruneSpec.to_dict()`), for the record.
+    """
+
+    kernels: dict[str, list[list[int]]] = field(default_factory=dict)
+    channels: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    spec: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"kernels": self.kernels, "channels": self.channels, "spec": self.spec}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PrunePlan:
+        try:
+            return cls({k: [list(map(int, p)) for p in v] for k, v in d["kernels"].items()},
+                       {k: {s: list(map(int, v.get(s, []))) for s in ("out", "in")} for k, v in d["channels"].items()},
+                       dict(d.get("spec") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PruneError(f"malformed prune plan ({e}); the recipe may be corrupt") from None
+
+
+def _keep(size: int, removed: list[int], what: str) -> torch.Tensor:
+    bad = [i for i in removed if not 0 <= i < size]
+    if bad:
+        raise PruneError(f"{what} {bad[0]} does not exist (the layer has {size}); the plan does not fit this model")
+    keep = sorted(set(range(size)) - set(removed))
+    if not keep:
+        raise PruneError(f"the plan removes every {what} of a layer")
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def slice_module(m: nn.Module, out: list[int] = (), inp: list[int] = ()) -> nn.Module:
+    """A fresh module like `m` without output channels `out` and input channels `inp`.
+
+    Handles Conv2d and GaborConv2d (ungrouped, or depthwise with out == inp), BatchNorm2d (out) and
+    Linear (inp). Parameters, buffers, frozen parameters and train/eval mode carry over.
+    """
+    ref = next(m.parameters(), None)
+    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    if isinstance(m, (nn.Conv2d, GaborConv2d)):
+        depthwise = m.groups > 1
+        if depthwise and not (m.groups == m.in_channels == m.out_channels and sorted(out) == sorted(inp)):
+            raise PruneError(f"cannot slice a grouped convolution ({m.groups} groups) unless it is depthwise and loses the same channels in and out")
+        keep_out = _keep(m.out_channels, out, "output channel")
+        keep_in = _keep(m.in_channels, inp, "input channel")
+        groups = len(keep_out) if depthwise else 1
+        args = (len(keep_in), len(keep_out), m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None, m.padding_mode)
+        new = GaborConv2d(*args, **factory, freeze=m.frozen) if isinstance(m, GaborConv2d) else nn.Conv2d(*args, **factory)
+        slice_in = not depthwise
+    elif isinstance(m, nn.BatchNorm2d) and not inp:
+        keep_out, keep_in, slice_in = _keep(m.num_features, out, "channel"), None, False
+        new = nn.BatchNorm2d(len(keep_out), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
+    elif isinstance(m, nn.Linear) and not out:
+        keep_out, keep_in, slice_in = None, _keep(m.in_features, inp, "input feature"), True
+        new = nn.Linear(len(keep_in), m.out_features, m.bias is not None, **factory)
+    else:
+        raise PruneError(f"cannot remove channels from a {type(m).__name__}")
+    state = {}
+    for key, t in m.state_dict().items():
+        if keep_out is not None and t.dim() >= 1:
+            t = t[keep_out.to(t.device)]
+        if slice_in and t.dim() >= 2:
+            t = t[:, keep_in.to(t.device)]
+        state[key] = t
+    new.load_state_dict(state)
+    return new.train(m.training)
+
+
+@torch.no_grad()
+def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Mask the plan's kernels and cut its channels out of `model`, in place. Returns `model`.
+
+    Raises:
+        PruneError: the plan names a layer the model lacks or indices out of range.
+    """
+    modules = dict(model.named_modules())
+    for name in list(plan.kernels) + list(plan.channels):
+        if name not in modules:
+            raise PruneError(f"the prune plan names '{name}', which the model does not have")
+    for name, pairs in plan.kernels.items():
+        layer = modules[name]
+        if not isinstance(layer, GaborConv2d):
+            raise PruneError(f"the prune plan masks kernels of '{name}', which is a {type(layer).__name__}, not a Gabor bank")
+        if pairs:
+            idx = torch.tensor(pairs, dtype=torch.long, device=layer.mask.device)
+            if (idx < 0).any() or (idx >= torch.tensor(layer.mask.shape, device=idx.device)).any():
+                raise PruneError(f"the prune plan masks a kernel outside '{name}' ({tuple(layer.mask.shape)} kernels)")
+            layer.mask[idx[:, 0], idx[:, 1]] = 0
+    for name, sides in plan.channels.items():
+        try:
+            replace_module(model, name, slice_module(modules[name], sides.get("out", []), sides.get("in", [])))
+        except PruneError as e:
+            raise PruneError(f"'{name}': {e}") from None
+    return model

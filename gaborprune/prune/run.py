@@ -1,0 +1,119 @@
+"""`prune_model`: choose dead kernels, mask them, remove what can go exactly, check, record."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gaborprune.prune.graph import analyse_channels
+from gaborprune.prune.plan import PrunePlan, apply_plan_
+from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
+from gaborprune.prune.select import PruneError, PruneSpec, select_kernels
+from gaborprune.recipe import Recipe
+from gaborprune.summary import summarize
+
+#: Compacted vs masked outputs may differ by float32 rounding only; more than this is a bug.
+EXACT_TOLERANCE = 1e-4
+#: A layer doing less than this share of the model's MACs cannot buy much latency.
+THIN_SHARE = 0.02
+
+
+@torch.no_grad()
+def _max_abs_diff(a: nn.Module, b: nn.Module, input_shape: tuple[int, int, int]) -> tuple[float, float]:
+    """Largest |a(x) - b(x)| and largest |a(x)| on random inputs, both models in eval mode."""
+    param = next(a.parameters())
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(1)).to(param.device, param.dtype)
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        ya, yb = a(x), b(x)
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return float((ya - yb).abs().max()), float(ya.abs().max())
+
+
+def _warnings(changes: list[LayerChange], before, total_macs: int) -> list[str]:
+    notes = []
+    macs = {layer.name: layer.macs for layer in before.layers}
+    for c in changes:
+        if c.channels_after != c.channels_before and c.channels_after % 4:
+            notes.append(f"'{c.name}' keeps {c.channels_after} output channels, not a multiple of 4 or 8: vectorised kernels "
+                         "pad channels to those, so part of the saving may not show as speed")
+        elif c.channels_after != c.channels_before and c.channels_after % 8:
+            notes.append(f"'{c.name}' keeps {c.channels_after} output channels, a multiple of 4 but not of 8")
+        share = macs.get(c.name, 0) / total_macs if total_macs else 0.0
+        if c.type == "gabor" and c.kernels_after < c.kernels_before and share < THIN_SHARE:
+            notes.append(f"'{c.name}' does only {share:.1%} of the model's MACs: removing its kernels cannot buy much latency")
+    return notes
+
+
+def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
+    """Prune the Gabor banks of `model` in place and record the plan in `recipe`.
+
+    Steps: choose the kernels to keep (`select_kernels`), mask the others, find the dead output
+    channels that can go exactly (`analyse_channels`), fold their constants, cut them out
+    (`apply_plan_`), and check that the compacted model computes what the masked one did.
+
+    Raises:
+        PruneError: bad criterion, no Gabor banks, a layer would lose every kernel, or (a bug) the
+            compacted model's output differs from the masked model's; `model` may then be half-pruned,
+            so reload it.
+    """
+    shape = recipe.input_shape
+    keep = select_kernels(model, shape, spec)
+    before = summarize(model, shape)
+    shapes_before = layer_shapes(model)
+    kernels = {n: torch.nonzero(~k).tolist() for n, k in keep.items()}
+    apply_plan_(model, PrunePlan(kernels=kernels))
+    masked = copy.deepcopy(model)
+
+    analysis = analyse_channels(model, shape)
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for fold in analysis.folds:
+            target = getattr(modules[fold.module], fold.attr)
+            target += fold.delta.to(target.device, target.dtype)
+    plan = PrunePlan(kernels, analysis.remove, spec.to_dict())
+    apply_plan_(model, PrunePlan(channels=analysis.remove))
+    diff, scale = _max_abs_diff(masked, model, shape)
+    if not diff <= EXACT_TOLERANCE * max(1.0, scale):
+        raise PruneError(f"compaction changed the model's output by {diff:.3g} (a gaborprune bug; please report it with the model); nothing was saved")
+
+    after = summarize(model, shape)
+    shapes_after = layer_shapes(model)
+    changes = []
+    for name, b in shapes_before.items():
+        a = shapes_after[name]
+        if b.type == "gabor" or a != b:
+            changes.append(LayerChange(name, b.type, b.kernels, a.kernels, b.out_channels, a.out_channels, b.in_channels, a.in_channels))
+    warnings = _warnings(changes, before, before.macs)
+    if analysis.note:
+        warnings.insert(0, analysis.note)
+    recipe.prune_plans.append(plan.to_dict() | {"after_conversions": len(recipe.conversions)})
+    return PruneReport(spec, plan, changes, before, after, analysis.kept, diff, warnings)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    threshold: float
+    kernels_kept: int  # over all Gabor banks
+    kernels_total: int
+    params: int
+    macs: int
+    accuracy: float  # top-1 percent
+
+
+def sweep(model: nn.Module, recipe: Recipe, thresholds: list[float], accuracy: Callable[[nn.Module], float]) -> list[SweepPoint]:
+    """Prune a copy of `model` at each threshold and measure `accuracy(pruned copy)`. `model` is untouched."""
+    points = []
+    for t in thresholds:
+        m, r = copy.deepcopy(model), copy.deepcopy(recipe)
+        report = prune_model(m, r, PruneSpec(threshold=t))
+        gabor = report.gabor_layers
+        points.append(SweepPoint(t, sum(c.kernels_after for c in gabor), sum(c.kernels_before for c in gabor),
+                                 report.after.params, report.after.macs, accuracy(m)))
+    return points

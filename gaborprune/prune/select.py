@@ -1,0 +1,136 @@
+"""Which Gabor kernels are dead: by a relative-strength threshold or to a budget. Never mutates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gaborprune.errors import GaborPruneError
+from gaborprune.sparsity import DEFAULT_THRESHOLD, GaborSparsity
+
+
+class PruneError(GaborPruneError):
+    """A prune request that cannot be carried out (bad criterion, no Gabor banks, a layer cut off)."""
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to choose the kernels to remove.
+
+    Kernel strength is the BatchNorm-scale-invariant measure of `gaborprune.sparsity`, relative to
+    the strongest kernel of its layer. A layer with a budget (its own, or the global one) keeps its
+    strongest kernels up to the budget; every other layer keeps the kernels at or above `threshold`.
+
+    Attributes:
+        threshold: in [0, 1); a kernel weaker than `threshold` x its layer's strongest is removed.
+        ratio: remove this fraction, in [0, 1), of all Gabor kernels: the weakest across all layers
+            without a budget of their own, ranked by relative strength.
+        keep: keep this many kernels across all layers without a budget of their own.
+        layer_ratio: {layer: fraction of that layer's kernels to remove}.
+        layer_keep: {layer: kernels that layer keeps}.
+
+    Kernels removed before (masked) count as removed: budgets are fractions of a layer's full size.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    ratio: float | None = None
+    keep: int | None = None
+    layer_ratio: dict[str, float] = field(default_factory=dict)
+    layer_keep: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold < 1:
+            raise PruneError(f"--threshold must be in [0, 1) (a fraction of the layer's strongest kernel), not {self.threshold}")
+        if self.ratio is not None and self.keep is not None:
+            raise PruneError("give a global --ratio or a global --keep, not both")
+        for name, r in [("", self.ratio)] + list(self.layer_ratio.items()):
+            if r is not None and not 0 <= r < 1:
+                raise PruneError(f"--ratio {name + '=' if name else ''}{r} is out of range; it is the fraction of kernels removed, in [0, 1)")
+        for name, k in [("", self.keep)] + list(self.layer_keep.items()):
+            if k is not None and k < 1:
+                raise PruneError(f"--keep {name + '=' if name else ''}{k} would remove every kernel; keep at least 1")
+        both = sorted(set(self.layer_ratio) & set(self.layer_keep))
+        if both:
+            raise PruneError(f"layer '{both[0]}' has both a --ratio and a --keep; give one")
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
+                "layer_ratio": dict(self.layer_ratio), "layer_keep": dict(self.layer_keep)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneSpec:
+        return cls(**d)
+
+    def describe(self, layers: list[str] | None = None) -> str:
+        """One line, e.g. 'threshold 0.05' or 'conv1: remove 83%, conv2: keep 15'. With the model's
+        Gabor layer names, the rule for the other layers is left out when there are none."""
+        parts = [f"{n}: remove {r:.0%}" for n, r in self.layer_ratio.items()]
+        parts += [f"{n}: keep {k}" for n, k in self.layer_keep.items()]
+        if layers is not None and set(layers) <= set(self.layer_ratio) | set(self.layer_keep):
+            return ", ".join(parts)
+        rest = "others: " if parts else ""
+        if self.ratio is not None:
+            parts.append(f"{rest}remove {self.ratio:.0%} (weakest across layers)")
+        elif self.keep is not None:
+            parts.append(f"{rest}keep {self.keep} (strongest across layers)")
+        else:
+            parts.append(f"{rest}threshold {self.threshold:g}")
+        return ", ".join(parts)
+
+
+def _strongest(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the k largest entries (ties broken by position, so the choice is reproducible)."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores.flatten().double().cpu(), descending=True, stable=True).indices
+        keep[order[:k]] = True
+    return keep.view(scores.shape)
+
+
+def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec) -> dict[str, Tensor]:
+    """The kernels each Gabor bank keeps under `spec`.
+
+    Returns:
+        {layer: bool Tensor[C_out, C_in / groups]} (True: keep), for every Gabor bank, on the CPU.
+
+    Raises:
+        PruneError: the model has no Gabor bank, a named layer is not one, or the budget would
+            remove every kernel of a layer.
+    """
+    sparsity = GaborSparsity(model, input_shape)
+    if not sparsity:
+        raise PruneError("the model has no Gabor banks to prune; convert some layers first "
+                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with --sparsity, then prune")
+    for name in list(spec.layer_ratio) + list(spec.layer_keep):
+        if name not in sparsity.layers:
+            raise PruneError(f"'{name}' is not a Gabor bank of this model; Gabor banks: {', '.join(sparsity.layers)}")
+    strength = {n: s.cpu() for n, s in sparsity.relative_strengths().items()}
+    present = {n: m.mask.cpu() != 0 for n, m in sparsity.layers.items()}
+    keep: dict[str, Tensor] = {}
+    for name, s in strength.items():
+        total = s.numel()
+        if name in spec.layer_ratio:
+            keep[name] = present[name] & _strongest(s, total - round(spec.layer_ratio[name] * total))
+        elif name in spec.layer_keep:
+            if spec.layer_keep[name] > total:
+                raise PruneError(f"--keep {name}={spec.layer_keep[name]}: the layer has only {total} kernels")
+            keep[name] = present[name] & _strongest(s, spec.layer_keep[name])
+        elif spec.ratio is None and spec.keep is None:
+            keep[name] = present[name] & (s >= spec.threshold)
+    pooled = [n for n in strength if n not in keep]
+    if pooled:  # the global budget, ranked across layers by strength relative to each layer's strongest
+        scores = torch.cat([strength[n].flatten() for n in pooled])
+        total = scores.numel()
+        k = total - round(spec.ratio * total) if spec.ratio is not None else spec.keep
+        if k > total:
+            raise PruneError(f"--keep {k}: the Gabor banks have only {total} kernels")
+        chosen = _strongest(scores, k).split([strength[n].numel() for n in pooled])
+        for n, c in zip(pooled, chosen):
+            keep[n] = present[n] & c.view(strength[n].shape)
+    for name, k in keep.items():
+        if not k.any():
+            raise PruneError(f"that would remove every kernel of '{name}' and cut the network in two; "
+                             "lower --ratio or --threshold, or raise --keep")
+    return {n: keep[n] for n in strength}
