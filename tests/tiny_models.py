@@ -91,7 +91,7 @@ class Dense(nn.Module):
         self.stem, self.norm0 = _bank(3, 8), nn.BatchNorm2d(8)
         self.pool0 = nn.MaxPool2d(3, 2, 1)
         self.layers = nn.ModuleList([DenseLayer(8), DenseLayer(12)])
-        self.norm_t, self.conv_t = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1)
+        self.norm_t, self.conv_t = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, bias=False)  # shifts go through pooling to the head
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x):

@@ -44,6 +44,11 @@ _ELEMENTWISE_FUNCTIONS = {
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_SUBTRACT = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+# f(x + d) == f(x) + d for a per-channel constant d: a shift passes through these to an absorber
+_SHIFT_MODULES = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Dropout2d)
+_SHIFT_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, "contiguous", "clone", "mean"}
 _SHAPE_ONLY_METHODS = {"size", "dim"}
 
 
@@ -81,6 +86,7 @@ class _Role:
     inputs: tuple = ()  # tensor input nodes (cat: (node, offset) pairs)
     hw: int = 1  # flatten: spatial positions per channel
     zero_only: bool = False  # aligned: keeps only constants equal to 0 (zero-padded average pooling)
+    shift: bool = False  # aligned: f(x + d) == f(x) + d for a per-channel constant d
     why: str = ""  # opaque: what the analysis does not know
 
 
@@ -165,20 +171,21 @@ class _Graph:
                 return _Role("linear", tuple(ins))
             if isinstance(m, nn.AvgPool2d):
                 zero_only = m.count_include_pad and m.padding not in (0, (0, 0))
-                return _Role("aligned", tuple(ins), zero_only=zero_only)
+                return _Role("aligned", tuple(ins), zero_only=zero_only, shift=not zero_only)
             if isinstance(m, nn.PReLU) and m.num_parameters == 1 or isinstance(m, _ELEMENTWISE_MODULES):
-                return _Role("aligned", tuple(ins))
+                return _Role("aligned", tuple(ins), shift=isinstance(m, _SHIFT_MODULES))
             if isinstance(m, nn.Flatten):
                 return self._flatten(n, ins)
             return _Role("opaque", why=f"a {type(m).__name__}")
         if n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS or n.op == "call_method" and n.target in _ELEMENTWISE_METHODS:
-            return _Role("aligned", tuple(ins[:1]))
+            return _Role("aligned", tuple(ins[:1]), shift=n.target in _SHIFT_FUNCTIONS)
         if n.op == "call_function" and n.target is F.avg_pool2d:
             padding = n.args[3] if len(n.args) > 3 else n.kwargs.get("padding", 0)
-            return _Role("aligned", tuple(ins[:1]), zero_only=padding not in (0, (0, 0)))
+            zero_only = padding not in (0, (0, 0))
+            return _Role("aligned", tuple(ins[:1]), zero_only=zero_only, shift=not zero_only)
         if n.op == "call_function" and n.target in _BINARY or n.op == "call_method" and n.target in _BINARY_METHODS:
             if all(len(self.shapes[a]) == len(shape) and self.shapes[a][1] == shape[1] for a in ins):
-                return _Role("aligned", tuple(ins))
+                return _Role("aligned", tuple(ins), shift=n.target not in _MULTIPLY)
             return _Role("opaque", why="a broadcast across channels")
         if n.target in (torch.cat, torch.concat) or n.op == "call_method" and n.target == "mean":
             return self._cat_or_mean(n, ins, shape)
@@ -192,7 +199,7 @@ class _Graph:
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             rank = len(self.shapes[ins[0]])
             if dims and all(d % rank >= 2 for d in dims):
-                return _Role("aligned", tuple(ins[:1]))
+                return _Role("aligned", tuple(ins[:1]), shift=True)
             return _Role("opaque", why="a mean over channels")
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         if dim % len(shape) != 1:
@@ -290,12 +297,12 @@ class _Graph:
             reasons.insert(0, f"tied to a live channel of '{name}' (through an addition, product, concatenation or depthwise convolution)")
         return seen, consumers, reasons
 
-    def fold(self, consumer: fx.Node, src: fx.Node, i: int) -> Fold | str | None:
-        """Where the constant that channel i of `src` feeds `consumer` goes: None when it is 0, a
-        Fold, or the reason it cannot be folded exactly."""
+    def fold(self, consumer: fx.Node, src: fx.Node, i: int) -> list[Fold] | str:
+        """How to keep `consumer`'s output unchanged when channel i of `src`, a constant, stops
+        reaching it: folds (none when the constant is 0), or the reason it cannot be done exactly."""
         c = float(self.values[src][i])
         if c == 0:
-            return None
+            return []
         m = self.modules[consumer.target]
         if isinstance(m, nn.Linear):
             delta = c * m.weight.detach()[:, i].double()
@@ -305,13 +312,51 @@ class _Graph:
         else:
             delta = c * m.weight.detach()[:, i].double().sum(dim=(1, 2))
         if m.bias is not None:
-            return Fold(consumer.target, "bias", delta)
-        users = list(consumer.users)
-        if len(users) == 1 and users[0].op == "call_module" and self.calls[users[0].target] == 1:
-            norm = self.modules[users[0].target]
-            if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
-                return Fold(users[0].target, "running_mean", -delta)  # BN(y - d) with mean - d == BN(y)
-        return f"it feeds a non-zero constant into '{consumer.target}', which has no bias or BatchNorm to absorb it"
+            return [Fold(consumer.target, "bias", delta)]
+        folds = self.absorb(consumer, delta)
+        if folds is None:
+            return (f"it feeds a non-zero constant into '{consumer.target}', which has no bias, and no BatchNorm "
+                    "or biased layer reached through shift-preserving ops can absorb it")
+        return folds
+
+    def absorb(self, node: fx.Node, delta: Tensor) -> list[Fold] | None:
+        """Folds that add `delta` (Tensor[C], per channel) back to `node`'s output wherever it is read:
+        into a BatchNorm's running mean, or the bias of a linear layer or unpadded convolution, through
+        ops that commute with a per-channel shift (pooling, addition, concatenation, flattening).
+        None when some reader cannot take it exactly."""
+        folds: list[Fold] = []
+        for u in node.users:
+            role = self.roles[u]
+            m = self.modules.get(u.target) if u.op == "call_module" else None
+            if u.op == "call_method" and u.target in _SHAPE_ONLY_METHODS:
+                continue
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and role.kind == "aligned":
+                folds.append(Fold(u.target, "running_mean", -delta))  # BN(y - d) with mean - d == BN(y)
+            elif role.kind == "linear" and m.bias is not None:
+                folds.append(Fold(u.target, "bias", m.weight.detach().double() @ delta))
+            elif role.kind == "conv" and m.bias is not None and not _zero_padded(m):
+                folds.append(Fold(u.target, "bias", m.weight.detach().double().sum(dim=(2, 3)) @ delta))
+            elif role.kind == "aligned" and role.shift:
+                sign = sum(1 if k == 0 or u.target not in _SUBTRACT else -1 for k, a in enumerate(u.args) if a is node)
+                more = self.absorb(u, sign * delta)
+                if more is None:
+                    return None
+                folds += more
+            elif role.kind in ("cat", "flatten"):
+                if role.kind == "cat":
+                    spread = torch.zeros(self.shapes[u][1], dtype=delta.dtype)
+                    for a, off in role.inputs:
+                        if a is node:
+                            spread[off:off + len(delta)] += delta
+                else:
+                    spread = delta.repeat_interleave(role.hw)
+                more = self.absorb(u, spread)
+                if more is None:
+                    return None
+                folds += more
+            else:
+                return None
+        return folds
 
 
 def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> ChannelAnalysis:
@@ -349,8 +394,8 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> Cha
                 f = graph.fold(u, src, i)
                 if isinstance(f, str):
                     reasons.append(f)
-                elif f is not None:
-                    folds.append(f)
+                else:
+                    folds += f
             starts = sorted((_name(n), i) for n, i in positions if _name(n) in dead and i in dead[_name(n)] and graph.roles[n].kind == "conv")
             if reasons:
                 analysis.kept += [KeptChannel(name, i, reasons[0]) for name, i in starts]
