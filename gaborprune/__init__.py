@@ -4,6 +4,7 @@
     model, recipe = gp.load_model("resnet20")
     report = gp.convert_model(model, recipe, gp.ConversionSpec(first=2))
     gp.save_recipe("resnet20-gabor.pt", model, recipe)
+    gp.prune_model(model, recipe, gp.PruneSpec(threshold=0.05))   # after fine-tuning with sparsity
 
 Names are imported on first use, so `gaborprune --help` does not wait for torch.
 """
@@ -24,6 +25,11 @@ _EXPORTS = {
     "gaborize_": "gaborprune.convert",
     "GaborPruneError": "gaborprune.errors",
     "ModelSource": "gaborprune.models",
+    "PrunePlan": "gaborprune.prune",
+    "PruneReport": "gaborprune.prune",
+    "PruneSpec": "gaborprune.prune",
+    "apply_plan_": "gaborprune.prune",
+    "prune_model": "gaborprune.prune",
     "Recipe": "gaborprune.recipe",
     "convert_model": "gaborprune.recipe",
     "load_model": "gaborprune.recipe",

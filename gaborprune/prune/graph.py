@@ -409,6 +409,7 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> Cha
                     remove[n.target]["in"].add(i)
             for u, src, i in consumers:
                 remove[u.target]["in"].add(i)
-    analysis.remove = {m: {k: sorted(v) for k, v in d.items() if v} for m, d in remove.items()}
+    order = {name: k for k, name in enumerate(graph.modules)}
+    analysis.remove = {m: {k: sorted(v) for k, v in remove[m].items() if v} for m in sorted(remove, key=order.__getitem__)}
     analysis.kept.sort(key=lambda k: (k.layer, k.channel))
     return analysis
