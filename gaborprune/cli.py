@@ -442,7 +442,8 @@ def prune(
         raise GaborPruneError(f"{'--sweep' if sweep is not None else '--finetune-epochs'} needs --data SPEC to measure accuracy")
     if finetune_epochs is not None and finetune_epochs < 1:
         raise GaborPruneError(f"--finetune-epochs must be at least 1, not {finetune_epochs}")
-    config = TrainConfig(epochs=finetune_epochs or 1, lr=lr or 0.01, batch_size=batch_size or _TRAIN.batch_size, seed=seed or 0)
+    recovery = dict(epochs=finetune_epochs, lr=0.01 if lr is None else lr, batch_size=batch_size, seed=seed)
+    config = TrainConfig(**{k: v for k, v in recovery.items() if v is not None})
     writes = [json_path, png] + ([] if dry_run else [output])
     for path in writes:
         check_output(path, force)

@@ -376,3 +376,14 @@ def test_cli_needs_gabor_banks_and_well_formed_budgets(tmp_path):
     assert not (tmp_path / "x.pt").exists()
     result = run("prune", "vgg16", "--ratio", "half", "--dry-run")
     assert result.exit_code == 2 and "'half' is not R or NAME=R" in result.output
+
+
+def test_dead_channels_of_a_depthwise_bank_tied_to_live_inputs_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          GaborConv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    randomize_norms(model).eval()
+    kill(model[4], [2], -1.0)
+    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    assert [(k.layer, k.channel) for k in report.kept] == [("3", 2)] and "tied to a live channel of '0'" in report.kept[0].reason
+    assert model[3].kernels_alive == 7 and not report.plan.channels

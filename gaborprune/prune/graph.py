@@ -124,21 +124,26 @@ def _name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
+def _trace(model: nn.Module, input_shape: tuple[int, int, int]) -> _Recorder:
+    """The model's fx graph, run once in eval mode on random inputs [2, *input_shape]."""
+    recorder = _Recorder(fx.GraphModule(model, _Tracer().trace(model)))
+    param = next(model.parameters(), None)
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            recorder.run(x.to(param.device, param.dtype) if param is not None else x)
+    finally:
+        model.train(was_training)
+    return recorder
+
+
 class _Graph:
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    def __init__(self, model: nn.Module, run: _Recorder) -> None:
         self.modules = dict(model.named_modules())
-        self.gm = fx.GraphModule(model, _Tracer().trace(model))
-        recorder = _Recorder(self.gm)
-        param = next(model.parameters(), None)
-        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                recorder.run(x.to(param.device, param.dtype) if param is not None else x)
-        finally:
-            model.train(was_training)
-        self.values, self.shapes = recorder.values, recorder.shapes
+        self.gm = run.module
+        self.values, self.shapes = run.values, run.shapes
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
         self.roles = {n: self._role(n) for n in self.gm.graph.nodes}
         self.const: dict[fx.Node, set[int]] = {}
@@ -212,6 +217,8 @@ class _Graph:
 
     def _flatten(self, n: fx.Node, ins: list[fx.Node]) -> _Role:
         src = self.shapes[ins[0]]
+        if self.shapes[n] == src:  # flattening [N, C] or [N, C, 1]-like shapes that are already flat
+            return _Role("aligned", tuple(ins[:1]), shift=True)
         if len(src) == 4 and self.shapes[n] == (src[0], src[1] * src[2] * src[3]):
             return _Role("flatten", tuple(ins[:1]), hw=src[2] * src[3])
         return _Role("opaque", why="a reshape that is not a flatten to [N, C*H*W]")
@@ -338,13 +345,13 @@ class _Graph:
                 folds.append(Fold(u.target, "bias", m.weight.detach().double().sum(dim=(2, 3)) @ delta))
             elif role.kind == "aligned" and role.shift:
                 sign = sum(1 if k == 0 or u.target not in _SUBTRACT else -1 for k, a in enumerate(u.args) if a is node)
-                more = self.absorb(u, sign * delta)
+                more = self.absorb(u, sign * delta) if sign else None  # 0: passed by keyword, or x - x
                 if more is None:
                     return None
                 folds += more
             elif role.kind in ("cat", "flatten"):
                 if role.kind == "cat":
-                    spread = torch.zeros(self.shapes[u][1], dtype=delta.dtype)
+                    spread = torch.zeros(self.shapes[u][1], dtype=delta.dtype, device=delta.device)
                     for a, off in role.inputs:
                         if a is node:
                             spread[off:off + len(delta)] += delta
@@ -369,12 +376,13 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> Cha
     if not any(dead.values()):
         return ChannelAnalysis()
     try:
-        graph = _Graph(model, input_shape)
+        run = _trace(model, input_shape)
     except Exception as e:  # tracing user code can fail in many ways; the masks still hold
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         kept = [KeptChannel(n, o, "the model's graph could not be traced") for n, os in dead.items() for o in os]
         return ChannelAnalysis(kept=kept, note=f"torch.fx could not trace the model ({detail}); dead channels stay, masked")
 
+    graph = _Graph(model, run)
     nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_module"}
     analysis = ChannelAnalysis()
     remove: dict[str, dict[str, set[int]]] = defaultdict(lambda: {"out": set(), "in": set()})
@@ -396,7 +404,7 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> Cha
                     reasons.append(f)
                 else:
                     folds += f
-            starts = sorted((_name(n), i) for n, i in positions if _name(n) in dead and i in dead[_name(n)] and graph.roles[n].kind == "conv")
+            starts = sorted((_name(n), i) for n, i in positions if n.op == "call_module" and i in dead.get(n.target, ()))
             if reasons:
                 analysis.kept += [KeptChannel(name, i, reasons[0]) for name, i in starts]
                 continue
