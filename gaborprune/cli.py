@@ -513,6 +513,226 @@ def _prune_sweep(model, recipe, thresholds, accuracy, png, json_path, source, fo
         write_json(json_path, {"model": source, "points": [asdict(p) for p in points]}, force)
 
 
+# -- export --------------------------------------------------------------------------------------
+def _shape4(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise typer.BadParameter(f"'{text}' is not N,C,H,W (four positive integers, e.g. 1,3,32,32)", param_hint="--input-shape")
+    return shape
+
+
+@_command
+def export(
+    source: Annotated[str, typer.Argument(help="A recipe .pt (or any model source) to export.", metavar="RECIPE", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="ONNX file to write.", show_default=False)],
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W", help="Static input shape, e.g. 1,3,32,32 (default: batch 1 and the model's C,H,W).", show_default=False)] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Let the batch dimension vary (default: static, for embedded runtimes).")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 to 23 (default: the exporter's).", show_default=False)] = None,
+    lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="Form of kernel-sparse layers: auto measures each in ONNX Runtime and keeps the faster (default).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="ONNX Runtime intra-op threads for the measurements and checks (default: its own).", show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.", show_default=False)] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on --data) or, without --data, dynamic.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.", show_default=False)] = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Write a compact ONNX model for inference: plain ops, BatchNorm folded, checked against PyTorch."""
+    from gaborprune._io import check_output, write_json
+    from gaborprune.export.api import ExportConfig, export_model
+
+    shape = _shape4(input_shape)
+    if quantize not in (None, "int8"):
+        raise GaborPruneError(f"unknown --quantize '{quantize}'; known: int8")
+    options = dict(batch_size=shape[0] if shape else None, dynamic_batch=dynamic_batch, opset=opset, lowering=lowering, atol=atol, threads=threads)
+    config = ExportConfig(**{k: v for k, v in options.items() if v is not None}, quantize=quantize == "int8")
+    for path in (output, json_path):
+        check_output(path, force)
+    model, recipe = _load(source, None, None, None, ",".join(map(str, shape[1:])) if shape else None)
+    pair = None
+    if data is not None:
+        from gaborprune.data import DataSpec, load_data
+        from gaborprune.train.loop import check_classes
+
+        train, test = load_data(DataSpec.parse(data), recipe.input_shape)
+        check_classes(model, recipe, test.num_classes, data)
+        pair = (train, test)
+    with err.status("lowering, exporting and checking..." + (" (measuring each sparse layer's forms)" if config.lowering == "auto" else "")):
+        report = export_model(model, recipe, output, config, data=pair, force=force)
+
+    table = Table(title=f"{source} -> {output}: kernel-sparse layers")
+    for col in ("layer", "kernels", "lowering", "dense ms", "split ms"):
+        table.add_column(col, justify="left" if col in ("layer", "lowering") else "right")
+    for name, (kernels, dense) in report.sparse_kernels.items():
+        times = report.lowering_ms.get(name, {})
+        ms = [f"{times[f]:.3f}" if f in times else "" for f in ("dense", "split")]
+        table.add_row(name, f"{kernels}/{dense}", report.lowering[name], *ms)
+    if table.row_count:
+        out.print(table)
+    out.print(f"lowering: {report.lowering_note}")
+    if report.channels_cut:
+        out.print("cut at export (constant channels, folded as bias maps): " + "; ".join(
+            f"{m} {side} {len(idx)}" for m, sides in report.channels_cut.items() for side, idx in sides.items()))
+    out.print(f"parameters: {_count(report.params)}   MACs: {_count(report.macs)} (executed: {_count(report.macs_executed)})   FLOPs: {_count(report.flops)}")
+    out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
+    if report.quantization:
+        q = report.quantization
+        out.print(f"int8 ({q['mode']}): max |diff| vs PyTorch {q['max_abs_diff']:.3g}, cosine {q['cosine']:.5f} on {q['compared_on']}")
+    if report.accuracy:
+        out.print("top-1 on " + data + ": " + "  ".join(f"{k} {v:.2f}%" for k, v in report.accuracy.items()))
+    out.print(f"-> {output} ({report.file_bytes / 1024:.1f} KiB)")
+    if json_path:
+        write_json(json_path, {"model": source} | report.to_dict(), force)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def _ints(text: str | None, option: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    if text is None:
+        return default
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of positive integers", param_hint=option)
+    return values
+
+
+def _bench_model(spec: str, workdir: Path, batch: int, threads: int):
+    """An ONNX file as is; a recipe or model source exported on the fly (dynamic batch, auto lowering)."""
+    from gaborprune.export.api import ExportConfig, export_model
+    from gaborprune.export.bench import load_onnx
+
+    if spec.endswith(".onnx"):
+        return load_onnx(spec)
+    model, recipe = _load(spec, None, None, None, None)
+    path = workdir / f"{len(list(workdir.iterdir()))}.onnx"
+    with err.status(f"exporting {spec}..."):
+        export_model(model, recipe, path, ExportConfig(batch_size=batch, dynamic_batch=True, threads=threads))
+    m = load_onnx(path, name=spec)
+    m.torch_model = model.eval()
+    return m
+
+
+def _bench_markdown(report, title: str) -> str:
+    env = report.environment
+    lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, "
+             f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1.", "",
+             "| model | runtime | batch | threads | p50 ms | p90 ms | p99 ms | mean ms | std ms | images/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report.results:
+        d = r.to_dict()
+        lines.append(f"| {d['model']} | {d['runtime']} | {d['batch_size']} | {d['threads']} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
+                     f"{d['p99_ms']:.3f} | {d['mean_ms']:.3f} | {d['std_ms']:.3f} | {d['throughput']:.1f} |")
+    if report.comparisons:
+        lines += ["", "| model | baseline | batch | threads | speedup | MAC ratio | efficiency |", "|---|---|---:|---:|---:|---:|---:|"]
+        for c in report.comparisons:
+            eff = f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a"
+            lines.append(f"| {c.model} | {c.baseline} | {c.batch_size} | {c.threads} | {c.speedup:.3f} | {c.mac_ratio:.3f} | {eff} |")
+    for model, layers in report.profiles.items():
+        lines += ["", f"Per-layer time of {model} (ms per run, top 15):", "", "| layer | ms |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in sorted(layers.items(), key=lambda kv: -kv[1])[:15]]
+    return "\n".join(lines) + "\n"
+
+
+def _bench_png(report, path: Path, force: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gaborprune._io import write_atomic
+
+    configs = sorted({(r.batch_size, r.threads) for r in report.results})
+    names = list(dict.fromkeys(f"{r.model} ({r.runtime})" if r.runtime != "onnxruntime" else r.model for r in report.results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs) * len(names) / 2), 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        values = {(r.batch_size, r.threads): r.latency.p50 for r in report.results
+                  if (f"{r.model} ({r.runtime})" if r.runtime != "onnxruntime" else r.model) == name}
+        ax.bar([i + k * width for i in range(len(configs))], [values.get(c, 0) for c in configs], width, label=name)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(configs))], [f"batch {b}, {t} thr" for b, t in configs])
+    ax.set_ylabel("median latency (ms)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    plt.close(fig)
+
+
+@_command
+def bench(
+    models: Annotated[list[str], typer.Argument(help="ONNX files, or recipes / model sources (exported on the fly).", metavar="MODEL...", show_default=False)],
+    baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="MODEL", help="Reference timed in the same runs: speedup, MAC ratio, efficiency.", show_default=False)] = None,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", metavar="B1,B2,...", help="Batch sizes (default 1).", show_default=False)] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts (default 1).", show_default=False)] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model and configuration.")] = 10,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model and configuration.")] = 100,
+    provider: Annotated[str, typer.Option("--provider", metavar="cpu|cuda", help="ONNX Runtime execution provider.")] = "cpu",
+    profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration).")] = False,
+    torch_eager: Annotated[bool, typer.Option("--torch", help="Also time PyTorch eager (models given as recipes / sources).")] = False,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Write a Markdown report.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration.", show_default=False)] = None,
+    json_path: JsonOut = None,
+    force: Force = False,
+) -> None:
+    """Latency of ONNX models in ONNX Runtime (p50/p90/p99, throughput), side by side with a baseline."""
+    import tempfile
+
+    from gaborprune._io import check_output, write_atomic, write_json
+    from gaborprune.export.bench import bench as run_bench
+    from gaborprune.export.runtime import providers
+
+    batches, thread_counts = _ints(batch_size, "--batch-size", (1,)), _ints(threads, "--threads", (1,))
+    if warmup < 0 or runs < 1:
+        raise GaborPruneError(f"--runs must be at least 1 and --warmup at least 0, not {runs} and {warmup}")
+    providers(provider)
+    for path in (json_path, markdown, png):
+        check_output(path, force)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = [_bench_model(m, Path(tmp), batches[0], thread_counts[0]) for m in models]
+        base = _bench_model(baseline, Path(tmp), batches[0], thread_counts[0]) if baseline else None
+        with err.status(f"timing {len(loaded) + bool(base)} model(s) x {len(batches) * len(thread_counts)} configuration(s)..."):
+            report = run_bench(loaded, baseline=base, batch_sizes=batches, threads=thread_counts, warmup=warmup, runs=runs,
+                               provider=provider, profile_layers=profile, torch_eager=torch_eager)
+
+    env = report.environment
+    table = Table(title=f"latency: {env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']} ({provider})")
+    for col in ("model", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for r in report.results:
+        d = r.to_dict()
+        table.add_row(d["model"], d["runtime"], str(d["batch_size"]), str(d["threads"]), *(f"{d[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+                      f"{d['throughput']:.1f}")
+    out.print(table)
+    if report.comparisons:
+        comp = Table(title="against the baseline (efficiency = (1 - t/t_base) / (1 - MACs/MACs_base))")
+        for col in ("model", "batch", "threads", "speedup", "MAC ratio", "efficiency"):
+            comp.add_column(col, justify="left" if col == "model" else "right")
+        for c in report.comparisons:
+            comp.add_row(c.model, str(c.batch_size), str(c.threads), f"{c.speedup:.3f}x", f"{c.mac_ratio:.3f}",
+                         f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a (no MACs removed)")
+        out.print(comp)
+    for model, layers in report.profiles.items():
+        prof = Table(title=f"where the time goes: {model} (batch {batches[0]}, {thread_counts[0]} thread(s))")
+        prof.add_column("layer")
+        prof.add_column("ms per run", justify="right")
+        prof.add_column("share", justify="right")
+        total = sum(layers.values()) or 1.0
+        for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:15]:
+            prof.add_row(name, f"{ms:.3f}", f"{ms / total:.0%}")
+        out.print(prof)
+    if json_path:
+        write_json(json_path, report.to_dict(), force)
+    if markdown:
+        text = _bench_markdown(report, "gaborprune bench")
+        write_atomic(markdown, lambda tmp: tmp.write_text(text), force)
+    if png:
+        _bench_png(report, png, force)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

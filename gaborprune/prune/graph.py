@@ -66,8 +66,8 @@ class Fold:
     """`module.<attr> += delta`: where a removed channel's constant contribution goes."""
 
     module: str
-    attr: str  # "bias" (of the consumer) or "running_mean" (of the BatchNorm after it)
-    delta: Tensor
+    attr: str  # "bias" (a consumer's), "running_mean" (a BatchNorm's) or "bias_map" (deploy only: see analyse_channels)
+    delta: Tensor  # Tensor[C] (bias_map: Tensor[C, H, W])
 
 
 @dataclass
@@ -140,7 +140,8 @@ def _trace(model: nn.Module, input_shape: tuple[int, int, int]) -> _Recorder:
 
 
 class _Graph:
-    def __init__(self, model: nn.Module, run: _Recorder) -> None:
+    def __init__(self, model: nn.Module, run: _Recorder, bias_maps: bool = False) -> None:
+        self.bias_maps = bias_maps
         self.modules = dict(model.named_modules())
         self.gm = run.module
         self.values, self.shapes = run.values, run.shapes
@@ -313,6 +314,11 @@ class _Graph:
         m = self.modules[consumer.target]
         if isinstance(m, nn.Linear):
             delta = c * m.weight.detach()[:, i].double()
+        elif _zero_padded(m) and self.bias_maps:  # what the constant plane adds, border effects included
+            plane = torch.zeros(1, *self.shapes[src][1:], dtype=torch.float64, device=self.values[src].device)
+            plane[0, i] = c
+            delta = F.conv2d(plane, m.weight.detach().double(), None, m.stride, m.padding, m.dilation)[0]
+            return [Fold(consumer.target, "bias_map", delta)]
         elif _zero_padded(m):
             return (f"it feeds a non-zero constant into '{consumer.target}', a zero-padded convolution "
                     "that sees it inside and 0 at the borders, so it cannot be folded")
@@ -366,13 +372,19 @@ class _Graph:
         return folds
 
 
-def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> ChannelAnalysis:
+def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bias_maps: bool = False) -> ChannelAnalysis:
     """Which dead output channels of the Gabor banks can be removed, and how (see the module doc).
+
+    Args:
+        bias_maps: deploy mode, for one fixed input size: the dead channels of every convolution
+            (all-zero rows) are candidates, and a constant entering a zero-padded convolution is
+            folded as a "bias_map" Fold, the exact [C, H, W] map it adds to that convolution's output.
 
     Never mutates `model`. Returns the module slices, the constant folds, and the dead channels kept.
     """
-    gabors = {n: m for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
-    dead = {n: [int(o) for o in torch.nonzero(~alive_kernels(m).any(dim=1)).flatten()] for n, m in gabors.items()}
+    kinds = (nn.Conv2d, GaborConv2d) if bias_maps else GaborConv2d
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    dead = {n: [int(o) for o in torch.nonzero(~alive_kernels(m).any(dim=1)).flatten()] for n, m in layers.items()}
     if not any(dead.values()):
         return ChannelAnalysis()
     try:
@@ -382,7 +394,7 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> Cha
         kept = [KeptChannel(n, o, "the model's graph could not be traced") for n, os in dead.items() for o in os]
         return ChannelAnalysis(kept=kept, note=f"torch.fx could not trace the model ({detail}); dead channels stay, masked")
 
-    graph = _Graph(model, run)
+    graph = _Graph(model, run, bias_maps)
     nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_module"}
     analysis = ChannelAnalysis()
     remove: dict[str, dict[str, set[int]]] = defaultdict(lambda: {"out": set(), "in": set()})

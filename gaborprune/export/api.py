@@ -1,0 +1,206 @@
+"""`export_model`: lower, choose each kernel-sparse layer's form by measuring, export, check, write."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gaborprune import __version__
+from gaborprune._io import check_output, write_atomic
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.export.lower import lower
+from gaborprune.export.macs import onnx_counts
+from gaborprune.export.onnx import ExportError, opset_of, parity, to_onnx
+from gaborprune.export.quantize import calibration_batches, onnx_top1, quantize_int8
+from gaborprune.export.runtime import profile, session, time_interleaved
+from gaborprune.probe import probe
+from gaborprune.recipe import Recipe
+
+LOWERINGS = ("auto", "dense", "sparse")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export.
+
+    Attributes:
+        batch_size: the (static) batch dimension; with `dynamic_batch` the batch used for checks.
+        lowering: "auto" (measure dense vs split for each kernel-sparse layer on these session
+            settings and keep the faster), "dense", or "sparse" (split wherever kernels are missing).
+        atol: the largest |onnxruntime - PyTorch| accepted (float32); beyond it nothing is written.
+        threads: intra-op threads of the sessions that measure (default: ONNX Runtime's).
+        quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
+            the float model, the int8 model's difference and accuracy are reported.
+    """
+
+    batch_size: int = 1
+    dynamic_batch: bool = False
+    opset: int | None = None
+    lowering: str = "auto"
+    atol: float = 1e-4
+    threads: int | None = None
+    check_inputs: int = 3
+    quantize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ExportError(f"the batch size must be at least 1, not {self.batch_size}")
+        if self.lowering not in LOWERINGS:
+            raise ExportError(f"unknown --lowering '{self.lowering}'; known: {', '.join(LOWERINGS)}")
+        if not self.atol > 0:
+            raise ExportError(f"--atol must be positive, not {self.atol}")
+        if self.threads is not None and self.threads < 1:
+            raise ExportError(f"--threads must be at least 1, not {self.threads}")
+        if self.opset is not None and not 18 <= self.opset <= 23:
+            raise ExportError(f"--opset {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    inputs: list[dict]
+    max_abs_diff: float
+    cosine: float
+    file_bytes: int
+    params: int
+    macs: int  # without removed kernels: the model's arithmetic
+    macs_executed: int  # what the lowered graph computes (a dense conv computes its zero kernels)
+    lowering: dict[str, str]
+    lowering_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: {layer: {form: ms}}
+    lowering_note: str = ""
+    channels_cut: dict = field(default_factory=dict)
+    bias_maps: list[str] = field(default_factory=list)
+    quantization: dict | None = None  # the int8 model written: {"mode", "max_abs_diff", "cosine", "compared_on", "file_bytes"}
+    accuracy: dict[str, float] = field(default_factory=dict)  # top-1 percent on the test split: "onnx" (float), "int8"
+    sparse_kernels: dict[str, list[int]] = field(default_factory=dict)  # {layer: [non-zero kernels, dense kernels]}
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("path", "opset", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs")}
+        d["flops"] = self.flops
+        d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "sparse_kernels", "channels_cut", "bias_maps")}
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+        if self.accuracy:
+            d["accuracy"] = self.accuracy
+        return d
+
+
+def kernels_kept(model: nn.Module) -> dict[str, list[int]]:
+    """{Gabor layer: [kernels kept, kernels]}."""
+    return {n: [m.kernels_alive, m.mask.numel()] for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
+
+
+def check_inputs(shape: tuple[int, ...], count: int, extra: Tensor | None = None) -> list[Tensor]:
+    """Seeded random inputs (unit normal and a wider one) plus real samples when given."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(*shape, generator=g) * (1 + 2 * (k % 2)) for k in range(count)]
+    if extra is not None:
+        inputs.append(extra[: shape[0]].float())
+    return inputs
+
+
+def _choose(model: nn.Module, shape: tuple[int, int, int, int], config: ExportConfig) -> tuple[dict[str, str], dict, str]:
+    """Per kernel-sparse layer, the form that runs faster in ONNX Runtime on these settings."""
+    _, dense_report = lower(model, shape[1:], "dense")
+    sparse = [layer.name for layer in dense_report.layers if layer.kernels < layer.dense_kernels and layer.form == "dense"]
+    if not sparse or config.lowering == "dense":
+        return {}, {}, "no kernel-sparse layers" if not sparse else "dense everywhere (--lowering dense)"
+    if config.lowering == "sparse":
+        return {n: "split" for n in sparse}, {}, "split wherever kernels are missing (--lowering sparse)"
+    x = torch.randn(*shape).numpy()
+    layer_names = [layer.name for layer in dense_report.layers]
+    times = {}
+    protos = {}
+    for form in ("dense", "split"):
+        deploy, _ = lower(model, shape[1:], form)
+        protos[form] = to_onnx(deploy, shape).SerializeToString()
+        times[form] = profile(protos[form], _parse(protos[form]), x, layer_names, config.threads)
+    ms = {n: {form: round(times[form].get(n, float("nan")), 4) for form in times} for n in sparse}
+    choice = {n: "split" if times["split"].get(n, np.inf) < times["dense"].get(n, np.inf) else "dense" for n in sparse}
+    return choice, ms, "measured per layer with ONNX Runtime's profiler, faster form kept"
+
+
+def _parse(data: bytes):
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
+def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
+                 data: tuple | None = None, force: bool = False) -> ExportReport:
+    """Export `model` as a compact ONNX file at `path`, checked against PyTorch.
+
+    Steps: `lower` (Gabor banks baked, constant channels cut with bias maps, BatchNorm folded), pick
+    each kernel-sparse layer's form (`config.lowering`), export with the dynamo exporter, run the full
+    ONNX checker, compare onnxruntime with the PyTorch model on seeded random inputs (and real test
+    images when `data` = (train, test) datasets is given), optionally quantise to int8, and only then
+    write the file (atomically).
+
+    Raises:
+        ExportError: the model cannot be exported, or onnxruntime differs from PyTorch by more than
+            `config.atol` (nothing is written).
+    """
+    check_output(path, force)
+    model = model.cpu().float().eval()
+    probe(model, recipe.input_shape)  # a clear error for an input the model cannot take
+    shape = (config.batch_size, *recipe.input_shape)
+    choice, ms, note = _choose(model, shape, config)
+    deploy, lowering = lower(model, recipe.input_shape, choice)
+    if config.lowering == "auto" and any(f == "split" for f in choice.values()):
+        # a whole-model guard: never slower than the all-dense graph on these settings
+        dense, _ = lower(model, recipe.input_shape, "dense")
+        candidates = [to_onnx(m, shape).SerializeToString() for m in (dense, deploy)]
+        x = torch.randn(*shape).numpy()
+        t_dense, t_mixed = time_interleaved([session(c, config.threads) for c in candidates], x, warmup=5, runs=30)
+        if t_mixed.p50 >= t_dense.p50:
+            choice = {n: "dense" for n in choice}
+            note += f"; the mixed graph ({t_mixed.p50:.3f} ms) was not faster than all-dense ({t_dense.p50:.3f} ms), so dense"
+            deploy, lowering = lower(model, recipe.input_shape, choice)
+    metadata = {
+        "gaborprune.version": __version__,
+        "gaborprune.source": recipe.source.spec,
+        "gaborprune.conversions": len(recipe.conversions),
+        "gaborprune.prune_plans": len(recipe.prune_plans),
+        "gaborprune.kernels_kept": kernels_kept(model),
+        "gaborprune.lowering": lowering.forms,
+        "gaborprune.input_shape": list(shape),
+    }
+    proto = to_onnx(deploy, shape, opset=config.opset, dynamic_batch=config.dynamic_batch, metadata=metadata)
+    counts = onnx_counts(proto, shape)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "gaborprune.macs", str(counts.macs)
+    blob = proto.SerializeToString()
+    sess = session(blob, config.threads)
+    train, test = data if data is not None else (None, None)
+    real = next(iter(test.batches(config.batch_size, train=False)))[0] if test is not None else None
+    diff, cosine = parity(sess, model, check_inputs(shape, config.check_inputs, real))
+    if not diff <= config.atol:
+        raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (cosine {cosine:.6f}), more than --atol {config.atol:g}; nothing was written")
+    accuracy = {"onnx": onnx_top1(sess, test)} if test is not None else {}
+    quantization = None
+    if config.quantize:
+        calibration = calibration_batches(train, config.batch_size) if train is not None else None
+        blob, mode = quantize_int8(blob, calibration)
+        qsess = session(blob, config.threads)
+        # int8 is calibrated for real images: compare on those when there are some
+        qdiff, qcos = parity(qsess, model, [real] if real is not None else check_inputs(shape, config.check_inputs))
+        quantization = {"mode": mode, "max_abs_diff": qdiff, "cosine": qcos, "compared_on": "test images" if real is not None else "random inputs",
+                        "file_bytes": len(blob)}
+        if test is not None:
+            accuracy["int8"] = onnx_top1(qsess, test)
+    write_atomic(path, lambda tmp: tmp.write_bytes(blob), force)
+    inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
+    return ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs,
+                        counts.macs_executed, lowering.forms, ms, note, lowering.channels_cut, lowering.bias_maps,
+                        quantization, accuracy, {layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers
+                                                 if layer.kernels < layer.dense_kernels})

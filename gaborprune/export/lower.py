@@ -1,0 +1,242 @@
+"""`lower`: the deploy form of a model, plain ops only, for one input size.
+
+1. Gabor banks become plain convolutions (their masked kernels baked into the weights).
+2. Channels that emit a constant and could not be cut in the recipe (a zero-padded consumer sees
+   the constant inside and 0 at the borders) are cut here: for a fixed input size, what they add to
+   the consumer's output is an exact [C, H, W] map (`MapBias`). Exactness otherwise follows `prune`.
+3. BatchNorm is folded into the convolution before it.
+4. Each kernel-sparse convolution (zero kernels in channels that stay) takes a form: `dense` (one
+   convolution, zeros computed) or `split` (`SplitConv`: one dense convolution per group of output
+   channels over just the input channels the group reads; outputs without kernels are constants).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import replace_module
+from gaborprune.errors import GaborPruneError
+from gaborprune.prune.graph import analyse_channels
+from gaborprune.prune.plan import PrunePlan, apply_plan_
+
+FORMS = ("dense", "split")
+#: SplitConv merges its groups of output channels down to this many (each group is one Conv op).
+MAX_GROUPS = 4
+
+
+class MapBias(nn.Module):
+    """A convolution plus a fixed map: Tensor[N, C, H, W] -> conv(x) + bias_map[C, H', W']."""
+
+    def __init__(self, conv: nn.Conv2d, bias_map: Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("bias_map", bias_map[None].to(conv.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + self.bias_map
+
+
+def _support(weight: Tensor) -> Tensor:
+    """Bool Tensor[O, I]: which kernels are not all zero."""
+    return weight.detach().flatten(2).abs().amax(dim=2) > 0
+
+
+def output_groups(support: Tensor, max_groups: int = MAX_GROUPS) -> list[list[int]]:
+    """Output channels grouped by the input channels they read, merged greedily (cheapest union
+    first) down to `max_groups`. Rows without kernels are left out."""
+    by_pattern: dict[tuple[int, ...], list[int]] = {}
+    for o, row in enumerate(support):
+        if row.any():
+            by_pattern.setdefault(tuple(torch.nonzero(row).flatten().tolist()), []).append(o)
+    groups = [(set(p), outs) for p, outs in by_pattern.items()]
+
+    def cost(inputs: set, outs: list) -> int:
+        return len(inputs) * len(outs)
+
+    while len(groups) > max_groups:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                (ia, oa), (ib, ob) = groups[a], groups[b]
+                extra = cost(ia | ib, oa + ob) - cost(ia, oa) - cost(ib, ob)
+                if best is None or extra < best[0]:
+                    best = (extra, a, b)
+        _, a, b = best
+        (ia, oa), (ib, ob) = groups[a], groups[b]
+        groups[a] = (ia | ib, oa + ob)
+        del groups[b]
+    return [sorted(outs) for _, outs in groups]
+
+
+class SplitConv(nn.Module):
+    """A kernel-sparse convolution computed as a few dense ones on gathered input channels.
+
+    Each group of output channels gets a dense convolution over the union of the input channels
+    its kernels read; output channels without kernels are their bias (0 without one). The results
+    are concatenated and put back in the original channel order. Same output as `conv`.
+    """
+
+    def __init__(self, conv: nn.Conv2d, groups: list[list[int]]) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("SplitConv takes ungrouped, zero-padded convolutions")
+        support = _support(conv.weight)
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=weight.dtype)
+        self.convs = nn.ModuleList()
+        order: list[int] = []
+        for k, outs in enumerate(groups):
+            ins = torch.nonzero(support[outs].any(dim=0)).flatten()
+            part = nn.Conv2d(len(ins), len(outs), conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=True)
+            with torch.no_grad():
+                part.weight.copy_(weight[outs][:, ins])
+                part.bias.copy_(bias[outs])
+            self.convs.append(part)
+            self.register_buffer(f"inputs{k}", ins)
+            order += outs
+        constant = [o for o in range(conv.out_channels) if o not in set(order)]
+        self.register_buffer("constant", bias[constant].view(1, -1, 1, 1).clone())
+        order += constant
+        self.register_buffer("order", torch.argsort(torch.tensor(order)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ys = [conv(x.index_select(1, getattr(self, f"inputs{k}"))) for k, conv in enumerate(self.convs)]
+        if self.constant.shape[1]:
+            ys.append(self.constant.expand(x.shape[0], -1, ys[0].shape[2], ys[0].shape[3]))
+        return torch.cat(ys, 1).index_select(1, self.order)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (MapBias, SplitConv)) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def fold_batchnorms_(model: nn.Module) -> list[str]:
+    """Fold each BatchNorm2d that alone reads a convolution's output into that convolution (eval
+    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # an untraceable model keeps its BatchNorms (ONNX Runtime fuses them itself)
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    folded = []
+    for n in graph.nodes:
+        norm = modules.get(n.target) if n.op == "call_module" else None
+        if not isinstance(norm, nn.BatchNorm2d) or not norm.track_running_stats or calls[n.target] != 1:
+            continue
+        src = n.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1:
+            continue
+        outer = modules[src.target]
+        conv = outer.conv if isinstance(outer, MapBias) else outer
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        scale = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / (norm.running_var + norm.eps).sqrt()
+        shift = (norm.bias if norm.affine else torch.zeros_like(norm.running_mean)) - norm.running_mean * scale
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros_like(shift))
+        conv.bias.mul_(scale).add_(shift)
+        if isinstance(outer, MapBias):
+            outer.bias_map.mul_(scale.view(1, -1, 1, 1))
+        replace_module(model, n.target, nn.Identity())
+        folded.append(n.target)
+    return folded
+
+
+@dataclass
+class LayerLowering:
+    name: str
+    kernels: int  # non-zero kernels
+    dense_kernels: int  # out_channels * in_channels / groups, as a dense conv computes them
+    form: str  # dense | split (k groups) | depthwise | grouped
+
+
+@dataclass
+class LoweringReport:
+    layers: list[LayerLowering] = field(default_factory=list)
+    channels_cut: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # cut at export, beyond the recipe
+    bias_maps: list[str] = field(default_factory=list)  # convolutions that absorbed a constant channel's map
+    batchnorms_folded: int = 0
+
+    @property
+    def forms(self) -> dict[str, str]:
+        return {layer.name: layer.form for layer in self.layers}
+
+
+def kernel_sparse(model: nn.Module) -> list[str]:
+    """Ungrouped, zero-padded convolutions with all-zero kernels in output channels that have others."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
+            support = _support(m.weight)
+            if (support.any(dim=1) & ~support.all(dim=1)).any() or not support.any(dim=1).all():
+                names.append(name)
+    return names
+
+
+@torch.no_grad()
+def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict[str, str] = "dense") -> tuple[nn.Module, LoweringReport]:
+    """The deploy copy of `model` for inputs [N, *input_shape] (see the module doc). `model` is untouched.
+
+    Args:
+        forms: "dense" or "split" for every kernel-sparse convolution, or {layer: form} (others dense).
+    """
+    deploy = copy.deepcopy(model).cpu().float().eval()
+    for name, m in list(deploy.named_modules()):
+        if isinstance(m, GaborConv2d):
+            replace_module(deploy, name, m.to_conv2d().eval())
+    report = LoweringReport()
+
+    analysis = analyse_channels(deploy, input_shape, bias_maps=True)
+    modules = dict(deploy.named_modules())
+    maps: dict[str, Tensor] = {}
+    for fold in analysis.folds:
+        if fold.attr == "bias_map":
+            maps[fold.module] = maps.get(fold.module, 0) + fold.delta
+        else:
+            target = getattr(modules[fold.module], fold.attr)
+            target += fold.delta.to(target.dtype)
+    apply_plan_(deploy, PrunePlan(channels=analysis.remove))
+    report.channels_cut = analysis.remove
+    for name, delta in maps.items():
+        cut = analysis.remove.get(name, {}).get("out", [])
+        keep = [o for o in range(delta.shape[0]) if o not in set(cut)]
+        replace_module(deploy, name, MapBias(deploy.get_submodule(name), delta[keep].float()))
+        report.bias_maps.append(name)
+    report.batchnorms_folded = len(fold_batchnorms_(deploy))
+
+    sparse = set(kernel_sparse(deploy))
+    wrapped = {f"{n}.conv" for n, m in deploy.named_modules() if isinstance(m, MapBias)}
+    for path, conv in list(deploy.named_modules()):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        name = path.removesuffix(".conv") if path in wrapped else path  # the layer's name in the model
+        support = _support(conv.weight)
+        form = "dense" if conv.groups == 1 else "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
+        wanted = forms if isinstance(forms, str) else forms.get(name, "dense")
+        if wanted not in FORMS:
+            raise GaborPruneError(f"unknown lowering '{wanted}' for '{name}'; known: {', '.join(FORMS)}")
+        if path in sparse and wanted == "split":
+            groups = output_groups(support)
+            if groups:
+                replace_module(deploy, path, SplitConv(conv, groups))
+                form = f"split ({len(groups)} groups)"
+        report.layers.append(LayerLowering(name, int(support.sum()), support.numel(), form))
+    return deploy, report
+
+
+def sparse_layers(report: LoweringReport) -> list[str]:
+    """Layers whose kernels are not all present (where the form matters)."""
+    return [layer.name for layer in report.layers if layer.kernels < layer.dense_kernels]

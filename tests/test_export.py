@@ -1,0 +1,205 @@
+"""Export: the deploy lowering is exact, ONNX Runtime matches PyTorch, and bench reports honestly."""
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import gaborprune as gp
+import tiny_models
+from gaborprune.export import MapBias, SplitConv, lower, output_groups
+from gaborprune.export.api import ExportConfig, export_model
+from gaborprune.export.macs import onnx_counts
+from gaborprune.export.runtime import layer_of, run, session
+from gaborprune.prune import prune_model
+from gaborprune.recipe import Recipe, save_recipe
+from test_cli import one_line_error, run as cli
+from test_prune import FAMILIES, ONLY_DEAD, SHAPE, randomize_norms
+
+torch.set_grad_enabled(True)
+
+
+def pruned_family(family, seed=0, sparsify=True):
+    """A family model with its dead channels pruned and (sparsify) random kernels of its Gabor banks masked."""
+    build, setup = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = randomize_norms(build()).eval()
+    setup(model)
+    recipe = Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE)
+    prune_model(model, recipe, ONLY_DEAD)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules() if sparsify else []:
+            if isinstance(m, gp.GaborConv2d):
+                m.mask.mul_((torch.rand(m.mask.shape, generator=g) > 0.5).float())  # kernel-sparse inside live channels
+    return model, recipe
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("form", ["dense", "split"])
+def test_lowering_computes_what_the_model_does(family, form):
+    model, recipe = pruned_family(family)
+    deploy, report = lower(model, SHAPE, form)
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.no_grad():
+        assert (deploy(x) - model.eval()(x)).abs().max().item() <= 1e-5
+    assert not any(isinstance(m, (gp.GaborConv2d, nn.BatchNorm2d)) for m in deploy.modules()) or family == "densenet-concat"
+    if form == "split":
+        assert any(isinstance(m, SplitConv) for m in deploy.modules())
+
+
+def test_constant_channels_into_zero_padded_convs_are_cut_at_export():
+    model, recipe = pruned_family("vgg-chain", sparsify=False)  # g1 channels 3, 4 (0, 1 after the recipe's cut) feed 0.5 into conv2
+    assert model.g1.out_channels == 5
+    deploy, report = lower(model, SHAPE)
+    assert report.channels_cut["g1"]["out"] == [0, 1] and report.bias_maps == ["conv2"]
+    assert deploy.g1.out_channels == 3 and isinstance(deploy.conv2, MapBias) and deploy.conv2.conv.in_channels == 3
+    assert report.batchnorms_folded == 2
+
+
+def test_split_conv_and_output_groups():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    support = torch.rand(10, 6) > 0.6
+    support[3] = False  # an output without kernels: its bias
+    with torch.no_grad():
+        conv.weight.mul_(support[..., None, None])
+    groups = output_groups(support, max_groups=3)
+    assert len(groups) <= 3 and sorted(o for g in groups for o in g) == [o for o in range(10) if o != 3]
+    split = SplitConv(conv, groups)
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(split(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A kernel-sparse Residual model, its recipe, and a sparse export with a dynamic batch."""
+    d = tmp_path_factory.mktemp("export")
+    model, recipe = pruned_family("resnet-residual")
+    save_recipe(d / "r.pt", model, recipe)
+    report = export_model(model, recipe, d / "r.onnx", ExportConfig(lowering="sparse", dynamic_batch=True))
+    return d, model, report
+
+
+def test_onnxruntime_matches_pytorch_and_metadata_is_there(exported):
+    d, model, report = exported
+    sess = session(str(d / "r.onnx"), threads=1)
+    for batch in (1, 5):
+        x = torch.randn(batch, *SHAPE)
+        with torch.no_grad():
+            np.testing.assert_allclose(run(sess, x.numpy()), model.eval()(x).numpy(), atol=1e-4, rtol=0)
+    assert report.max_abs_diff <= 1e-4 and report.cosine > 0.999999
+    assert report.inputs == [{"name": "input", "shape": ["batch", 3, 16, 16]}]
+    proto = onnx.load(d / "r.onnx")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["gaborprune.version"] == gp.__version__ and json.loads(meta["gaborprune.kernels_kept"])["g1"][1] == 6 * 3
+    assert {n.op_type for n in proto.graph.node} <= {"Conv", "Relu", "Add", "Gather", "Concat", "ReduceMean", "Gemm", "Reshape", "Flatten", "Expand", "Shape", "GlobalAveragePool", "Slice", "Unsqueeze", "MatMul", "Squeeze", "Identity"}
+    assert report.file_bytes == (d / "r.onnx").stat().st_size and report.lowering["g2"].startswith("split")
+
+
+def test_macs_counted_from_the_onnx_graph_match_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_norms(tiny_models.Chain()).eval()
+    recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
+    report = export_model(model, recipe, tmp_path / "c.onnx", ExportConfig(lowering="dense"))
+    assert report.macs == gp.summarize(model, SHAPE).macs == report.macs_executed
+    with torch.no_grad():
+        model.g1.mask[:, 0] = 0  # 8 of 24 kernels: the model's arithmetic drops, the dense graph's does not
+    report = export_model(model, recipe, tmp_path / "m.onnx", ExportConfig(lowering="dense"))
+    assert report.macs == gp.summarize(model, SHAPE).macs < report.macs_executed
+    assert onnx_counts(onnx.load(tmp_path / "m.onnx")).macs == report.macs
+
+
+def test_auto_lowering_measures_each_sparse_layer(tmp_path):
+    model, recipe = pruned_family("folds")
+    report = export_model(model, recipe, tmp_path / "a.onnx", ExportConfig(lowering="auto", threads=1))
+    assert set(report.lowering_ms) == set(report.sparse_kernels) == {"g1", "g2"}
+    for layer, ms in report.lowering_ms.items():
+        assert set(ms) == {"dense", "split"} and all(v > 0 for v in ms.values())
+        faster = min(ms, key=ms.get)
+        assert report.lowering[layer].startswith(faster) or "not faster than all-dense" in report.lowering_note
+
+
+def test_export_refuses_when_onnxruntime_differs(tmp_path):
+    model, recipe = pruned_family("vgg-chain")
+    with pytest.raises(gp.GaborPruneError, match="more than --atol 1e-12; nothing was written"):
+        export_model(model, recipe, tmp_path / "x.onnx", ExportConfig(lowering="dense", atol=1e-12))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_export_with_int8_and_data(exported, tmp_path):
+    d, _, _ = exported
+    result = cli("export", d / "r.pt", "-o", tmp_path / "q.onnx", "--quantize", "int8", "--data", "fake:64:4",
+                 "--lowering", "dense", "--json", tmp_path / "q.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q.json").read_text())
+    for key in ("path", "opset", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs", "flops", "lowering"):
+        assert key in report
+    assert report["quantization"]["mode"] == "static" and report["quantization"]["compared_on"] == "test images"
+    assert set(report["accuracy"]) == {"onnx", "int8"}
+    assert any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in onnx.load(tmp_path / "q.onnx").graph.node)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--input-shape", "1,3,16"], None),
+    (["--lowering", "fast"], ["unknown --lowering 'fast'"]),
+    (["--quantize", "int4"], ["unknown --quantize 'int4'"]),
+    (["--opset", "9"], ["--opset 9 is not supported"]),
+    (["--input-shape", "1,4,16,16"], ["the model failed on an input of shape [4, 16, 16]", "--input-shape"]),
+])
+def test_cli_export_bad_input(exported, tmp_path, args, fragments):
+    d, _, _ = exported
+    result = cli("export", d / "r.pt", "-o", tmp_path / "x.onnx", *args)
+    if fragments is None:
+        assert result.exit_code == 2 and "is not N,C,H,W" in result.output
+    else:
+        one_line_error(result, *fragments)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_bench_reports_latency_comparison_profile_and_files(exported, tmp_path):
+    d, model, _ = exported
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, gp.GaborConv2d):
+                m.mask.fill_(1)
+    export_model(base, Recipe(gp.ModelSource("tiny_models:Residual"), SHAPE), tmp_path / "base.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
+    result = cli("bench", d / "r.onnx", "--baseline", tmp_path / "base.onnx", "--batch-size", "1,2", "--threads", "1", "--runs", "5",
+                 "--warmup", "1", "--profile", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md", "--png", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert {"cpu", "cores", "onnxruntime", "torch", "threads"} <= set(report["environment"])
+    assert [(r["batch_size"], r["threads"]) for r in report["results"]] == [(1, 1), (1, 1), (2, 1), (2, 1)]
+    for r in report["results"]:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput"] == pytest.approx(r["batch_size"] / r["p50_ms"] * 1e3)
+    by = {(r["model"], r["batch_size"]): r["p50_ms"] for r in report["results"]}
+    for c in report["comparisons"]:
+        t, tb = by[(c["model"], c["batch_size"])], by[(c["baseline"], c["batch_size"])]
+        assert c["speedup"] == pytest.approx(tb / t) and c["mac_ratio"] < 1
+        assert c["efficiency"] == pytest.approx((1 - t / tb) / (1 - c["mac_ratio"]))
+    assert set(report["profiles"]) == {str(d / "r.onnx"), str(tmp_path / "base.onnx")}
+    assert any(layer.startswith("g1") for layer in report["profiles"][str(d / "r.onnx")])
+    assert "| model | runtime |" in (tmp_path / "b.md").read_text() and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_bad_input(exported, tmp_path):
+    d, _, _ = exported
+    static = tmp_path / "static.onnx"
+    model, recipe = pruned_family("resnet-residual")
+    export_model(model, recipe, static, ExportConfig(lowering="dense"))
+    one_line_error(cli("bench", static, "--batch-size", "2"), "fixed batch of 1", "--dynamic-batch")
+    (tmp_path / "junk.onnx").write_text("not a model")
+    one_line_error(cli("bench", tmp_path / "junk.onnx"), "is not an ONNX model")
+    one_line_error(cli("bench", d / "r.onnx", "--provider", "cuda"), "CUDAExecutionProvider is not installed")
+    one_line_error(cli("bench", tmp_path / "missing.onnx"), "not found")
+
+
+def test_layer_of_reads_the_exporters_namespace():
+    ns = ": M/layer1.0: Block/layer1.0.conv1: gaborprune.export.lower.SplitConv/layer1.0.conv1.convs.0: Conv2d/conv2d_3: aten.conv2d.default"
+    assert layer_of(ns, ["layer1.0", "layer1.0.conv1", "layer1.0.conv2"]) == "layer1.0.conv1"
+    assert layer_of(": M/fc: Linear/linear: aten.linear.default", ["layer1.0.conv1"]) is None
