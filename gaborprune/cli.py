@@ -733,6 +733,85 @@ def bench(
         _bench_png(report, png, force)
 
 
+# -- demo ----------------------------------------------------------------------------------------
+@_command
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the recipes, ONNX files, PNGs and report go.")] = Path("demo-out"),
+    device: Device = None,
+    force: Force = False,
+) -> None:
+    """The whole pipeline on the bundled digits, offline: train, convert, fine-tune with sparsity, prune, export, bench."""
+    import time
+
+    from gaborprune.demo import DemoConfig, run_demo
+    from gaborprune.train.distributed import resolve_device
+
+    config = DemoConfig()
+    names = ["baseline.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "banks-converted.png", "banks-before-pruning.png",
+             "banks-after-pruning.png", "latency.png", "report.md", "report.json"]
+    taken = [n for n in names if (out_dir / n).exists()]
+    if taken and not force:
+        raise GaborPruneError(f"'{out_dir}' already holds a demo ({taken[0]}, ...); pass --force to overwrite it or choose --out")
+    dev = resolve_device(device or "auto")
+    t0 = time.perf_counter()
+
+    def on_epoch(r):
+        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+        out.print(f"    epoch {r['epoch']:>2}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
+
+    report = run_demo(out_dir, config, device=dev, on_stage=lambda s: out.print(f"[{time.perf_counter() - t0:5.0f} s] {s}"),
+                      on_epoch=on_epoch, force=force)
+
+    table = Table(title=f"gaborprune demo: {config.model} on {config.data} ({time.perf_counter() - t0:.0f} s on {dev})")
+    for col in ("stage", "top-1", "parameters", "MACs"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for st in report.stages:
+        table.add_row(st.name, f"{st.accuracy:.2f}%", _count(st.params), _count(st.macs))
+    out.print(table)
+    out.print("kernels kept: " + "  ".join(f"{n} {k}/{t}" for n, (k, t) in report.kernels.items()) + f"   ({report.removed:.0%} removed)")
+    lat = {r["model"]: r for r in report.latency["results"]}
+    comp = report.latency["comparisons"][0]
+    for name in ("baseline", "pruned"):
+        e = report.onnx[name]
+        out.print(f"{name + '.onnx':14s} {e['file_bytes'] / 1024:7.0f} KiB   top-1 {e['accuracy']['onnx']:.2f}%   "
+                  f"max |diff| vs PyTorch {e['max_abs_diff']:.1e}   p50 {lat[name]['p50_ms']:.3f} ms")
+    eff = f", efficiency {comp['efficiency']:.2f}" if comp["efficiency"] is not None else ""
+    out.print(f"speedup {comp['speedup']:.3f}x at MAC ratio {comp['mac_ratio']:.3f}{eff}")
+    out.print(f"report: {out_dir / 'report.md'}  (and report.json, banks-*.png, latency.png)")
+
+
+# -- reproduce -----------------------------------------------------------------------------------
+@_command
+def reproduce(
+    experiment: Annotated[str, typer.Argument(help="vgg16-cifar10 or resnet20-altered-cifar10.", metavar="EXPERIMENT", show_default=False)],
+    data: DataOpt,
+    seeds: Annotated[int, typer.Option("--seeds", metavar="K", help="Seeds 0..K-1; mean and std over them.")] = 1,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Override the recipe's epochs (toy runs).", show_default=False)] = None,
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where recipes and results.md / results.json go.")] = Path("reproduce-out"),
+    device: Device = None,
+    force: Force = False,
+) -> None:
+    """Run one of the seed paper's experiments: plain vs Gabor network, same recipe, kernels kept and accuracy."""
+    from gaborprune.reproduce import EXPERIMENTS, reproduce as run_reproduce
+    from gaborprune.train.distributed import resolve_device
+
+    if experiment not in EXPERIMENTS:
+        raise GaborPruneError(f"unknown experiment '{experiment}'; known: {', '.join(EXPERIMENTS)}")
+    for name in ("results.md", "results.json"):
+        if (out_dir / name).exists() and not force:
+            raise GaborPruneError(f"'{out_dir / name}' exists; pass --force to overwrite it or choose --out")
+    dev = resolve_device(device or "auto")
+
+    def on_epoch(r):
+        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+        out.print(f"    epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
+
+    report = run_reproduce(experiment, data, seeds=seeds, epochs=epochs, out=out_dir, device=dev,
+                           on_stage=lambda s: out.print(s), on_epoch=on_epoch, force=force)
+    out.print(report.markdown())
+    out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,160 @@
+"""`reproduce`: the seed paper's two experiments, each recipe written down in one place.
+
+Each experiment trains, per seed, the plain network and the Gabor network with the same recipe
+(data, epochs, optimiser, schedule); the Gabor network also gets the sparsity pressure, then is
+pruned at the threshold. It reports accuracies, kernels kept per Gabor layer and the share removed,
+per seed and as mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from gaborprune._io import write_atomic, write_json
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import ConversionSpec
+from gaborprune.data import DataSpec, load_data
+from gaborprune.errors import GaborPruneError
+from gaborprune.models import ModelSource
+from gaborprune.prune import PruneSpec, prune_model
+from gaborprune.recipe import convert_model, load_model, save_recipe
+from gaborprune.train import TrainConfig, evaluate, finetune
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment of the seed paper.
+
+    Attributes:
+        model, model_args: the Gabor network's source; `plain_args` builds the plain one from the same
+            source (None: the same network before `convert`).
+        convert: layers made Gabor banks (random init: trained from scratch), None if the source has them.
+        train: the recipe shared by both networks; `sparsity` applies to the Gabor network only.
+        paper: what the paper reports, for the table.
+    """
+
+    name: str
+    model: str
+    model_args: dict = field(default_factory=dict)
+    plain_args: dict | None = None
+    convert: ConversionSpec | None = None
+    train: TrainConfig = TrainConfig()
+    sparsity: float = 0.03
+    threshold: float = PruneSpec().threshold
+    paper: str = ""
+
+
+_CIFAR = TrainConfig(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_epochs=2)
+
+EXPERIMENTS = {
+    "vgg16-cifar10": Experiment(
+        "vgg16-cifar10", "vgg16", convert=ConversionSpec(first=1, init="random"), train=_CIFAR, sparsity=0.03,
+        paper="first layer: 29.4 of 192 kernels needed on average",
+    ),
+    "resnet20-altered-cifar10": Experiment(
+        "resnet20-altered-cifar10", "resnet20_altered", plain_args={"gabor": False}, train=_CIFAR, sparsity=0.03,
+        paper="83% and 94% of the kernels of the two Gabor layers removed",
+    ),
+}
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    plain_accuracy: float
+    gabor_accuracy: float
+    pruned_accuracy: float
+    kernels: dict[str, list[int]]  # {layer: [kept, total]}
+
+
+@dataclass
+class ReproduceReport:
+    experiment: Experiment
+    data: str
+    epochs: int
+    seeds: list[SeedResult] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def stats(values: list[float]) -> dict:
+            return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+        layers = list(self.seeds[0].kernels) if self.seeds else []
+        return {
+            "plain_accuracy": stats([s.plain_accuracy for s in self.seeds]),
+            "gabor_accuracy": stats([s.gabor_accuracy for s in self.seeds]),
+            "pruned_accuracy": stats([s.pruned_accuracy for s in self.seeds]),
+            "kernels_kept": {n: stats([s.kernels[n][0] for s in self.seeds]) for n in layers},
+            "removed": {n: stats([1 - s.kernels[n][0] / s.kernels[n][1] for s in self.seeds]) for n in layers},
+        }
+
+    def to_dict(self) -> dict:
+        e = self.experiment
+        recipe = asdict(e) | {"train": e.train.to_dict(), "convert": e.convert.to_dict() if e.convert else None}
+        return {"experiment": recipe, "data": self.data, "epochs": self.epochs, "seeds": [asdict(s) for s in self.seeds],
+                "summary": self.summary()}
+
+    def markdown(self) -> str:
+        e, s = self.experiment, self.summary()
+
+        def ms(d: dict, fmt: str = ".2f") -> str:
+            return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
+
+        lines = [f"# {e.name}", "", f"Data `{self.data}`, {self.epochs} epochs, {len(self.seeds)} seed(s); "
+                 f"sparsity {e.sparsity}, threshold {e.threshold}. Paper: {e.paper}.", "",
+                 "| seed | plain top-1 | Gabor top-1 | pruned top-1 | " + " | ".join(f"{n} kept" for n in s["kernels_kept"]) + " |",
+                 "|---:|---:|---:|---:|" + "---:|" * len(s["kernels_kept"])]
+        for r in self.seeds:
+            kept = " | ".join(f"{k}/{t} ({1 - k / t:.0%} removed)" for k, t in r.kernels.values())
+            lines.append(f"| {r.seed} | {r.plain_accuracy:.2f}% | {r.gabor_accuracy:.2f}% | {r.pruned_accuracy:.2f}% | {kept} |")
+        kept = " | ".join(f"{ms(v, '.1f')} ({s['removed'][n]['mean']:.0%} removed)" for n, v in s["kernels_kept"].items())
+        lines.append(f"| mean ± std | {ms(s['plain_accuracy'])}% | {ms(s['gabor_accuracy'])}% | {ms(s['pruned_accuracy'])}% | {kept} |")
+        return "\n".join(lines) + "\n"
+
+
+def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None, out: str | Path | None = None,
+              device: torch.device = torch.device("cpu"), on_stage: Callable[[str], None] = lambda s: None,
+              on_epoch: Callable[[dict], None] | None = None, force: bool = False) -> ReproduceReport:
+    """Run experiment `name` on `data` for `seeds` seeds (0, 1, ...); `epochs` overrides the recipe's
+    (toy runs); recipes and results (results.md, results.json) go to `out` when given."""
+    if name not in EXPERIMENTS:
+        raise GaborPruneError(f"unknown experiment '{name}'; known: {', '.join(EXPERIMENTS)}")
+    if seeds < 1:
+        raise GaborPruneError(f"--seeds must be at least 1, not {seeds}")
+    e = EXPERIMENTS[name]
+    spec = DataSpec.parse(data)
+    train_config = replace(e.train, epochs=epochs) if epochs is not None else e.train
+    report = ReproduceReport(e, str(spec), train_config.epochs)
+    out = Path(out) if out is not None else None
+
+    train, test = load_data(spec, ModelSource(e.model).input_shape())
+    for seed in range(seeds):
+        config = replace(train_config, seed=seed)
+        accuracies = {}
+        for kind in ("plain", "gabor"):
+            on_stage(f"seed {seed}: training the {kind} network ({config.epochs} epochs)")
+            torch.manual_seed(seed)
+            args = e.plain_args if kind == "plain" and e.plain_args is not None else e.model_args
+            model, recipe = load_model(e.model, model_args=args, num_classes=train.num_classes)
+            if kind == "gabor" and e.convert is not None:
+                convert_model(model, recipe, replace(e.convert, seed=seed))
+            cfg = replace(config, sparsity=e.sparsity if kind == "gabor" else 0.0)
+            finetune(model, recipe, train, test, cfg, device=device, data_name=str(spec), on_epoch=on_epoch)
+            accuracies[kind] = evaluate(model, test.to(device), device).top1
+            if kind == "gabor":
+                total = {n: m.mask.numel() for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
+                prune_model(model.cpu(), recipe, PruneSpec(threshold=e.threshold))
+                accuracies["pruned"] = evaluate(model.to(device), test.to(device), device).top1
+                kernels = {n: [m.kernels_alive, total[n]] for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
+            if out is not None:
+                save_recipe(out / f"{name}-{kind}-seed{seed}.pt", model.cpu(), recipe, force=force)
+        report.seeds.append(SeedResult(seed, accuracies["plain"], accuracies["gabor"], accuracies["pruned"], kernels))
+    if out is not None:
+        write_json(out / "results.json", report.to_dict(), force)
+        text = report.markdown()
+        write_atomic(out / "results.md", lambda tmp: tmp.write_text(text), force)
+    return report
