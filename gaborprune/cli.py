@@ -536,6 +536,7 @@ def export(
     lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="Form of kernel-sparse layers: auto measures each in ONNX Runtime and keeps the faster (default).", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="ONNX Runtime intra-op threads for the measurements and checks (default: its own).", show_default=False)] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.", show_default=False)] = None,
+    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact (default 8; 0 off).", show_default=False)] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on --data) or, without --data, dynamic.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.", show_default=False)] = None,
     json_path: JsonOut = None,
@@ -548,7 +549,8 @@ def export(
     shape = _shape4(input_shape)
     if quantize not in (None, "int8"):
         raise GaborPruneError(f"unknown --quantize '{quantize}'; known: int8")
-    options = dict(batch_size=shape[0] if shape else None, dynamic_batch=dynamic_batch, opset=opset, lowering=lowering, atol=atol, threads=threads)
+    options = dict(batch_size=shape[0] if shape else None, dynamic_batch=dynamic_batch, opset=opset, lowering=lowering, atol=atol,
+                   threads=threads, pad_channels=pad_channels)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None}, quantize=quantize == "int8")
     for path in (output, json_path):
         check_output(path, force)
@@ -577,6 +579,8 @@ def export(
     if report.channels_cut:
         out.print("cut at export (constant channels, folded as bias maps): " + "; ".join(
             f"{m} {side} {len(idx)}" for m, sides in report.channels_cut.items() for side, idx in sides.items()))
+    if report.padded:
+        out.print(f"grown with zero channels to a multiple of {config.pad_channels}: {', '.join(report.padded)}")
     out.print(f"parameters: {_count(report.params)}   MACs: {_count(report.macs)} (executed: {_count(report.macs_executed)})   FLOPs: {_count(report.flops)}")
     out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
     if report.quantization:

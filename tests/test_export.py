@@ -55,10 +55,15 @@ def test_lowering_computes_what_the_model_does(family, form):
 def test_constant_channels_into_zero_padded_convs_are_cut_at_export():
     model, recipe = pruned_family("vgg-chain", sparsify=False)  # g1 channels 3, 4 (0, 1 after the recipe's cut) feed 0.5 into conv2
     assert model.g1.out_channels == 5
-    deploy, report = lower(model, SHAPE)
+    deploy, report = lower(model, SHAPE, pad=0)
     assert report.channels_cut["g1"]["out"] == [0, 1] and report.bias_maps == ["conv2"]
     assert deploy.g1.out_channels == 3 and isinstance(deploy.conv2, MapBias) and deploy.conv2.conv.in_channels == 3
     assert report.batchnorms_folded == 2
+    padded, report = lower(model, SHAPE, pad=8)  # 3 channels are off ONNX Runtime's blocks of 8: grown with zeros
+    assert report.padded == ["g1"] and padded.g1.out_channels == 8 and padded.conv2.conv.in_channels == 8
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert (padded(x) - deploy(x)).abs().max().item() <= 1e-5 and (padded(x) - model.eval()(x)).abs().max().item() <= 1e-5
 
 
 def test_split_conv_and_output_groups():

@@ -34,6 +34,8 @@ class ExportConfig:
             settings and keep the faster), "dense", or "sparse" (split wherever kernels are missing).
         atol: the largest |onnxruntime - PyTorch| accepted (float32); beyond it nothing is written.
         threads: intra-op threads of the sessions that measure (default: ONNX Runtime's).
+        pad_channels: grow channel counts to a multiple of this with zero channels where exact
+            (ONNX Runtime's blocked convolutions; 0 disables); `auto` also measures without.
         quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
             the float model, the int8 model's difference and accuracy are reported.
     """
@@ -46,6 +48,7 @@ class ExportConfig:
     threads: int | None = None
     check_inputs: int = 3
     quantize: bool = False
+    pad_channels: int = 8
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -56,6 +59,8 @@ class ExportConfig:
             raise ExportError(f"--atol must be positive, not {self.atol}")
         if self.threads is not None and self.threads < 1:
             raise ExportError(f"--threads must be at least 1, not {self.threads}")
+        if self.pad_channels < 0:
+            raise ExportError(f"--pad-channels must be >= 0 (0 disables), not {self.pad_channels}")
         if self.opset is not None and not 18 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
 
@@ -76,6 +81,7 @@ class ExportReport:
     lowering_note: str = ""
     channels_cut: dict = field(default_factory=dict)
     bias_maps: list[str] = field(default_factory=list)
+    padded: list[str] = field(default_factory=list)  # layers grown with zero channels to a multiple of pad_channels
     quantization: dict | None = None  # the int8 model written: {"mode", "max_abs_diff", "cosine", "compared_on", "file_bytes"}
     accuracy: dict[str, float] = field(default_factory=dict)  # top-1 percent on the test split: "onnx" (float), "int8"
     sparse_kernels: dict[str, list[int]] = field(default_factory=dict)  # {layer: [non-zero kernels, dense kernels]}
@@ -87,7 +93,7 @@ class ExportReport:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("path", "opset", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs")}
         d["flops"] = self.flops
-        d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "sparse_kernels", "channels_cut", "bias_maps")}
+        d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "sparse_kernels", "channels_cut", "bias_maps", "padded")}
         if self.quantization is not None:
             d["quantization"] = self.quantization
         if self.accuracy:
@@ -122,12 +128,17 @@ def _choose(model: nn.Module, shape: tuple[int, int, int, int], config: ExportCo
     times = {}
     protos = {}
     for form in ("dense", "split"):
-        deploy, _ = lower(model, shape[1:], form)
+        deploy, _ = lower(model, shape[1:], form, config.pad_channels)
         protos[form] = to_onnx(deploy, shape).SerializeToString()
         times[form] = profile(protos[form], _parse(protos[form]), x, layer_names, config.threads)
     ms = {n: {form: round(times[form].get(n, float("nan")), 4) for form in times} for n in sparse}
     choice = {n: "split" if times["split"].get(n, np.inf) < times["dense"].get(n, np.inf) else "dense" for n in sparse}
     return choice, ms, "measured per layer with ONNX Runtime's profiler, faster form kept"
+
+
+def _describe(choice, pad: int) -> str:
+    forms = "split " + ", ".join(n for n, f in choice if f == "split") if any(f == "split" for _, f in choice) else "all dense"
+    return f"{forms}, " + (f"channels padded to x{pad}" if pad > 1 else "no padding")
 
 
 def _parse(data: bytes):
@@ -155,17 +166,19 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     probe(model, recipe.input_shape)  # a clear error for an input the model cannot take
     shape = (config.batch_size, *recipe.input_shape)
     choice, ms, note = _choose(model, shape, config)
-    deploy, lowering = lower(model, recipe.input_shape, choice)
-    if config.lowering == "auto" and any(f == "split" for f in choice.values()):
-        # a whole-model guard: never slower than the all-dense graph on these settings
-        dense, _ = lower(model, recipe.input_shape, "dense")
-        candidates = [to_onnx(m, shape).SerializeToString() for m in (dense, deploy)]
-        x = torch.randn(*shape).numpy()
-        t_dense, t_mixed = time_interleaved([session(c, config.threads) for c in candidates], x, warmup=5, runs=30)
-        if t_mixed.p50 >= t_dense.p50:
-            choice = {n: "dense" for n in choice}
-            note += f"; the mixed graph ({t_mixed.p50:.3f} ms) was not faster than all-dense ({t_dense.p50:.3f} ms), so dense"
-            deploy, lowering = lower(model, recipe.input_shape, choice)
+    pad = config.pad_channels
+    if config.lowering == "auto":  # whole-model guard: keep the fastest of these on the session settings
+        candidates = {(tuple(sorted(choice.items())), pad), ((), pad), ((), 0)}
+        if len(candidates) > 1:
+            x = torch.randn(*shape).numpy()
+            order = sorted(candidates)
+            blobs = [to_onnx(lower(model, recipe.input_shape, dict(c), p)[0], shape).SerializeToString() for c, p in order]
+            times = time_interleaved([session(b, config.threads) for b in blobs], x, warmup=5, runs=30)
+            best = min(range(len(order)), key=lambda k: times[k].p50)
+            described = "; ".join(f"{_describe(c, p)} {t.p50:.3f} ms" for (c, p), t in zip(order, times))
+            choice, pad = dict(order[best][0]), order[best][1]
+            note += f"; whole model (p50): {described}; kept {_describe(order[best][0], pad)}"
+    deploy, lowering = lower(model, recipe.input_shape, choice, pad)
     metadata = {
         "gaborprune.version": __version__,
         "gaborprune.source": recipe.source.spec,
@@ -202,5 +215,5 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
     return ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs,
                         counts.macs_executed, lowering.forms, ms, note, lowering.channels_cut, lowering.bias_maps,
-                        quantization, accuracy, {layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers
+                        lowering.padded, quantization, accuracy, {layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers
                                                  if layer.kernels < layer.dense_kernels})

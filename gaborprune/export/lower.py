@@ -4,7 +4,9 @@
 2. Channels that emit a constant and could not be cut in the recipe (a zero-padded consumer sees
    the constant inside and 0 at the borders) are cut here: for a fixed input size, what they add to
    the consumer's output is an exact [C, H, W] map (`MapBias`). Exactness otherwise follows `prune`.
-3. BatchNorm is folded into the convolution before it.
+3. BatchNorm is folded into the convolution before it, and channel counts that pruning left off a
+   multiple of 8 are grown back with zero channels where that is exact (`pad_channels_`): ONNX
+   Runtime's blocked CPU convolutions are much slower off that grid.
 4. Each kernel-sparse convolution (zero kernels in channels that stay) takes a form: `dense` (one
    convolution, zeros computed) or `split` (`SplitConv`: one dense convolution per group of output
    channels over just the input channels the group reads; outputs without kernels are constants).
@@ -155,6 +157,84 @@ def fold_batchnorms_(model: nn.Module) -> list[str]:
     return folded
 
 
+# f(0) == 0 elementwise: zero channels stay zero through these
+_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Hardtanh,
+                 nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d)
+_ZERO_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_, nn.functional.relu6,
+                   nn.functional.gelu, nn.functional.silu, nn.functional.hardswish, nn.functional.max_pool2d, "relu", "relu_"}
+
+
+def _grown(conv: nn.Conv2d, out: int = 0, inp: int = 0) -> nn.Conv2d:
+    """`conv` with `out` zero output channels and `inp` zero input channels appended."""
+    new = nn.Conv2d(conv.in_channels + inp, conv.out_channels + out, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, 1, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: conv.out_channels, : conv.in_channels] = conv.weight
+        if conv.bias is not None:
+            new.bias.zero_()
+            new.bias[: conv.out_channels] = conv.bias
+    return new.train(conv.training)
+
+
+def _zero_readers(node: fx.Node, modules: dict, calls: dict) -> list[str] | None:
+    """The ungrouped convolutions that read `node`'s output through ops keeping 0 at 0, or None
+    when anything else reads it."""
+    readers = []
+    for u in node.users:
+        m = modules.get(u.target) if u.op == "call_module" else None
+        inner = m.conv if isinstance(m, MapBias) else m
+        if isinstance(inner, nn.Conv2d) and inner.groups == 1 and calls[u.target] == 1 and u.args[0] is node:
+            readers.append(u.target)
+        elif isinstance(m, _ZERO_MODULES) or u.op in ("call_function", "call_method") and u.target in _ZERO_FUNCTIONS:
+            more = _zero_readers(u, modules, calls)
+            if more is None:
+                return None
+            readers += more
+        else:
+            return None
+    return readers
+
+
+@torch.no_grad()
+def pad_channels_(model: nn.Module, multiple: int = 8) -> list[str]:
+    """Grow convolutions whose output channel count is not a multiple of `multiple` with zero channels,
+    where only other convolutions read them through ops keeping 0 at 0 (exact). ONNX Runtime's CPU
+    convolutions work on blocks of 8 (AVX2) or 16 channels; an odd count after pruning falls off that
+    path and can make the smaller model slower. Returns the grown layers."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:
+        return []
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    grown = []
+    for n in graph.nodes:
+        m = model.get_submodule(n.target) if n.op == "call_module" else None
+        conv = m.conv if isinstance(m, MapBias) else m
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or calls[n.target] != 1 or conv.out_channels % multiple == 0:
+            continue
+        readers = _zero_readers(n, dict(model.named_modules()), calls)
+        if not readers:
+            continue
+        extra = -conv.out_channels % multiple
+        if isinstance(m, MapBias):
+            m.conv = _grown(conv, out=extra)
+            m.bias_map = torch.cat([m.bias_map, m.bias_map.new_zeros(1, extra, *m.bias_map.shape[2:])], 1)
+        else:
+            replace_module(model, n.target, _grown(conv, out=extra))
+        for r in readers:
+            reader = model.get_submodule(r)
+            if isinstance(reader, MapBias):
+                reader.conv = _grown(reader.conv, inp=extra)
+            else:
+                replace_module(model, r, _grown(reader, inp=extra))
+        grown.append(n.target)
+    return grown
+
+
 @dataclass
 class LayerLowering:
     name: str
@@ -169,6 +249,7 @@ class LoweringReport:
     channels_cut: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # cut at export, beyond the recipe
     bias_maps: list[str] = field(default_factory=list)  # convolutions that absorbed a constant channel's map
     batchnorms_folded: int = 0
+    padded: list[str] = field(default_factory=list)  # convolutions grown with zero channels to a multiple of `pad`
 
     @property
     def forms(self) -> dict[str, str]:
@@ -187,11 +268,13 @@ def kernel_sparse(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict[str, str] = "dense") -> tuple[nn.Module, LoweringReport]:
+def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict[str, str] = "dense",
+          pad: int = 8) -> tuple[nn.Module, LoweringReport]:
     """The deploy copy of `model` for inputs [N, *input_shape] (see the module doc). `model` is untouched.
 
     Args:
         forms: "dense" or "split" for every kernel-sparse convolution, or {layer: form} (others dense).
+        pad: grow channel counts to a multiple of this with zero channels where exact (0: never).
     """
     deploy = copy.deepcopy(model).cpu().float().eval()
     for name, m in list(deploy.named_modules()):
@@ -216,6 +299,8 @@ def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict
         replace_module(deploy, name, MapBias(deploy.get_submodule(name), delta[keep].float()))
         report.bias_maps.append(name)
     report.batchnorms_folded = len(fold_batchnorms_(deploy))
+    if pad > 1:
+        report.padded = pad_channels_(deploy, pad)
 
     sparse = set(kernel_sparse(deploy))
     wrapped = {f"{n}.conv" for n, m in deploy.named_modules() if isinstance(m, MapBias)}
