@@ -45,6 +45,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], force: 
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes the file private; outputs get the usual mode
         os.replace(tmp_path, p)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
