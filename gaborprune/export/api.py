@@ -169,6 +169,8 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     pad = config.pad_channels
     if config.lowering == "auto":  # whole-model guard: keep the fastest of these on the session settings
         candidates = {(tuple(sorted(choice.items())), pad), ((), pad), ((), 0)}
+        if not lower(model, recipe.input_shape, "dense", pad)[1].padded:
+            candidates.discard(((), 0))  # nothing to pad: the same graph
         if len(candidates) > 1:
             x = torch.randn(*shape).numpy()
             order = sorted(candidates)
@@ -189,7 +191,7 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
         "gaborprune.input_shape": list(shape),
     }
     proto = to_onnx(deploy, shape, opset=config.opset, dynamic_batch=config.dynamic_batch, metadata=metadata)
-    counts = onnx_counts(proto, shape)
+    counts = onnx_counts(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "gaborprune.macs", str(counts.macs)
     blob = proto.SerializeToString()

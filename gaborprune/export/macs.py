@@ -14,7 +14,7 @@ class Counts:
     macs_executed: int  # the same, zero kernels included (what a dense kernel computes)
 
 
-def onnx_counts(proto, input_shape: tuple[int, ...] | None = None) -> Counts:
+def onnx_counts(proto) -> Counts:
     """Count Conv, Gemm and MatMul work per image from the initializers and inferred shapes."""
     import onnx
     from onnx import numpy_helper
