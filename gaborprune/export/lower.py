@@ -321,7 +321,3 @@ def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict
         report.layers.append(LayerLowering(name, int(support.sum()), support.numel(), form))
     return deploy, report
 
-
-def sparse_layers(report: LoweringReport) -> list[str]:
-    """Layers whose kernels are not all present (where the form matters)."""
-    return [layer.name for layer in report.layers if layer.kernels < layer.dense_kernels]
