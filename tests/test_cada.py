@@ -1,0 +1,116 @@
+"""CADAConv2d against a float64 reference built tap by tap, gradients, and its knobs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gaborprune.convert.cada import CADAConv2d
+from gaborprune.errors import ConversionError
+
+
+def reference(layer: CADAConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The formula with an explicit filter per (head, position), summed over the k x k taps."""
+    v = F.conv2d(x, layer.value.weight)
+    n, c, h, w = v.shape
+    k, s, g = layer.kernel_size, layer.stride, layer.heads
+    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+    vp = F.pad(v, (k // 2,) * 4)
+    rel = layer.relative if layer.relative is not None else torch.zeros(g, k, k, dtype=x.dtype)
+    if layer.invariance == "none":
+        filt = F.conv2d(x, layer.generator.weight, layer.generator.bias, s, layer.context // 2).view(n, g, k, k, ho, wo)
+        filt = filt + rel[None, :, :, :, None, None]
+    else:
+        bases = layer.base_kernels()  # [G, B, k, k]
+        if layer.invariance == "strict":
+            a = torch.ones(n, g, 1, ho, wo, dtype=x.dtype)
+        elif layer.context:
+            logits = F.conv2d(x, layer.coefficients.weight, layer.coefficients.bias, s, layer.context // 2)
+            a = logits.view(n, g, layer.bases, ho, wo).softmax(dim=2)
+        else:
+            a = layer.logits.softmax(dim=1)[None, :, :, None, None].expand(n, g, layer.bases, ho, wo)
+        filt = torch.einsum("ngbpq,gbij->ngijpq", a, bases) + rel[None, :, :, :, None, None]
+    head = torch.arange(c) // (c // g)
+    y = torch.zeros(n, c, ho, wo, dtype=x.dtype)
+    for i in range(k):
+        for j in range(k):
+            taps = vp[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]  # V at p * stride + delta
+            y += filt[:, head, i, j] * taps
+    return y + layer.bias[:, None, None] if layer.bias is not None else y
+
+
+SETTINGS = [
+    dict(invariance="strict", bases=1, context=0),
+    dict(invariance="strict", bases=1, context=0, basis="gabor", stride=2),
+    dict(invariance="relaxed", bases=3, context=3),
+    dict(invariance="relaxed", bases=3, context=1, rel_pos=True, stride=2),
+    dict(invariance="relaxed", bases=2, context=0, rel_pos=True),
+    dict(invariance="relaxed", bases=4, context=3, basis="gabor", heads=2),
+    dict(invariance="none", bases=1, context=3, rel_pos=True),
+    dict(invariance="none", bases=1, context=1, stride=2, heads=2),
+]
+
+
+def _layer(setting, k=5):
+    torch.manual_seed(0)
+    layer = CADAConv2d(3, 4, k, **setting).double()
+    with torch.no_grad():  # non-trivial values everywhere (zero-initialised tensors would hide mistakes)
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_forward_matches_the_formula(setting):
+    layer = _layer(setting)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, 4, (9 - 1) // layer.stride + 1, (8 - 1) // layer.stride + 1)
+    torch.testing.assert_close(y, reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_gradients_match_finite_differences(setting):
+    layer = _layer(setting, k=3)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_without_context_relaxed_is_a_depthwise_convolution_of_the_mixture():
+    layer = _layer(dict(invariance="relaxed", bases=3, context=0))
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    mixed = torch.einsum("gb,gbij->gij", layer.logits.softmax(dim=1), layer.base_kernels())  # [G, k, k]
+    v = F.conv2d(x, layer.value.weight)
+    want = F.conv2d(v, mixed.repeat(4, 1, 1)[:, None], layer.bias, padding=2, groups=4)
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_relaxed_never_unfolds():
+    """The relaxed path is B depthwise convolutions: memory grows with B, not with k^2."""
+    layer = CADAConv2d(8, 8, 7, bases=2, context=3)
+    calls = []
+    original = F.unfold
+    F.unfold = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        layer(torch.randn(1, 8, 16, 16))
+    finally:
+        F.unfold = original
+    assert not calls
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(invariance="strict", bases=4, context=0), "strict invariance has one kernel per head: bases must be 1"),
+    (dict(invariance="strict", bases=1, context=3), "strict invariance has no coefficients"),
+    (dict(invariance="strict", bases=1, context=0, rel_pos=True), "rel_pos adds nothing"),
+    (dict(invariance="none", bases=4, context=3), "no invariance generates a free kernel per position: bases must be 1"),
+    (dict(invariance="none", bases=1, context=0), "context must be at least 1"),
+    (dict(invariance="none", bases=1, context=3, basis="gabor"), "basis must be free"),
+    (dict(invariance="loose"), "invariance must be one of strict, relaxed, none"),
+    (dict(heads=3), "heads (3) must divide out_channels (4)"),
+    (dict(context=2), "context must be 0 (none) or an odd size"),
+])
+def test_knob_combinations_that_make_no_sense_are_refused(kwargs, message):
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CADAConv2d(3, 4, 3, **kwargs)
