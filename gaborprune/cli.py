@@ -105,6 +105,13 @@ def convert(
     kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay).", show_default=False)] = None,
     freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, wavelength, psi, gamma; repeatable.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a fresh source's initial weights and of the random bank (default 0).", show_default=False)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", metavar="gabor|cada", help="gabor: learnable Gabor banks (default); cada: context-aware decomposed attention blocks.", show_default=False)] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="CADA: heads (default 1).", show_default=False)] = None,
+    bases: Annotated[Optional[int], typer.Option("--bases", metavar="B", help="CADA: base kernels per head (default 4; 1 for strict/none).", show_default=False)] = None,
+    context: Annotated[Optional[int], typer.Option("--context", metavar="R", help="CADA: size of the coefficients' context window, 0 for constant coefficients (default 3).", show_default=False)] = None,
+    invariance: Annotated[Optional[str], typer.Option("--invariance", metavar="strict|relaxed|none", help="CADA: spatial invariance (default relaxed).", show_default=False)] = None,
+    rel_pos: Annotated[Optional[bool], typer.Option("--rel-pos/--no-rel-pos", help="CADA: add a relative-position kernel per head (default off).", show_default=False)] = None,
+    basis: Annotated[Optional[str], typer.Option("--basis", metavar="free|gabor", help="CADA: learned taps or Gabor functions as base kernels (default free).", show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
@@ -112,19 +119,20 @@ def convert(
     json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
-    """Turn chosen convolutions of a trained model into learnable Gabor banks and save a recipe."""
+    """Turn chosen convolutions of a trained model into learnable Gabor banks (or CADA blocks) and save a recipe."""
     from gaborprune._io import check_output, write_json
     from gaborprune.convert.spec import ConversionSpec
     from gaborprune.recipe import convert_model, save_recipe
     from gaborprune.summary import summarize
 
-    options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed}
+    options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed,
+               "to": to, "heads": heads, "bases": bases, "context": context, "invariance": invariance, "rel_pos": rel_pos, "basis": basis}
     spec = ConversionSpec(**{k: v for k, v in options.items() if v is not None})
     for path in (output, json_path):
         check_output(path, force)
     model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed)
     params_before = summarize(model, recipe.input_shape).params
-    with err.status("fitting Gabor banks..." if spec.init == "fit" else "converting..."):
+    with err.status("fitting Gabor banks..." if spec.init == "fit" and spec.to == "gabor" else "converting..."):
         report = convert_model(model, recipe, spec)
     params_after = summarize(model, recipe.input_shape).params
     save_recipe(output, model, recipe, force=force)
@@ -136,7 +144,7 @@ def convert(
         kernel = "x".join(map(str, layer.kernel_size))
         if layer.kernel_size != layer.original_kernel_size:
             kernel = f"{'x'.join(map(str, layer.original_kernel_size))} -> {kernel}"
-        error = "random init" if layer.fit_rel_error is None else f"{layer.fit_rel_error:.3f}"
+        error = ("random init" if spec.to == "gabor" else "CADA, random init") if layer.fit_rel_error is None else f"{layer.fit_rel_error:.3f}"
         table.add_row(layer.name, kernel, f"{layer.in_channels} -> {layer.out_channels}", str(layer.groups), str(layer.kernels), error)
     out.print(table)
     out.print(f"parameters: {_count(params_before)} -> {_count(params_after)}   (fit error = ||w - g|| / ||w|| over the layer)")

@@ -114,3 +114,45 @@ def test_relaxed_never_unfolds():
 def test_knob_combinations_that_make_no_sense_are_refused(kwargs, message):
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         CADAConv2d(3, 4, 3, **kwargs)
+
+
+# -- conversion, recipes, export -----------------------------------------------------------------
+import gaborprune as gp  # noqa: E402
+from gaborprune.export.api import ExportConfig, export_model  # noqa: E402
+from test_cli import one_line_error, run as cli  # noqa: E402
+
+
+@pytest.mark.parametrize("knobs", [dict(invariance="relaxed", rel_pos=True), dict(invariance="strict"),
+                                   dict(invariance="none", context=1, heads=2), dict(invariance="relaxed", basis="gabor", bases=2, context=0)],
+                         ids=["relaxed", "strict", "none", "gabor-basis"])
+def test_convert_to_cada_replays_from_the_recipe_and_exports(tmp_path, knobs):
+    torch.manual_seed(0)
+    model, recipe = gp.load_model("resnet20")
+    spec = gp.ConversionSpec(targets=("layer1.0.conv1", "layer2.0.conv1"), to="cada", **knobs)
+    gp.convert_model(model, recipe, spec)
+    assert isinstance(model.layer2[0].conv1, CADAConv2d) and model.layer2[0].conv1.stride == 2
+    gp.save_recipe(tmp_path / "c.pt", model, recipe)
+    again, _ = gp.load_model(str(tmp_path / "c.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x))
+    report = export_model(again, recipe, tmp_path / "c.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
+    assert report.max_abs_diff <= 1e-4
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "c.onnx").graph.node}
+    assert not ops & {"Sin", "Cos", "BatchNormalization"}  # plain ops; BN folded into the blocks' value projections
+
+
+def test_cada_conversion_errors(tmp_path):
+    valid = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3, padding=1, dilation=2))
+    with pytest.raises(ConversionError, match="layer '0': .*padding 0, 0|layer '0': .*padding \\(0, 0\\)"):
+        gp.gaborize_(valid, gp.ConversionSpec(targets=("0",), to="cada"))
+    with pytest.raises(ConversionError, match="layer '1': CADA has no dilation"):
+        gp.gaborize_(valid, gp.ConversionSpec(targets=("1",), to="cada"))
+    with pytest.raises(ConversionError, match="strict invariance has one kernel per head"):
+        gp.ConversionSpec(first=1, to="cada", invariance="strict", bases=3)
+    with pytest.raises(ConversionError, match="--freeze applies to Gabor banks"):
+        gp.ConversionSpec(first=1, to="cada", freeze=("theta",))
+    one_line_error(cli("convert", "resnet20", "--to", "cada", "--layers", "1", "--invariance", "none", "--context", "0", "-o", tmp_path / "x.pt"),
+                   "context must be at least 1")
+    assert not (tmp_path / "x.pt").exists()

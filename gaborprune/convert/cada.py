@@ -104,6 +104,27 @@ class CADAConv2d(nn.Module):
         self.relative = nn.Parameter(torch.zeros(g, k, k)) if rel_pos else None
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, *, kernel_size: int | None = None, **knobs) -> CADAConv2d:
+        """A CADA block in the place of `conv`: same channels, stride and output size (random init).
+
+        Raises:
+            ConversionError: a non-square kernel, a stride other than 1 or 2, dilation, or padding
+                other than "same" (the block pads k // 2), which would change output shapes.
+        """
+        kh, kw = conv.kernel_size
+        if kh != kw or kh % 2 == 0:
+            raise ConversionError(f"CADA replaces square, odd-sized convolutions; this one is {kh}x{kw}")
+        if conv.stride[0] != conv.stride[1] or conv.stride[0] not in (1, 2):
+            raise ConversionError(f"CADA takes stride 1 or 2; this convolution has stride {tuple(conv.stride)}")
+        if conv.dilation != (1, 1):
+            raise ConversionError(f"CADA has no dilation; this convolution has dilation {tuple(conv.dilation)}")
+        if conv.padding not in ("same", (kh // 2, kw // 2)):
+            raise ConversionError(f"CADA keeps 'same' padding (k // 2); this convolution has padding {conv.padding}, so output shapes would change")
+        weight = conv.weight
+        block = cls(conv.in_channels, conv.out_channels, kernel_size or kh, conv.stride[0], bias=conv.bias is not None, **knobs)
+        return block.to(weight.device, weight.dtype).train(conv.training)
+
     def base_kernels(self) -> Tensor:
         """The base kernels, Tensor[G, B, k, k] (relative position not included)."""
         if self.basis == "free":
@@ -130,13 +151,16 @@ class CADAConv2d(nn.Module):
             kernels = self.base_kernels()  # [G, B, k, k]
             if self.relative is not None:  # coefficients sum to 1: R_g folds into every base
                 kernels = kernels + self.relative[:, None]
-            weight = kernels.repeat_interleave(per_head, dim=0).reshape(c * self.bases, 1, k, k)  # channel c: its head's B bases
-            d = F.conv2d(v, weight, None, self.stride, pad, groups=c)  # [N, C * B, H', W']
+            weights = kernels.repeat_interleave(per_head, dim=0)[:, :, None]  # [C, B, 1, k, k]: channel c gets its head's bases
             if self.invariance == "strict":
-                y = d
+                y = F.conv2d(v, weights[:, 0], None, self.stride, pad, groups=c)
             else:
-                a = self.coefficient_maps(x).repeat_interleave(per_head, dim=1)  # [N or 1, C, B, H', W']
-                y = (d.view(n, c, self.bases, *d.shape[-2:]) * a).sum(dim=2)
+                a = self.coefficient_maps(x)  # [N or 1, G, B, H', W']
+                y = 0
+                for b in range(self.bases):  # one depthwise convolution per base, weighted per position, accumulated
+                    d = F.conv2d(v, weights[:, b], None, self.stride, pad, groups=c)  # [N, C, H', W']
+                    h, w = d.shape[-2:]
+                    y = y + (d.view(n, self.heads, per_head, h, w) * a[:, :, b, None]).view(n, c, h, w)
         return y if self.bias is None else y + self.bias[:, None, None]
 
     def _free_kernels(self, x: Tensor, v: Tensor) -> Tensor:

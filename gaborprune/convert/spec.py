@@ -14,6 +14,8 @@ from gaborprune.errors import ConversionError
 from gaborprune.probe import probe
 
 INITS = ("fit", "random")
+TARGETS = ("gabor", "cada")
+CADA_KNOBS = ("heads", "bases", "context", "invariance", "rel_pos", "basis")
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,24 @@ class ConversionSpec:
     seed: int = 0
     fit_steps: int = 150
     to: str = field(default="gabor")
+    heads: int = 1
+    bases: int | None = None  # CADA default: 4 when relaxed, else 1
+    context: int | None = None  # CADA default: 0 when strict, else 3
+    invariance: str = "relaxed"
+    rel_pos: bool = False
+    basis: str = "free"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "freeze", tuple(self.freeze))
-        if self.to != "gabor":
-            raise ConversionError(f"unknown conversion '{self.to}'; known: gabor")
+        if self.to not in TARGETS:
+            raise ConversionError(f"unknown conversion '{self.to}'; known: {', '.join(TARGETS)}")
+        if self.to == "cada":
+            if self.freeze:
+                raise ConversionError("--freeze applies to Gabor banks, not CADA blocks")
+            from gaborprune.convert.cada import CADAConv2d
+
+            CADAConv2d(self.heads, self.heads, self.kernel_size or 3, **self.cada_knobs())  # refuses knobs that make no sense
         if (self.first is None) == (not self.targets):
             raise ConversionError("say which layers to convert: either --layers N or --target NAME (not both)")
         if self.first is not None and self.first < 1:
@@ -66,9 +80,21 @@ class ConversionSpec:
                 except re.error as e:
                     raise ConversionError(f"target '{t}' is not a valid regex: {e}") from None
 
+    def cada_knobs(self) -> dict:
+        """CADAConv2d keyword arguments, with the invariance's defaults for bases and context."""
+        knobs = {k: getattr(self, k) for k in CADA_KNOBS}
+        if knobs["bases"] is None:
+            knobs["bases"] = 4 if self.invariance == "relaxed" else 1
+        if knobs["context"] is None:
+            knobs["context"] = 0 if self.invariance == "strict" else 3
+        return knobs
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"], d["freeze"] = list(self.targets), list(self.freeze)
+        if self.to != "cada":
+            for k in CADA_KNOBS:
+                del d[k]
         return d
 
     @classmethod
@@ -168,7 +194,7 @@ def gaborize_(
     layers: list[str] | None = None,
     init: str | None = None,
 ) -> ConversionReport:
-    """Replace the convolutions that `spec` selects with Gabor banks, in place.
+    """Replace the convolutions that `spec` selects with Gabor banks (or CADA blocks), in place.
 
     Args:
         model: the network; its selected `nn.Conv2d` layers are replaced.
@@ -187,6 +213,18 @@ def gaborize_(
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.Conv2d):
             raise ConversionError(f"layer '{name}' is a {type(conv).__name__}, not a Conv2d")
+        if spec.to == "cada":
+            from gaborprune.convert.cada import CADAConv2d
+
+            try:
+                block = CADAConv2d.from_conv2d(conv, kernel_size=spec.kernel_size, **spec.cada_knobs())
+            except ConversionError as e:
+                raise ConversionError(f"layer '{name}': {e}") from None
+            replace_module(model, name, block)
+            k = (block.kernel_size, block.kernel_size)
+            bases = 0 if block.invariance == "none" else block.heads * block.bases  # base kernels, shared by all positions
+            results.append(LayerConversion(name, k, conv.kernel_size, conv.in_channels, conv.out_channels, conv.groups, bases, None))
+            continue
         try:
             layer, target = GaborConv2d.from_conv2d(
                 conv, kernel_size=spec.kernel_size, init=init or spec.init, freeze=spec.freeze,

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
 from gaborprune.errors import GaborPruneError
@@ -116,7 +117,7 @@ class SplitConv(nn.Module):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (MapBias, SplitConv)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (MapBias, SplitConv, CADAConv2d)) or super().is_leaf_module(m, qualname)
 
 
 @torch.no_grad()
@@ -142,11 +143,12 @@ def fold_batchnorms_(model: nn.Module) -> list[str]:
             continue
         outer = modules[src.target]
         conv = outer.conv if isinstance(outer, MapBias) else outer
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, (nn.Conv2d, CADAConv2d)):
             continue
         scale = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / (norm.running_var + norm.eps).sqrt()
         shift = (norm.bias if norm.affine else torch.zeros_like(norm.running_mean)) - norm.running_mean * scale
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        # a CADA block is linear in its value projection, channel by channel: scale that instead
+        (conv.value.weight if isinstance(conv, CADAConv2d) else conv.weight).mul_(scale.view(-1, 1, 1, 1))
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros_like(shift))
         conv.bias.mul_(scale).add_(shift)

@@ -1,0 +1,86 @@
+"""Benchmark CADAConv2d (relaxed: B depthwise convolutions mixed per position) against one depthwise
+convolution of the same kernel size: forward time and the extra peak memory of one forward pass.
+
+Both layers get the same input Tensor[N, C, H, W]; both include their 1x1 value projection (the
+depthwise baseline is 1x1 conv + depthwise k x k, the strict-invariance block). Time: median of
+`--repeats` forward passes after 3 warm-up passes, 2 threads, no autograd. Memory: each variant runs
+in a fresh process at twice the batch and twice the size (so the allocations are fresh pages); the
+figure is the growth of the peak resident set during one forward pass (`ru_maxrss`), which is
+dominated by the largest intermediate tensors.
+
+Run (from the repository root):
+
+    .venv/bin/python benchmarks/bench_cada.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+CHILD = """
+import resource, json, sys, torch
+from gaborprune.convert.cada import CADAConv2d
+torch.set_num_threads(2)
+n, c, hw, k, b, inv = json.loads(sys.argv[1])
+layer = CADAConv2d(c, c, k, bases=b, context=3 if inv == "relaxed" else 0, invariance=inv).eval()
+x = torch.randn(n, c, hw, hw)
+with torch.no_grad():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layer(x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from gaborprune.convert.cada import CADAConv2d
+
+    torch.set_num_threads(2)
+    n, c, hw = args.batch, args.channels, args.size
+    x = torch.randn(n, c, hw, hw)
+    rows = []
+    for k in (3, 7):
+        variants = [("depthwise (strict)", "strict", 1), ("CADA relaxed B=2", "relaxed", 2), ("CADA relaxed B=4", "relaxed", 4)]
+        layers = [CADAConv2d(c, c, k, bases=b, context=3 if inv == "relaxed" else 0, invariance=inv).eval() for _, inv, b in variants]
+        times = [[] for _ in layers]
+        with torch.no_grad():
+            for layer in layers:
+                for _ in range(3):
+                    layer(x)
+            for _ in range(args.repeats):  # interleaved, so drift hits all variants alike
+                for i, layer in enumerate(layers):
+                    t0 = time.perf_counter()
+                    layer(x)
+                    times[i].append(time.perf_counter() - t0)
+        memory = [float(subprocess.run([sys.executable, "-c", CHILD, json.dumps([2 * n, c, 2 * hw, k, b, inv])], capture_output=True, text=True, check=True).stdout)
+                  for _, inv, b in variants]
+        base_t, base_m = statistics.median(times[0]), memory[0]
+        for (name, _, b), t, m in zip(variants, times, memory):
+            rows.append({"k": k, "variant": name, "median_ms": statistics.median(t) * 1e3, "time_ratio": statistics.median(t) / base_t,
+                         "peak_mb": m, "memory_ratio": m / base_m if base_m else float("nan")})
+    print(f"time: input [{n}, {c}, {hw}, {hw}]; memory: input [{2 * n}, {c}, {2 * hw}, {2 * hw}]; 2 threads\n")
+    print("| k | variant | median ms | time vs depthwise | extra peak MB | memory vs depthwise |\n|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['k']} | {r['variant']} | {r['median_ms']:.2f} | {r['time_ratio']:.2f}x | {r['peak_mb']:.0f} | {r['memory_ratio']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
