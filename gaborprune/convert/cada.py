@@ -144,7 +144,7 @@ class CADAConv2d(nn.Module):
         v = self.value(x)  # [N, C, H, W]
         n, c = v.shape[:2]
         per_head = c // self.heads
-        k, pad = self.kernel_size, self.kernel_size // 2
+        pad = self.kernel_size // 2
         if self.invariance == "none":
             y = self._free_kernels(x, v)
         else:
