@@ -53,15 +53,18 @@ def _command(fn):
     return app.command()(wrapper)
 
 
-def _shape(text: str | None) -> tuple[int, int, int] | None:
+def _shape(text: str | None, dims: str = "C,H,W", example: str = "3,32,32") -> tuple[int, ...] | None:
+    """--input-shape: C,H,W (or N,C,H,W for export) as positive integers."""
     if text is None:
         return None
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise typer.BadParameter(f"'{text}' is not C,H,W (three positive integers, e.g. 3,32,32)", param_hint="--input-shape")
+    count = dims.count(",") + 1
+    if len(shape) != count or min(shape) < 1:
+        words = {3: "three", 4: "four"}[count]
+        raise typer.BadParameter(f"'{text}' is not {dims} ({words} positive integers, e.g. {example})", param_hint="--input-shape")
     return shape
 
 
@@ -522,18 +525,6 @@ def _prune_sweep(model, recipe, thresholds, accuracy, png, json_path, source, fo
 
 
 # -- export --------------------------------------------------------------------------------------
-def _shape4(text: str | None) -> tuple[int, int, int, int] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or min(shape) < 1:
-        raise typer.BadParameter(f"'{text}' is not N,C,H,W (four positive integers, e.g. 1,3,32,32)", param_hint="--input-shape")
-    return shape
-
-
 @_command
 def export(
     source: Annotated[str, typer.Argument(help="A recipe .pt (or any model source) to export.", metavar="RECIPE", show_default=False)],
@@ -554,7 +545,7 @@ def export(
     from gaborprune._io import check_output, write_json
     from gaborprune.export.api import ExportConfig, export_model
 
-    shape = _shape4(input_shape)
+    shape = _shape(input_shape, "N,C,H,W", "1,3,32,32")
     if quantize not in (None, "int8"):
         raise GaborPruneError(f"unknown --quantize '{quantize}'; known: int8")
     options = dict(batch_size=shape[0] if shape else None, dynamic_batch=dynamic_batch, opset=opset, lowering=lowering, atol=atol,

@@ -120,19 +120,29 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (MapBias, SplitConv, CADAConv2d)) or super().is_leaf_module(m, qualname)
 
 
-@torch.no_grad()
-def fold_batchnorms_(model: nn.Module) -> list[str]:
-    """Fold each BatchNorm2d that alone reads a convolution's output into that convolution (eval
-    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names."""
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, int]] | None:
+    """The model's fx graph (lowering wrappers as leaves) and how often each module is called; None
+    when torch.fx cannot trace it."""
     try:
         graph = _Tracer().trace(model)
-    except Exception:  # an untraceable model keeps its BatchNorms (ONNX Runtime fuses them itself)
-        return []
-    modules = dict(model.named_modules())
+    except Exception:
+        return None
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    return graph, calls
+
+
+@torch.no_grad()
+def fold_batchnorms_(model: nn.Module) -> list[str]:
+    """Fold each BatchNorm2d that alone reads a convolution's output into that convolution (eval
+    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names."""
+    traced = _trace(model)
+    if traced is None:  # an untraceable model keeps its BatchNorms (ONNX Runtime fuses them itself)
+        return []
+    graph, calls = traced
+    modules = dict(model.named_modules())
     folded = []
     for n in graph.nodes:
         norm = modules.get(n.target) if n.op == "call_module" else None
@@ -204,14 +214,10 @@ def pad_channels_(model: nn.Module, multiple: int = 8) -> list[str]:
     where only other convolutions read them through ops keeping 0 at 0 (exact). ONNX Runtime's CPU
     convolutions work on blocks of 8 (AVX2) or 16 channels; an odd count after pruning falls off that
     path and can make the smaller model slower. Returns the grown layers."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:
+    traced = _trace(model)
+    if traced is None:
         return []
-    calls: dict[str, int] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    graph, calls = traced
     grown = []
     for n in graph.nodes:
         m = model.get_submodule(n.target) if n.op == "call_module" else None
