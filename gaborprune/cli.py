@@ -737,6 +737,11 @@ def bench(
 
 
 # -- demo ----------------------------------------------------------------------------------------
+def _brief_epoch(r: dict) -> None:
+    """One indented line per epoch for the multi-stage commands (demo, reproduce)."""
+    alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+    out.print(f"    epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
+
 @_command
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the recipes, ONNX files, PNGs and report go.")] = Path("demo-out"),
@@ -758,12 +763,8 @@ def demo(
     dev = resolve_device(device or "auto")
     t0 = time.perf_counter()
 
-    def on_epoch(r):
-        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
-        out.print(f"    epoch {r['epoch']:>2}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
-
     report = run_demo(out_dir, config, device=dev, on_stage=lambda s: out.print(f"[{time.perf_counter() - t0:5.0f} s] {s}"),
-                      on_epoch=on_epoch, force=force)
+                      on_epoch=_brief_epoch, force=force)
 
     table = Table(title=f"gaborprune demo: {config.model} on {config.data} ({time.perf_counter() - t0:.0f} s on {dev})")
     for col in ("stage", "top-1", "parameters", "MACs"):
@@ -805,12 +806,8 @@ def reproduce(
             raise GaborPruneError(f"'{out_dir / name}' exists; pass --force to overwrite it or choose --out")
     dev = resolve_device(device or "auto")
 
-    def on_epoch(r):
-        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
-        out.print(f"    epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
-
     report = run_reproduce(experiment, data, seeds=seeds, epochs=epochs, out=out_dir, device=dev,
-                           on_stage=lambda s: out.print(s), on_epoch=on_epoch, force=force)
+                           on_stage=lambda s: out.print(s), on_epoch=_brief_epoch, force=force)
     out.print(report.markdown())
     out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
 
