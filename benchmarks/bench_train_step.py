@@ -1,7 +1,9 @@
 """Benchmark one training step of a plain network against the same network with Gabor banks.
 
 A step is forward + cross-entropy + backward + SGD step (momentum 0.9, weight decay 5e-4) on a fixed
-random batch of Tensor[B, 3, 32, 32] with random labels, on the CPU. Variants:
+random batch of Tensor[B, 3, 32, 32] with random labels, on the CPU or (`--device cuda`) on the GPU as
+`finetune` runs there: channels_last, bf16 autocast (`--no-amp`: float32), the batch already on the
+device, the clock read after `torch.cuda.synchronize()`. Variants:
 
 - built-in `resnet20`: plain, ConversionSpec(first=1) (the stem) and ConversionSpec(first=3);
 - built-in `vgg16`: plain and ConversionSpec(first=2).
@@ -21,11 +23,13 @@ so lower `--steps` or `--batch-size`, or pick `--models`, for a quick look:
 
     .venv/bin/python benchmarks/bench_train_step.py
     .venv/bin/python benchmarks/bench_train_step.py --steps 20 --batch-size 64 --json out/bench_train_step.json
+    python benchmarks/bench_train_step.py --device cuda --batch-size 256 --steps 50 --warmup 10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -41,11 +45,20 @@ CASES = {"resnet20": (0, 1, 3), "vgg16": (0, 2)}
 TARGET_RATIO = 1.10
 
 
-def make_variant(model_name: str, first: int) -> torch.nn.Module:
+def make_variant(model_name: str, first: int, device: torch.device) -> torch.nn.Module:
     model, recipe = gaborprune.load_model(model_name)
     if first:
         gaborprune.convert_model(model, recipe, gaborprune.ConversionSpec(first=first, init="random"))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     return model.train()
+
+
+def clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def main() -> None:
@@ -55,39 +68,46 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES), help="which models (default all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="CUDA: bf16 autocast (default on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp = device.type == "cuda" and args.amp
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     rows = []
     for model_name in args.models:
         torch.manual_seed(args.seed)
-        x = torch.randn(args.batch_size, 3, 32, 32)
-        y = torch.randint(0, 10, (args.batch_size,))
+        x = torch.randn(args.batch_size, 3, 32, 32).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        y = torch.randint(0, 10, (args.batch_size,)).to(device)
         variants = []
         for first in CASES[model_name]:
             torch.manual_seed(args.seed)
-            model = make_variant(model_name, first)
+            model = make_variant(model_name, first, device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             variants.append({"first": first, "model": model, "opt": opt, "times": []})
 
         def step(v: dict) -> float:
-            start = time.perf_counter()
+            start = clock(device)
             v["opt"].zero_grad(set_to_none=True)
-            loss = F.cross_entropy(v["model"](x), y)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                loss = F.cross_entropy(v["model"](x), y)
             loss.backward()
             v["opt"].step()
-            return time.perf_counter() - start
+            return clock(device) - start
 
         def bank_weights(v: dict) -> float:
             """Seconds to compute every bank's kernels from its parameters and back-propagate into them."""
             banks = [m for m in v["model"].modules() if isinstance(m, gaborprune.GaborConv2d)]
             if not banks:
                 return 0.0
-            start = time.perf_counter()
+            start = clock(device)
             sum(b.weight.sum() for b in banks).backward()
-            return time.perf_counter() - start
+            return clock(device) - start
 
         for v in variants:
             for _ in range(args.warmup):
@@ -119,8 +139,10 @@ def main() -> None:
             print(f"{model_name} {rows[-1]['variant']}: median {rows[-1]['median_ms']:.1f} ms, "
                   f"ratio {rows[-1]['ratio_of_medians']:.3f}", flush=True)
 
+    where = (f"{torch.cuda.get_device_name(device)}, {'bf16 autocast' if amp else 'float32'}, channels_last"
+             if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
     print(f"\ntraining step (forward + backward + SGD), batch {args.batch_size} x 3x32x32, {args.warmup} warm-up + "
-          f"{args.steps} timed steps per variant, interleaved, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"{args.steps} timed steps per variant, interleaved, torch {torch.__version__}, {where}\n")
     print("| model | variant | median ms | min ms | images/s | Gabor/plain (medians) | Gabor/plain (paired) | <= 1.10x? "
           "| bank weights fwd+bwd ms |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -130,7 +152,7 @@ def main() -> None:
               f"| {r['ratio_of_medians']:.3f} | {r['median_paired_ratio']:.3f} | {ok} | {r['bank_weights_ms']:.2f} |")
 
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": where, "steps": args.steps,
                 "warmup": args.warmup, "batch_size": args.batch_size, "python": platform.python_version()}
         with open(args.json, "w") as f:
             json.dump({"benchmark": "train_step", **meta, "target_ratio": TARGET_RATIO, "results": rows}, f, indent=2)
