@@ -198,7 +198,7 @@ def inspect(
             _count(layer.params), _count(layer.macs), style=style,
         )
     out.print(table)
-    out.print(f"parameters: {_count(summary.params)}   MACs: {_count(summary.macs)}   FLOPs: {_count(summary.flops)}   (FLOPs = 2 x MACs; conv and linear layers, removed kernels skipped)")
+    out.print(f"parameters: {_count(summary.params)}   MACs: {_count(summary.macs)}   FLOPs: {_count(summary.flops)}   (FLOPs = 2 x MACs; conv, CADA and linear layers, removed kernels skipped)")
     if png:
         drawn = plot_banks(model, png, force=force)
         out.print(f"drew {', '.join(drawn)} -> {png}")
@@ -787,27 +787,40 @@ def demo(
 # -- reproduce -----------------------------------------------------------------------------------
 @_command
 def reproduce(
-    experiment: Annotated[str, typer.Argument(help="vgg16-cifar10 or resnet20-altered-cifar10.", metavar="EXPERIMENT", show_default=False)],
+    experiment: Annotated[str, typer.Argument(help="vgg16-cifar10, resnet20-altered-cifar10 (Gabor paper) or cada-ablation (CADA paper).", metavar="EXPERIMENT", show_default=False)],
     data: DataOpt,
     seeds: Annotated[int, typer.Option("--seeds", metavar="K", help="Seeds 0..K-1; mean and std over them.")] = 1,
     epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Override the recipe's epochs (toy runs).", show_default=False)] = None,
+    settings: Annotated[Optional[str], typer.Option("--settings", metavar="A,B,...", help="cada-ablation: run only these settings (default all).", show_default=False)] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="cada-ablation: image size (default 3,16,16 for digits and fake, else 3,32,32).", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where recipes and results.md / results.json go.")] = Path("reproduce-out"),
     device: Device = None,
     force: Force = False,
 ) -> None:
-    """Run one of the seed paper's experiments: plain vs Gabor network, same recipe, kernels kept and accuracy."""
+    """Run one of the seed papers' experiments: Gabor (plain vs Gabor network, kernels kept) or the CADA ablation."""
     from gaborprune.reproduce import EXPERIMENTS, reproduce as run_reproduce
     from gaborprune.train.distributed import resolve_device
 
-    if experiment not in EXPERIMENTS:
-        raise GaborPruneError(f"unknown experiment '{experiment}'; known: {', '.join(EXPERIMENTS)}")
+    ablation = experiment == "cada-ablation"
+    if experiment not in EXPERIMENTS and not ablation:
+        raise GaborPruneError(f"unknown experiment '{experiment}'; known: {', '.join(EXPERIMENTS)}, cada-ablation")
+    if not ablation and (settings or input_shape):
+        raise GaborPruneError(f"--{'settings' if settings else 'input-shape'} applies to cada-ablation only, not to '{experiment}'")
     for name in ("results.md", "results.json"):
         if (out_dir / name).exists() and not force:
             raise GaborPruneError(f"'{out_dir / name}' exists; pass --force to overwrite it or choose --out")
     dev = resolve_device(device or "auto")
 
-    report = run_reproduce(experiment, data, seeds=seeds, epochs=epochs, out=out_dir, device=dev,
-                           on_stage=lambda s: out.print(s), on_epoch=_brief_epoch, force=force)
+    if ablation:
+        from gaborprune.ablation import run_ablation
+
+        shape = _shape(input_shape, "C,H,W", "3,16,16")
+        names = [s.strip() for s in settings.split(",") if s.strip()] if settings else None
+        report = run_ablation(data, seeds=seeds, settings=names, epochs=epochs, input_shape=shape, out=out_dir, device=dev,
+                              on_stage=lambda s: out.print(s), on_epoch=_brief_epoch, force=force)
+    else:
+        report = run_reproduce(experiment, data, seeds=seeds, epochs=epochs, out=out_dir, device=dev,
+                               on_stage=lambda s: out.print(s), on_epoch=_brief_epoch, force=force)
     out.print(report.markdown())
     out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
 

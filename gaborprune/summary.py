@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import conv_modules
 from gaborprune.probe import probe
@@ -16,12 +18,12 @@ from gaborprune.sparsity import GaborSparsity
 @dataclass(frozen=True)
 class LayerSummary:
     name: str
-    type: str  # "conv" or "gabor"
+    type: str  # "conv", "gabor" or "cada" (a CADA block's own filtering; its 1x1 convolutions are rows of their own)
     kernel_size: tuple[int, int]
     in_channels: int
     out_channels: int
     groups: int
-    kernels: int  # 2-D kernels: out_channels * in_channels / groups
+    kernels: int  # 2-D kernels: out_channels * in_channels / groups (CADA: its stored base kernels, heads x bases)
     kernels_alive: int  # present and, in a Gabor bank, not driven to zero (see `summarize`)
     params: int
     macs: int  # multiply-accumulates of this layer for one input image
@@ -31,7 +33,7 @@ class LayerSummary:
 class ModelSummary:
     """Counts at one input image of shape `input_shape`.
 
-    MACs count convolutions and linear layers, skipping removed kernels; FLOPs = 2 x MACs.
+    MACs count convolutions, CADA blocks and linear layers, skipping removed kernels; FLOPs = 2 x MACs.
     `params` counts stored parameter values (a Gabor kernel stores 6 whatever its size).
     """
 
@@ -71,24 +73,31 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
     ones are still computed until they are pruned.
     """
     convs = conv_modules(model)
-    spatial: dict[str, int] = {}  # output H*W of each conv
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, CADAConv2d)}
+    spatial: dict[str, tuple[int, int]] = {}  # output (H, W) of each conv and CADA block
     linear_macs = 0
 
     def conv_hook(name):
         def hook(module, args, output):
-            spatial.setdefault(name, output.shape[-2] * output.shape[-1])
+            spatial.setdefault(name, tuple(output.shape[-2:]))
         return hook
 
     def linear_hook(module, args, output):
         nonlocal linear_macs
         linear_macs += module.in_features * output.numel() // output.shape[0]
 
-    hooks = [m.register_forward_hook(conv_hook(n)) for n, m in convs.items()]
+    hooks = [m.register_forward_hook(conv_hook(n)) for n, m in (convs | blocks).items()]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     probe(model, input_shape, hooks)
 
     strong = GaborSparsity(model, input_shape).alive()
     layers = []
+    for name, m in blocks.items():  # before their own 1x1 convolutions, as in named_modules
+        base = m.heads * m.bases if m.invariance != "none" else 0
+        layers.append(LayerSummary(
+            name, "cada", (m.kernel_size, m.kernel_size), m.out_channels, m.out_channels, m.out_channels, base, base,
+            sum(p.numel() for p in m.parameters(recurse=False)), m.mixing_macs(*spatial.get(name, (0, 0))),
+        ))
     for name, m in convs.items():
         present = int(alive_kernels(m).sum())
         alive = strong.get(name, present)
@@ -96,7 +105,9 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
         layers.append(LayerSummary(
             name, "gabor" if isinstance(m, GaborConv2d) else "conv", (kh, kw), m.in_channels, m.out_channels,
             m.groups, m.out_channels * (m.in_channels // m.groups), alive,
-            sum(p.numel() for p in m.parameters()), present * kh * kw * spatial.get(name, 0),
+            sum(p.numel() for p in m.parameters()), present * kh * kw * math.prod(spatial.get(name, (0, 0))),
         ))
+    order = {n: i for i, n in enumerate(dict(model.named_modules()))}
+    layers.sort(key=lambda layer: order[layer.name])
     params = sum(p.numel() for p in model.parameters())
     return ModelSummary(tuple(input_shape), tuple(layers), params, sum(layer.macs for layer in layers) + linear_macs)

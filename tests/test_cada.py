@@ -100,6 +100,25 @@ def test_relaxed_never_unfolds():
     assert not calls
 
 
+@pytest.mark.parametrize("setting", [dict(invariance="strict", bases=1, context=0), dict(invariance="relaxed", bases=3, stride=2),
+                                     dict(invariance="none", bases=1, rel_pos=True)])
+def test_summary_counts_the_blocks_arithmetic(setting):
+    """Oracle: PyTorch's FLOP counter for every convolution the block runs, plus, by hand, what it
+    does not count (the per-position weighting, the unfolded per-position filters)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(CADAConv2d(6, 8, 5, **setting), torch.nn.Flatten())
+    x = torch.randn(1, 6, 12, 12)
+    with FlopCounterMode(display=False) as counter:
+        out = model[0](x)
+    hw = out.shape[-2] * out.shape[-1]
+    by_hand = {"strict": 0, "relaxed": 3 * 8 * hw, "none": 8 * 25 * hw}[setting["invariance"]]
+    summary = gp.summarize(model, (6, 12, 12))
+    assert summary.macs == counter.get_total_flops() // 2 + by_hand
+    assert [layer.type for layer in summary.layers][0] == "cada" and summary.params == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(invariance="strict", bases=4, context=0), "strict invariance has one kernel per head: bases must be 1"),
     (dict(invariance="strict", bases=1, context=3), "strict invariance has no coefficients"),

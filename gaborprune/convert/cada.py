@@ -175,6 +175,15 @@ class CADAConv2d(nn.Module):
         patches = F.unfold(v, k, padding=k // 2, stride=self.stride).view(n, g, c // g, k * k, h, w)
         return (patches * kernels[:, :, None]).sum(dim=3).reshape(n, c, h, w)
 
+    def mixing_macs(self, h_out: int, w_out: int) -> int:
+        """Multiply-accumulates per image of the block's own arithmetic, beside its convolution
+        submodules (value, coefficients, generator): the k x k filtering of V, one depthwise pass per
+        base, plus the per-position weighting of each pass in relaxed mode."""
+        taps = self.out_channels * self.kernel_size**2 * h_out * w_out
+        if self.invariance == "relaxed":
+            return self.bases * (taps + self.out_channels * h_out * w_out)
+        return taps
+
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, heads={self.heads}, invariance={self.invariance}"
         if self.invariance == "relaxed":

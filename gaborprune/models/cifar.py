@@ -1,5 +1,6 @@
 """The CIFAR networks of the seed paper: ResNet-20/32/56, VGG-11/13/16/19 with BatchNorm, and the
-altered ResNet-20 whose first five convolutions become two larger Gabor layers.
+altered ResNet-20 whose first five convolutions become two larger Gabor layers; and the small
+network of the CADA ablation (`cada_net`).
 
 All take Tensor[N, 3, 32, 32] and return logits Tensor[N, num_classes]. ResNet shortcuts that change
 shape are 1x1 convolutions with BatchNorm (option B of He et al.), which export as plain ONNX and
@@ -8,6 +9,7 @@ keep channel ties explicit for pruning.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
@@ -131,6 +133,48 @@ def resnet20_altered(num_classes: int = 10, k1: int = 7, k2: int = 5, channels: 
     return CifarResNet(20, num_classes, stem_kernels=(k1, k2), stem_channels=channels, gabor=gabor)
 
 
+class MixerBlock(nn.Module):
+    """x + BN(1x1(ReLU(BN(mixer(x))))), then ReLU: `mixer` is the spatial layer the CADA ablation swaps."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mixer = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn2(self.pointwise(F.relu(self.bn1(self.mixer(x))))))
+
+
+class CADANet(nn.Module):
+    """The CADA ablation's small network for 32x32 input: a 3x3 stem, then per stage a stride-2 3x3
+    downsampling layer (`stages.i.down.0`, from the second stage on) and `blocks` MixerBlocks
+    (`stages.i.blocks.j.mixer`, 3x3 convolutions until converted), global pooling, one linear layer."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages = []
+        for i, w in enumerate(widths):
+            stage = nn.Module()
+            stage.down = (nn.Sequential(nn.Conv2d(widths[i - 1], w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+                          if i else nn.Identity())
+            stage.blocks = nn.Sequential(*(MixerBlock(w) for _ in range(blocks)))
+            stages.append(stage)
+        self.stages = nn.ModuleList(stages)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage.blocks(stage.down(x))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 BUILTINS = {
     "resnet20": lambda num_classes=10: CifarResNet(20, num_classes),
     "resnet32": lambda num_classes=10: CifarResNet(32, num_classes),
@@ -140,4 +184,5 @@ BUILTINS = {
     "vgg13": lambda num_classes=10: CifarVGG(13, num_classes),
     "vgg16": lambda num_classes=10: CifarVGG(16, num_classes),
     "vgg19": lambda num_classes=10: CifarVGG(19, num_classes),
+    "cada_net": CADANet,
 }
