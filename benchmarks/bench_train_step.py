@@ -8,6 +8,10 @@ device, the clock read after `torch.cuda.synchronize()`. Variants:
 - built-in `resnet20`: plain, ConversionSpec(first=1) (the stem) and ConversionSpec(first=3);
 - built-in `vgg16`: plain and ConversionSpec(first=2).
 
+With `--sparsity S` each Gabor step also adds S x the sparsity penalty, and each Gabor variant runs
+twice: with the penalty computing every bank's kernels again, and reusing the forward pass's kernels
+(`GaborSparsity.track_forward`, what `finetune` does).
+
 The banks start from `init="random"`: step time does not depend on the values, and it skips the
 fit (timed by bench_convert.py). After `--warmup` untimed steps per variant, the variants of one model
 take turns, one step each, for `--steps` rounds (the order rotating every round), so drift of a shared
@@ -23,7 +27,7 @@ so lower `--steps` or `--batch-size`, or pick `--models`, for a quick look:
 
     .venv/bin/python benchmarks/bench_train_step.py
     .venv/bin/python benchmarks/bench_train_step.py --steps 20 --batch-size 64 --json out/bench_train_step.json
-    python benchmarks/bench_train_step.py --device cuda --batch-size 256 --steps 50 --warmup 10
+    python benchmarks/bench_train_step.py --device cuda --batch-size 256 --steps 50 --warmup 10 --sparsity 0.01
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import gaborprune
+from gaborprune.sparsity import GaborSparsity
 
 #: model -> the `first` values to compare with the plain model (0 = plain).
 CASES = {"resnet20": (0, 1, 3), "vgg16": (0, 2)}
@@ -70,6 +75,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES), help="which models (default all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="CUDA: bf16 autocast (default on)")
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="add the sparsity penalty to the Gabor steps; each Gabor variant then runs twice, its kernels "
+                             "computed again for the penalty and reused from the forward pass (finetune's way)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
@@ -86,16 +94,21 @@ def main() -> None:
         y = torch.randint(0, 10, (args.batch_size,)).to(device)
         variants = []
         for first in CASES[model_name]:
-            torch.manual_seed(args.seed)
-            model = make_variant(model_name, first, device)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            variants.append({"first": first, "model": model, "opt": opt, "times": []})
+            for penalty in ("recomputed", "reused") if first and args.sparsity else (None,):
+                torch.manual_seed(args.seed)
+                model = make_variant(model_name, first, device)
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                sparsity = GaborSparsity(model, (3, 32, 32))
+                variants.append({"first": first, "penalty": penalty, "model": model, "opt": opt, "sparsity": sparsity, "times": []})
 
         def step(v: dict) -> float:
             start = clock(device)
             v["opt"].zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-                loss = F.cross_entropy(v["model"](x), y)
+            with v["sparsity"].track_forward() if v["penalty"] == "reused" else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                    loss = F.cross_entropy(v["model"](x), y)
+                if v["penalty"]:
+                    loss = loss + args.sparsity * v["sparsity"].penalty()
             loss.backward()
             v["opt"].step()
             return clock(device) - start
@@ -125,7 +138,7 @@ def main() -> None:
             med = statistics.median(t)
             rows.append({
                 "model": model_name,
-                "variant": "plain" if not v["first"] else f"gabor first={v['first']}",
+                "variant": "plain" if not v["first"] else f"gabor first={v['first']}" + (f" + penalty ({v['penalty']})" if v["penalty"] else ""),
                 "first": v["first"],
                 "batch_size": args.batch_size,
                 "median_ms": 1e3 * med,

@@ -21,8 +21,8 @@ nproc; $PY -c "import torch, torchvision, onnxruntime, sys; print('python', sys.
 step "tests/test_gpu.py (CUDA vs CPU oracles, finetune on CUDA then eval/prune/export on CPU)"
 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
-step "training step: plain vs Gabor banks, bf16 + channels_last"
-timeout 120 $PY benchmarks/bench_train_step.py --device cuda --batch-size 256 --steps 50 --warmup 10 --json "$OUT/train_step_cuda.json"
+step "training step: plain vs Gabor banks, bf16 + channels_last; with the penalty, its kernels recomputed vs reused"
+timeout 150 $PY benchmarks/bench_train_step.py --device cuda --batch-size 256 --steps 50 --warmup 10 --sparsity 0.01 --json "$OUT/train_step_cuda.json"
 
 step "CADA vs depthwise on the GPU"
 timeout 90 $PY benchmarks/bench_cada.py --device cuda --batch 128 --channels 128 --repeats 50 --json "$OUT/cada_cuda.json"
@@ -34,4 +34,7 @@ timeout 120 $PY -m gaborprune finetune /tmp/c.pt --data fake:50000 --epochs 3 --
 
 step "the same Gabor run with --compile"
 timeout 200 $PY -m gaborprune finetune /tmp/c.pt --data fake:50000 --epochs 3 --batch-size 256 --sparsity 0.01 --compile -o /tmp/gc.pt --force --json "$OUT/finetune_gabor_compile.json"
+step "cada-ablation on CUDA (bf16 autocast through CADA blocks), three settings, one seed"
+timeout 200 $PY -m gaborprune reproduce cada-ablation --data digits --settings dw7,cada7,cada7-none --out /tmp/abl --force
+
 step done

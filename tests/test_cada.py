@@ -1,5 +1,7 @@
 """CADAConv2d against a float64 reference built tap by tap, gradients, and its knobs."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,19 @@ def test_convert_to_cada_replays_from_the_recipe_and_exports(tmp_path, knobs):
 
     ops = {n.op_type for n in onnx.load(tmp_path / "c.onnx").graph.node}
     assert not ops & {"Sin", "Cos", "BatchNormalization"}  # plain ops; BN folded into the blocks' value projections
+
+
+def test_bench_times_and_profiles_cada_blocks(tmp_path):
+    """`bench` exports a CADA recipe on the fly, times it against the plain network in the same runs
+    and attributes profiled time to the blocks."""
+    cli("convert", "resnet20", "--to", "cada", "--target", "layer1.0.conv1", "-o", tmp_path / "c.pt")
+    result = cli("bench", tmp_path / "c.pt", "--baseline", "resnet20", "--torch", "--runs", "5", "--warmup", "1",
+                 "--profile", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert {(r["model"], r["runtime"]) for r in report["results"]} >= {(str(tmp_path / "c.pt"), "onnxruntime"), (str(tmp_path / "c.pt"), "pytorch")}
+    assert all(r["p50_ms"] > 0 for r in report["results"])
+    assert any(layer.startswith("layer1.0.conv1") for layer in report["profiles"][str(tmp_path / "c.pt")])
 
 
 def test_cada_conversion_errors(tmp_path):

@@ -1,5 +1,6 @@
 """The sparsity measure: invariant to the scale BatchNorm absorbs, and it really sparsifies."""
 
+import contextlib
 import math
 
 import pytest
@@ -89,3 +90,35 @@ def test_the_penalty_concentrates_strength_in_few_kernels():
     alive = sparsity.alive()["conv"]
     assert 1 <= alive <= 8, alive
     assert sparsity.relative_strengths()["conv"].max() == 1.0
+
+
+def test_penalty_reuses_the_forward_kernels_inside_track_forward():
+    """The same value and gradients as computing the kernels again, with one kernel evaluation per
+    bank per step; a second penalty computes them afresh."""
+    torch.manual_seed(0)
+    model, recipe = gp.load_model("resnet20")
+    gp.convert_model(model, recipe, gp.ConversionSpec(first=2, init="random"))
+    sparsity = GaborSparsity(model, recipe.input_shape)
+    x = torch.randn(2, 3, 32, 32)
+
+    def step(track: bool):
+        model.zero_grad()
+        calls = []
+        original = GaborConv2d.weight.fget
+        GaborConv2d.weight = property(lambda self: calls.append(1) or original(self))
+        try:
+            with sparsity.track_forward() if track else contextlib.nullcontext():
+                loss = model(x).square().mean() + sparsity.penalty()
+                again = sparsity.penalty()  # the forward's kernels served the first penalty
+        finally:
+            GaborConv2d.weight = property(original)
+        loss.backward()
+        return float(loss), float(again), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    loss, again, grads, calls = step(track=True)
+    loss_ref, again_ref, grads_ref, calls_ref = step(track=False)
+    assert loss == loss_ref and again == again_ref
+    assert (calls, calls_ref) == (2 * 2, 3 * 2)  # forward + second penalty, vs forward + two penalties
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)  # summed before or after the kernel function
+    assert all(m.last_weight is None and not m.keep_weight for m in sparsity.layers.values())

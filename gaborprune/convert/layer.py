@@ -81,6 +81,8 @@ class GaborConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
         self.register_buffer("mask", torch.ones(shape, **factory))
         self.register_buffer("grid", kernel_grid(self.kernel_size, **factory), persistent=False)
+        self.keep_weight = False  # set by GaborSparsity.track_forward: keep the forward pass's kernels
+        self.last_weight: Tensor | None = None
 
     # -- parameters ------------------------------------------------------------------------
     def gabor_params(self) -> GaborParams:
@@ -111,6 +113,8 @@ class GaborConv2d(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
+        if self.keep_weight and torch.is_grad_enabled():
+            self.last_weight = weight
         if self.padding_mode == "zeros":
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d(F.pad(x, self._explicit_padding(), mode=self.padding_mode), weight, self.bias, self.stride, 0, self.dilation, self.groups)

@@ -225,62 +225,65 @@ def finetune(
             checkpoints.save_last(model, recipe, train_state(0), config, data_name)  # Ctrl-C in epoch 1 is resumable
 
     ips = 0.0
-    for epoch in range(start_epoch, config.epochs):
-        net.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        t0 = time.perf_counter()
-        report_every = max(1, steps_per_epoch // 20)
-        batches = train_data.batches(per_rank, train=True, generator=data_rng, rank=dist.rank, world=dist.world, drop_last=drop_last)
-        for step, (x, y) in enumerate(batches):
-            x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                logits = net(x)
-                loss = criterion(logits, y)
-            total = loss.float()
-            if config.sparsity and sparsity:
-                total = total + config.sparsity * sparsity.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if on_step and dist.main and ((step + 1) % report_every == 0 or step + 1 == steps_per_epoch):
-                mean_loss = float(loss_sum) / seen  # one sync per report, not per step
-                on_step(StepInfo(epoch + 1, step + 1, steps_per_epoch, mean_loss, 100 * float(correct) / seen,
-                                 seen * dist.world / (time.perf_counter() - t0)))
-        train_loss, train_correct, train_seen = dist.sum([float(loss_sum), float(correct), float(seen)], device)
-        elapsed = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            where = f"; the last good checkpoint is '{checkpoints.last}'" if checkpoints else ""
-            raise TrainingError(f"the loss became non-finite in epoch {epoch + 1}{where}; lower --lr or --sparsity")
-        ips = train_seen / elapsed
-        result = evaluate(model, test_data, device, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
-        alive = sparsity.alive()
-        record = {
-            "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss / train_seen,
-            "train_accuracy": 100 * train_correct / train_seen, "test_loss": result.loss, "test_top1": result.top1,
-            "test_top5": result.top5, "images_per_second": ips, "seconds": elapsed, "kernels_alive": alive,
-        }
-        if sparsity:
-            with torch.no_grad():
-                record["sparsity_penalty"] = float(sparsity.penalty())
-        history.append(record)
-        improved = result.top1 > best
-        best = max(best, result.top1)
-        recipe.metadata["finetune"] = {"config": config.to_dict(), "data": data_name, "epochs_done": epoch + 1,
-                                       "best_accuracy": best, "history": history}
-        if checkpoints and dist.main:
-            checkpoints.save_last(model, recipe, train_state(epoch + 1), config, data_name)
-            checkpoints.log(record)
-            if improved:
-                checkpoints.save_best(model, recipe)
-        if on_epoch and dist.main:
-            on_epoch(record)
+    # the penalty reuses the kernels of each step's forward pass (not under torch.compile, whose graphs keep no module state)
+    track = sparsity.track_forward() if config.sparsity and sparsity and not config.compile else contextlib.nullcontext()
+    with track:
+        for epoch in range(start_epoch, config.epochs):
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            t0 = time.perf_counter()
+            report_every = max(1, steps_per_epoch // 20)
+            batches = train_data.batches(per_rank, train=True, generator=data_rng, rank=dist.rank, world=dist.world, drop_last=drop_last)
+            for step, (x, y) in enumerate(batches):
+                x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+                with _autocast(device, amp_dtype):
+                    logits = net(x)
+                    loss = criterion(logits, y)
+                total = loss.float()
+                if config.sparsity and sparsity:
+                    total = total + config.sparsity * sparsity.penalty()
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.detach().float() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if on_step and dist.main and ((step + 1) % report_every == 0 or step + 1 == steps_per_epoch):
+                    mean_loss = float(loss_sum) / seen  # one sync per report, not per step
+                    on_step(StepInfo(epoch + 1, step + 1, steps_per_epoch, mean_loss, 100 * float(correct) / seen,
+                                     seen * dist.world / (time.perf_counter() - t0)))
+            train_loss, train_correct, train_seen = dist.sum([float(loss_sum), float(correct), float(seen)], device)
+            elapsed = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                where = f"; the last good checkpoint is '{checkpoints.last}'" if checkpoints else ""
+                raise TrainingError(f"the loss became non-finite in epoch {epoch + 1}{where}; lower --lr or --sparsity")
+            ips = train_seen / elapsed
+            result = evaluate(model, test_data, device, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
+            alive = sparsity.alive()
+            record = {
+                "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss / train_seen,
+                "train_accuracy": 100 * train_correct / train_seen, "test_loss": result.loss, "test_top1": result.top1,
+                "test_top5": result.top5, "images_per_second": ips, "seconds": elapsed, "kernels_alive": alive,
+            }
+            if sparsity:
+                with torch.no_grad():
+                    record["sparsity_penalty"] = float(sparsity.penalty())
+            history.append(record)
+            improved = result.top1 > best
+            best = max(best, result.top1)
+            recipe.metadata["finetune"] = {"config": config.to_dict(), "data": data_name, "epochs_done": epoch + 1,
+                                           "best_accuracy": best, "history": history}
+            if checkpoints and dist.main:
+                checkpoints.save_last(model, recipe, train_state(epoch + 1), config, data_name)
+                checkpoints.log(record)
+                if improved:
+                    checkpoints.save_best(model, recipe)
+            if on_epoch and dist.main:
+                on_epoch(record)
 
     final = history[-1]["test_top1"] if history else evaluate(model, test_data, device, dist=dist).top1
     return TrainResult(len(history), max(best, final), final, sparsity.alive(), sparsity.totals(), ips, str(device), history)
