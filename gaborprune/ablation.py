@@ -208,7 +208,7 @@ class AblationReport:
 
 def verdict(kind: str, comparisons: list[dict]) -> str:
     """Supported / contradicted / within noise, from differences and their noise (see `Finding`)."""
-    signs = [0 if abs(c["diff"]) <= c["noise"] else (1 if c["diff"] > 0 else -1) for c in comparisons]
+    signs = [0 if abs(c["diff"]) <= c["noise"] * (1 + 1e-9) else (1 if c["diff"] > 0 else -1) for c in comparisons]  # rounding: one image is noise
     if kind == "better":
         if all(s > 0 for s in signs):
             return "supported"

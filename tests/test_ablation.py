@@ -65,6 +65,8 @@ def test_verdict_kinds_and_the_one_image_floor():
     one = report_with({"a": [90.0], "b": [89.95]}, test_images=200)
     assert one.noise(*one.rows) == pytest.approx(0.5)  # one seed: no spread; one test image = 0.5 points
     assert verdict("better", [{"diff": 0.4, "noise": 0.5}]) == "within noise"
+    one_image = (99.72527472527473 - 99.45054945054945, 100 / 364)  # 363 vs 362 of 364 right: not a finding
+    assert one_image[0] > one_image[1] and verdict("better", [{"diff": one_image[0], "noise": one_image[1]}]) == "within noise"
     assert verdict("better", [{"diff": 0.6, "noise": 0.5}, {"diff": 0.1, "noise": 0.5}]) == "within noise"
     assert verdict("better", [{"diff": 0.6, "noise": 0.5}, {"diff": -0.6, "noise": 0.5}]) == "contradicted"
     assert verdict("not worse", [{"diff": -0.4, "noise": 0.5}]) == "supported"
