@@ -198,7 +198,9 @@ class AblationReport:
             lines.append(f"| {r.setting} | {r.axis} | {r.description} | {acc} | {r.params:,} | {r.macs:,} | {lat} | {ratio} |")
         lines += ["", "## The paper's findings at this scale", "",
                   "A difference counts when it exceeds the noise: two standard errors of the difference of the means "
-                  "over seeds, and at least one test image.", "",
+                  "over seeds, and at least one test image."
+                  + (" With one seed the spread over seeds is unknown and only the one-image floor applies: run --seeds 3 or more."
+                     if self.seeds == 1 else ""), "",
                   "| finding | comparison (difference of mean top-1, points) | verdict |", "|---|---|---|"]
         for v in self.verdicts():
             comp = "; ".join(f"{c['a']} - {c['b']}: {c['diff']:+.2f} (noise {c['noise']:.2f})" for c in v["comparisons"]) or "-"

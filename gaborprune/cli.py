@@ -30,7 +30,7 @@ out = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdo
 err = Console(stderr=True, highlight=False, emoji=False)
 
 # -- shared options ------------------------------------------------------------------------------
-Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19, torchvision:NAME, package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
+Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19|cada_net, torchvision:NAME, package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs (default: the model's own).", show_default=False)]
 Weights = Annotated[Optional[str], typer.Option("--weights", metavar="FILE", help="Local state_dict file to load (nothing is downloaded).", show_default=False)]
 ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", metavar="KEY=VALUE", help="Builder keyword argument KEY=VALUE, repeatable (e.g. k1=9 for resnet20_altered).", show_default=False)]

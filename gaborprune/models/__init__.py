@@ -1,6 +1,6 @@
 """Model sources: one spec string names a model wherever the CLI or API takes one.
 
-- a built-in CIFAR network: resnet20, resnet32, resnet56, resnet20_altered, vgg11/13/16/19;
+- a built-in CIFAR network: resnet20, resnet32, resnet56, resnet20_altered, vgg11/13/16/19, cada_net;
 - `torchvision:NAME`: any torchvision classification model (weights from a local file only);
 - `package.module:factory`: a user's own callable returning an `nn.Module`;
 - a gaborprune recipe file (`.pt`), handled by `gaborprune.recipe.load_model`.
