@@ -198,7 +198,8 @@ class AblationReport:
             lines.append(f"| {r.setting} | {r.axis} | {r.description} | {acc} | {r.params:,} | {r.macs:,} | {lat} | {ratio} |")
         lines += ["", "## The paper's findings at this scale", "",
                   "A difference counts when it exceeds the noise: two standard errors of the difference of the means "
-                  "over seeds, and at least one test image."
+                  "over seeds, and at least one test image. `consistent`: a finding that predicts no difference (a small "
+                  "context is enough, saturation, a stand-in) found none, which near an accuracy ceiling says little."
                   + (" With one seed the spread over seeds is unknown and only the one-image floor applies: run --seeds 3 or more."
                      if self.seeds == 1 else ""), "",
                   "| finding | comparison (difference of mean top-1, points) | verdict |", "|---|---|---|"]
@@ -209,17 +210,19 @@ class AblationReport:
 
 
 def verdict(kind: str, comparisons: list[dict]) -> str:
-    """Supported / contradicted / within noise, from differences and their noise (see `Finding`)."""
+    """From differences and their noise (see `Finding`): "better" findings are supported,
+    contradicted or within noise; findings that predict no difference are consistent (none beyond
+    the noise, which near an accuracy ceiling says little) or contradicted / not supported."""
     signs = [0 if abs(c["diff"]) <= c["noise"] * (1 + 1e-9) else (1 if c["diff"] > 0 else -1) for c in comparisons]  # rounding: one image is noise
     if kind == "better":
         if all(s > 0 for s in signs):
             return "supported"
         return "contradicted" if any(s < 0 for s in signs) else "within noise"
-    if kind == "not worse":
-        return "contradicted" if any(s < 0 for s in signs) else "supported"
+    if kind == "not worse":  # predicts no loss: finding none is consistent, not proof
+        return "contradicted" if any(s < 0 for s in signs) else "consistent"
     if kind == "saturates":
         if all(s == 0 for s in signs):
-            return "supported"
+            return "consistent"
         return "same trend, not saturated" if len(set(signs)) == 1 else "not supported"
     raise ValueError(f"unknown finding kind '{kind}'")
 

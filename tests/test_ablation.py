@@ -52,9 +52,9 @@ def test_verdicts_follow_the_numbers():
     # dw7 - dw3 = 0 and cada7 - cada3 = +1, with noise 2*sqrt((1 + 0.25) / 3) = 1.29 and 2*sqrt(1 / 3) = 1.15
     saturates = found["depthwise accuracy saturates with larger k, and CADA follows"]
     assert [round(c["noise"], 2) for c in saturates["comparisons"]] == [1.29, 1.15]
-    assert saturates["verdict"] == "supported"
+    assert saturates["verdict"] == "consistent"
     assert found["context awareness is the crucial property"]["verdict"] == "supported"  # +4 vs noise 1.15
-    assert found["a small context is enough (r=1 vs r=3)"]["verdict"] == "supported"
+    assert found["a small context is enough (r=1 vs r=3)"]["verdict"] == "consistent"
     assert found["no spatial invariance trains badly"]["verdict"] == "contradicted"  # -3
     assert found["relaxed invariance beats strict"]["verdict"] == "supported"  # +3 and +2
     assert found["relative position helps"]["verdict"] == "within noise"
@@ -69,7 +69,8 @@ def test_verdict_kinds_and_the_one_image_floor():
     assert one_image[0] > one_image[1] and verdict("better", [{"diff": one_image[0], "noise": one_image[1]}]) == "within noise"
     assert verdict("better", [{"diff": 0.6, "noise": 0.5}, {"diff": 0.1, "noise": 0.5}]) == "within noise"
     assert verdict("better", [{"diff": 0.6, "noise": 0.5}, {"diff": -0.6, "noise": 0.5}]) == "contradicted"
-    assert verdict("not worse", [{"diff": -0.4, "noise": 0.5}]) == "supported"
+    assert verdict("not worse", [{"diff": -0.4, "noise": 0.5}]) == "consistent"
+    assert verdict("not worse", [{"diff": -0.6, "noise": 0.5}]) == "contradicted"
     assert verdict("saturates", [{"diff": 2, "noise": 0.5}, {"diff": 3, "noise": 0.5}]) == "same trend, not saturated"
     assert verdict("saturates", [{"diff": 0, "noise": 0.5}, {"diff": 3, "noise": 0.5}]) == "not supported"
 
