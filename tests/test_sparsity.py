@@ -113,7 +113,7 @@ def test_penalty_reuses_the_forward_kernels_inside_track_forward():
         finally:
             GaborConv2d.weight = property(original)
         loss.backward()
-        return float(loss), float(again), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+        return float(loss.detach()), float(again.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
 
     loss, again, grads, calls = step(track=True)
     loss_ref, again_ref, grads_ref, calls_ref = step(track=False)
