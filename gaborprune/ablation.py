@@ -247,7 +247,9 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
                     train=replace(scale.train, epochs=epochs) if epochs is not None else scale.train)
     out = Path(out) if out is not None else None
     if out is not None:
-        for name in ["results.md", "results.json"] + [f"{s.name}.onnx" for s in chosen]:
+        names = ["results.md", "results.json"] + [f"{s.name}{end}" for s in chosen
+                                                   for end in [".onnx"] + [f"-seed{k}.pt" for k in range(seeds)]]
+        for name in names:  # before any training
             check_output(out / name, force)
 
     shape = scale.input_shape or (3, 32, 32)

@@ -111,3 +111,6 @@ def test_ablation_bad_input(tmp_path):
     result = cli("reproduce", "cada-ablation", "--data", "digits", "--input-shape", "16,16", "--out", tmp_path)
     assert result.exit_code == 2 and "is not C,H,W" in result.output
     assert not any(tmp_path.iterdir())
+    (tmp_path / "cada7-seed1.pt").write_text("a run of yesterday")
+    one_line_error(cli("reproduce", "cada-ablation", "--data", "digits", "--seeds", "2", "--out", tmp_path), "cada7-seed1.pt", "--force")
+    assert (tmp_path / "cada7-seed1.pt").read_text() == "a run of yesterday"
