@@ -1,5 +1,6 @@
-"""Benchmark CADAConv2d (relaxed: B depthwise convolutions mixed per position) against one depthwise
-convolution of the same kernel size: forward time and the extra peak memory of one forward pass.
+"""Benchmark CADAConv2d (relaxed: B depthwise convolutions mixed per position; none: k^2 shifted
+products) against one depthwise convolution of the same kernel size: forward time and the extra peak
+memory of one forward pass.
 
 Both layers get the same input Tensor[N, C, H, W]; both include their 1x1 value projection (the
 depthwise baseline is 1x1 conv + depthwise k x k, the strict-invariance block). Time: median of
@@ -30,7 +31,7 @@ import resource, json, sys, torch
 from gaborprune.convert.cada import CADAConv2d
 torch.set_num_threads(2)
 n, c, hw, k, b, inv = json.loads(sys.argv[1])
-layer = CADAConv2d(c, c, k, bases=b, context=3 if inv == "relaxed" else 0, invariance=inv).eval()
+layer = CADAConv2d(c, c, k, bases=b, context=0 if inv == "strict" else 3, invariance=inv).eval()
 x = torch.randn(n, c, hw, hw)
 with torch.no_grad():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -78,8 +79,9 @@ def main() -> None:
 
     rows = []
     for k in (3, 7):
-        variants = [("depthwise (strict)", "strict", 1), ("CADA relaxed B=2", "relaxed", 2), ("CADA relaxed B=4", "relaxed", 4)]
-        layers = [CADAConv2d(c, c, k, bases=b, context=3 if inv == "relaxed" else 0, invariance=inv).to(device).eval()
+        variants = [("depthwise (strict)", "strict", 1), ("CADA relaxed B=2", "relaxed", 2), ("CADA relaxed B=4", "relaxed", 4),
+                    ("no invariance", "none", 1)]
+        layers = [CADAConv2d(c, c, k, bases=b, context=0 if inv == "strict" else 3, invariance=inv).to(device).eval()
                   for _, inv, b in variants]
         times = [[] for _ in layers]
         with torch.no_grad():

@@ -89,6 +89,57 @@ def test_without_context_relaxed_is_a_depthwise_convolution_of_the_mixture():
     torch.testing.assert_close(layer(x), want)
 
 
+@pytest.mark.parametrize("setting", [dict(invariance="relaxed", bases=2), dict(invariance="none", bases=1, rel_pos=True)])
+def test_no_tensor_k2_times_larger_than_the_values(setting):
+    """Relaxed: B depthwise convolutions; none: k^2 shifted products accumulated. Neither makes the
+    [N, C * k^2, H * W] tensor an unfold would: every tensor made is smaller than that."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    layer = CADAConv2d(8, 8, 7, context=3, **setting)
+    x = torch.randn(2, 8, 16, 16)
+    with Largest():
+        layer(x).sum().backward()
+    assert 0 < Largest.numel < 49 * x.numel() // 4  # 4x below the unfold's size; relaxed stays near one V
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_forward_matches_the_formula(setting):
+    layer = _layer(setting)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, 4, (9 - 1) // layer.stride + 1, (8 - 1) // layer.stride + 1)
+    torch.testing.assert_close(y, reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_gradients_match_finite_differences(setting):
+    layer = _layer(setting, k=3)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_without_context_relaxed_is_a_depthwise_convolution_of_the_mixture():
+    layer = _layer(dict(invariance="relaxed", bases=3, context=0))
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    mixed = torch.einsum("gb,gbij->gij", layer.logits.softmax(dim=1), layer.base_kernels())  # [G, k, k]
+    v = F.conv2d(x, layer.value.weight)
+    want = F.conv2d(v, mixed.repeat(4, 1, 1)[:, None], layer.bias, padding=2, groups=4)
+    torch.testing.assert_close(layer(x), want)
+
+
 def test_relaxed_never_unfolds():
     """The relaxed path is B depthwise convolutions: memory grows with B, not with k^2."""
     layer = CADAConv2d(8, 8, 7, bases=2, context=3)
@@ -106,7 +157,7 @@ def test_relaxed_never_unfolds():
                                      dict(invariance="none", bases=1, rel_pos=True)])
 def test_summary_counts_the_blocks_arithmetic(setting):
     """Oracle: PyTorch's FLOP counter for every convolution the block runs, plus, by hand, what it
-    does not count (the per-position weighting, the unfolded per-position filters)."""
+    does not count (the per-position weighting, the per-position filters of no invariance)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
