@@ -112,47 +112,6 @@ def test_no_tensor_k2_times_larger_than_the_values(setting):
     assert 0 < Largest.numel < 49 * x.numel() // 4  # 4x below the unfold's size; relaxed stays near one V
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_forward_matches_the_formula(setting):
-    layer = _layer(setting)
-    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
-    y = layer(x)
-    assert y.shape == (2, 4, (9 - 1) // layer.stride + 1, (8 - 1) // layer.stride + 1)
-    torch.testing.assert_close(y, reference(layer, x), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_gradients_match_finite_differences(setting):
-    layer = _layer(setting, k=3)
-    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
-    layer(x).square().sum().backward()
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-
-
-def test_without_context_relaxed_is_a_depthwise_convolution_of_the_mixture():
-    layer = _layer(dict(invariance="relaxed", bases=3, context=0))
-    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    mixed = torch.einsum("gb,gbij->gij", layer.logits.softmax(dim=1), layer.base_kernels())  # [G, k, k]
-    v = F.conv2d(x, layer.value.weight)
-    want = F.conv2d(v, mixed.repeat(4, 1, 1)[:, None], layer.bias, padding=2, groups=4)
-    torch.testing.assert_close(layer(x), want)
-
-
-def test_relaxed_never_unfolds():
-    """The relaxed path is B depthwise convolutions: memory grows with B, not with k^2."""
-    layer = CADAConv2d(8, 8, 7, bases=2, context=3)
-    calls = []
-    original = F.unfold
-    F.unfold = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        layer(torch.randn(1, 8, 16, 16))
-    finally:
-        F.unfold = original
-    assert not calls
-
-
 @pytest.mark.parametrize("setting", [dict(invariance="strict", bases=1, context=0), dict(invariance="relaxed", bases=3, stride=2),
                                      dict(invariance="none", bases=1, rel_pos=True)])
 def test_summary_counts_the_blocks_arithmetic(setting):
