@@ -115,14 +115,14 @@ class Scale:
     """Network width, input size and training recipe; `for_data` picks one for a dataset."""
 
     widths: tuple[int, ...]
-    input_shape: tuple[int, int, int] | None  # None: the model's own (3x32x32)
+    input_shape: tuple[int, int, int]
     train: TrainConfig
 
     @classmethod
     def for_data(cls, spec: DataSpec) -> Scale:
         if spec.kind in ("digits", "fake"):  # 8x8 images: 16x16 loses nothing and costs a quarter of 32x32
             return cls((16, 32, 64), (3, 16, 16), TrainConfig(epochs=15, batch_size=64, lr=0.05))
-        return cls((32, 64, 128), None, TrainConfig(epochs=100, batch_size=128, lr=0.1, warmup_epochs=2))
+        return cls((32, 64, 128), (3, 32, 32), TrainConfig(epochs=100, batch_size=128, lr=0.1, warmup_epochs=2))
 
 
 @dataclass
@@ -173,14 +173,14 @@ class AblationReport:
         return out
 
     def to_dict(self) -> dict:
-        scale = {"widths": list(self.scale.widths), "input_shape": self.scale.input_shape, "train": self.scale.train.to_dict()}
+        scale = {"widths": list(self.scale.widths), "input_shape": list(self.scale.input_shape), "train": self.scale.train.to_dict()}
         return {"data": self.data, "scale": scale, "seeds": self.seeds, "test_images": self.test_images,
                 "latency_threads": self.latency_threads,
                 "rows": [asdict(r) | {"mean": r.mean, "std": r.std} for r in self.rows], "findings": self.verdicts()}
 
     def markdown(self) -> str:
         t = self.scale.train
-        shape = "x".join(map(str, self.scale.input_shape)) if self.scale.input_shape else "3x32x32"
+        shape = "x".join(map(str, self.scale.input_shape))
         ref = self.row("dw3") or self.rows[0]
         lines = [
             "# CADA ablation", "",
@@ -252,8 +252,7 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
         for name in names:  # before any training
             check_output(out / name, force)
 
-    shape = scale.input_shape or (3, 32, 32)
-    train, test = load_data(spec, shape)
+    train, test = load_data(spec, scale.input_shape)
     report = AblationReport(str(spec), scale, seeds, len(test), latency_threads=latency_threads)
     models = {}
     for setting in chosen:
@@ -272,7 +271,7 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
                 save_recipe(out / f"{setting.name}-seed{seed}.pt", model, recipe, force=force)
             if seed == 0:
                 models[setting.name] = (model, recipe)
-        counts = summarize(models[setting.name][0], shape)
+        counts = summarize(models[setting.name][0], scale.input_shape)
         report.rows.append(Row(setting.name, setting.axis, setting.describe(), accuracies, counts.params, counts.macs))
 
     if out is not None:
@@ -294,6 +293,6 @@ def _time_exports(report: AblationReport, models: dict, out: Path, runs: int, on
         export_model(model, recipe, out / f"{name}.onnx", config, force=force)
     on_stage(f"timing {len(models)} ONNX models side by side ({runs} runs each)")
     sessions = [session(out / f"{name}.onnx", threads=report.latency_threads) for name in models]
-    x = np.random.default_rng(0).standard_normal((1, *(report.scale.input_shape or (3, 32, 32))), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((1, *report.scale.input_shape), dtype=np.float32)
     for row, latency in zip(report.rows, time_interleaved(sessions, x, warmup=20, runs=runs)):
         row.latency_ms = latency.p50
