@@ -53,9 +53,11 @@ def main() -> None:
 
     import torch
 
+    from gaborprune._threads import machine_note
     from gaborprune.convert.cada import CADAConv2d
 
     torch.set_num_threads(2)
+    print(machine_note(), flush=True)
     device = torch.device(args.device)
     n, c, hw = args.batch, args.channels, args.size
     x = torch.randn(n, c, hw, hw, device=device)

@@ -42,6 +42,7 @@ import time
 import torch
 
 import gaborprune
+from gaborprune._threads import machine_note
 from gaborprune.convert.fit import random_gabor
 from gaborprune.convert.spec import select_layers
 
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_note(), flush=True)
     torch.manual_seed(args.seed)
 
     rows = []

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import gaborprune as gp
+from gaborprune._threads import machine_note
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import bench, load_onnx
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    print(machine_note(), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import gaborprune as gp
+from gaborprune._threads import machine_note
 
 CASES = (
     ("resnet20_altered", None),  # its two stem layers are Gabor banks already
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_note(), flush=True)
 
     rows = []
     for spec, shape in CASES:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import gaborprune
+from gaborprune._threads import machine_note
 from gaborprune.sparsity import GaborSparsity
 
 #: model -> the `first` values to compare with the plain model (0 = plain).
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_note(), flush=True)
     device = torch.device(args.device)
     amp = device.type == "cuda" and args.amp
     if device.type == "cuda":

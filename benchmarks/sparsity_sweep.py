@@ -16,6 +16,7 @@ import time
 import torch
 
 import gaborprune as gp
+from gaborprune._threads import machine_note
 from gaborprune.data import load_data
 from gaborprune.train import TrainConfig, finetune
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
+    print(machine_note(), flush=True)
 
     rows = []
     for strength in [float(s) for s in args.strengths.split(",")]:

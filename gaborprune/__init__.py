@@ -40,6 +40,7 @@ _EXPORTS = {
     "save_recipe": "gaborprune.recipe",
     "ModelSummary": "gaborprune.summary",
     "summarize": "gaborprune.summary",
+    "set_threads": "gaborprune._threads",
 }
 
 __all__ = ["__version__", *_EXPORTS]

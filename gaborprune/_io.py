@@ -1,13 +1,22 @@
-"""Atomic, overwrite-safe output files."""
+"""Output files: checked before any work, written all-or-nothing, strict JSON.
+
+Every file the project writes (recipes, checkpoints, ONNX, JSON, PNG, Markdown, the metrics log)
+goes through `write_atomic`: the content goes to a temporary file in the target directory, which
+is then renamed over the target. An I/O error (full disk, read-only or missing directory, no
+permission) becomes one `GaborPruneError` line naming the path and the cause; it leaves no partial
+or temporary file, and an existing file at the path stays as it was. A missing output directory
+is created (with its parents), as `mkdir -p` would; a path through an existing *file* is an error.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gaborprune.errors import GaborPruneError, OutputExistsError
 
@@ -28,20 +37,55 @@ def check_output(path: str | os.PathLike | None, force: bool = False) -> None:
         raise OutputExistsError(f"output '{p}' exists; pass --force to overwrite it")
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
-    """Write a file through a temporary sibling and an atomic rename.
+def check_outputs(paths: Iterable[str | os.PathLike | None], force: bool = False, *,
+                  reused: Iterable[str | os.PathLike] = ()) -> None:
+    """`check_output` for all of a command's outputs at once, and no path given twice.
 
-    `write` receives the temporary path. A failure leaves neither a partial file nor a
-    changed original behind.
+    `reused` are outputs that may exist without `force` (a resumed run's own checkpoints); they
+    still may not coincide with another output. `None` entries (options not given) are skipped.
+
+    Raises:
+        GaborPruneError: two outputs are the same file (compared after resolving links and `..`),
+            or `check_output` fails for one of them.
+    """
+    outputs = [(Path(p), True) for p in paths if p is not None] + [(Path(p), False) for p in reused]
+    seen: dict[Path, Path] = {}
+    for p, _ in outputs:
+        try:
+            key = p.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: check_output reports what is wrong with it
+            key = p.absolute()
+        if key in seen:
+            also = f" (also as '{seen[key]}')" if str(seen[key]) != str(p) else ""
+            raise GaborPruneError(f"output '{p}' is given twice{also}; give each output its own path")
+        seen[key] = p
+    for p, checked in outputs:
+        check_output(p, force or not checked)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
+    """Write a file through a temporary sibling and an atomic rename (see the module docstring).
+
+    `write` receives the temporary path. Prefer the helpers below, which write through one open file.
+
+    Raises:
+        GaborPruneError: `path` may not be overwritten, or an I/O error (the message names `path`
+            and the cause).
     """
     p = Path(path)
     check_output(p, force)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), p.parent)
+        raise GaborPruneError(f"cannot write '{p}': '{blocking}' is a file, not a directory") from None
+    except OSError as e:
+        raise _write_error(p, e) from None
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         os.close(fd)
     except OSError as e:
-        raise GaborPruneError(f"cannot write '{p}': {e.strerror or e}") from None
+        raise _write_error(p, e) from None
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
@@ -51,17 +95,81 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], force: 
         os.replace(tmp_path, p)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        raise GaborPruneError(f"cannot write '{p}': {e.strerror or e}") from None
+        raise _write_error(p, e) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return p
 
 
+def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], None], force: bool = False) -> Path:
+    """`write_atomic` where `write` fills an open binary file."""
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return write_atomic(path, fill, force)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
+    return write_file(path, lambda f: f.write(data), force)
+
+
+def write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
+    return write_bytes(path, text.encode(), force)
+
+
+def to_json(data: Any, indent: int | None = None) -> str:
+    """Strict JSON: non-finite floats (NaN, +-Infinity) become null, which every parser reads."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, data: Any, force: bool = False) -> Path:
-    """Write `data` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    return write_atomic(path, lambda tmp: tmp.write_text(text), force)
+    """Write `data` as indented strict JSON (`to_json`), atomically."""
+    return write_text(path, to_json(data, indent=2) + "\n", force)
+
+
+def save_torch(path: str | os.PathLike, obj: Any, force: bool = False) -> Path:
+    """`torch.save(obj)` into `path`, atomically, with one-line I/O errors."""
+    return write_file(path, lambda f: _torch_save(obj, f), force)
+
+
+def save_figure(path: str | os.PathLike, fig: Any, force: bool = False) -> Path:
+    """A matplotlib figure as a PNG (120 dpi), atomically."""
+    return write_file(path, lambda f: fig.savefig(f, dpi=120, format="png"), force)
+
+
+def _torch_save(obj: Any, f: IO[bytes]) -> None:
+    import torch
+
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        # torch's stream writer reports a failed write as RuntimeError ("PytorchStreamWriter failed
+        # writing file", "basic_ios::clear"); the OSError it hit, if any, is in the chain, and the
+        # file's own buffer may still hold the bytes whose flush says what went wrong
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise cause from None
+        f.flush()
+        raise OSError(f"torch.save failed ({_first_line(e)})") from None
+
+
+def _write_error(path: Path, e: OSError) -> GaborPruneError:
+    return GaborPruneError(f"cannot write '{path}': {e.strerror or e}")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def safe_torch_load(path: Path, what: str, error: type[GaborPruneError]) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaborprune._io import check_output, write_atomic, write_json
+from gaborprune._io import check_outputs, write_json, write_text
 from gaborprune.convert.spec import ConversionSpec
 from gaborprune.data import DataSpec, load_data
 from gaborprune.errors import GaborPruneError
@@ -249,10 +249,11 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
     if out is not None:
         names = ["results.md", "results.json"] + [f"{s.name}{end}" for s in chosen
                                                    for end in [".onnx"] + [f"-seed{k}.pt" for k in range(seeds)]]
-        for name in names:  # before any training
-            check_output(out / name, force)
+        check_outputs([out / name for name in names], force)  # before any training
 
     train, test = load_data(spec, scale.input_shape)
+    # toy data smaller than the scale's batch: one batch of all of it (finetune refuses a larger batch)
+    scale = replace(scale, train=replace(scale.train, batch_size=min(scale.train.batch_size, len(train))))
     report = AblationReport(str(spec), scale, seeds, len(test), latency_threads=latency_threads)
     models = {}
     for setting in chosen:
@@ -278,7 +279,7 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
         _time_exports(report, models, out, latency_runs, on_stage, force)
         write_json(out / "results.json", report.to_dict(), force)
         text = report.markdown()
-        write_atomic(out / "results.md", lambda tmp: tmp.write_text(text), force)
+        write_text(out / "results.md", text, force)
     return report
 
 

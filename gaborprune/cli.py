@@ -37,6 +37,8 @@ ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", metavar="K
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input C,H,W (default: from the model source).", show_default=False)]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Also write a machine-readable report here.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+TrustFactory = Annotated[bool, typer.Option("--trust-factory", help="Let a recipe file import and call the package.module:factory it names as its model source (that runs code from the file's author; only for files you trust).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads torch computes with (default: one per core; on a busy machine 1 is often several times faster).", show_default=False)]
 
 
 def _command(fn):
@@ -81,13 +83,26 @@ def _model_args(items: list[str] | None) -> dict:
     return args
 
 
-def _load(source: str, num_classes, weights, model_args, input_shape, seed: int | None = None):
+def _threads(threads: int | None) -> int:
+    """Set torch's threads before any work; warn in one line when the machine cannot give them."""
+    from gaborprune._threads import busy_warning, set_threads
+
+    used = set_threads(threads)
+    warning = busy_warning(used)
+    if warning:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    return used
+
+
+def _load(source: str, num_classes, weights, model_args, input_shape, seed: int | None = None, trust_factory: bool = False):
     import torch
 
+    from gaborprune._validate import check_seed
     from gaborprune.recipe import load_model
 
-    torch.manual_seed(seed or 0)  # a fresh source's initial weights are reproducible, like the rest of a run
-    return load_model(source, num_classes=num_classes, weights=weights, model_args=_model_args(model_args), input_shape=_shape(input_shape))
+    torch.manual_seed(check_seed(seed or 0))  # a fresh source's initial weights are reproducible, like the rest of a run
+    return load_model(source, num_classes=num_classes, weights=weights, model_args=_model_args(model_args), input_shape=_shape(input_shape),
+                      trust_factory=trust_factory)
 
 
 def _count(n: int) -> str:
@@ -105,7 +120,7 @@ def convert(
     layers: Annotated[Optional[int], typer.Option("--layers", metavar="N", help="Convert the first N convolutions in execution order.", show_default=False)] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", metavar="NAME", help="Convert this layer (qualified name, or re:REGEX); repeatable.", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option("--init", metavar="fit|random", help="fit: least squares to the trained kernels (default); random: a spread bank.", show_default=False)] = None,
-    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay).", show_default=False)] = None,
+    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay): K - k even, at most 31 and at most 2*min(H,W)-1 of each layer's input (wider taps only see padding).", show_default=False)] = None,
     freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, wavelength, psi, gamma; repeatable.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a fresh source's initial weights and of the random bank (default 0).", show_default=False)] = None,
     to: Annotated[Optional[str], typer.Option("--to", metavar="gabor|cada", help="gabor: learnable Gabor banks (default); cada: context-aware decomposed attention blocks.", show_default=False)] = None,
@@ -120,10 +135,13 @@ def convert(
     model_arg: ModelArg = None,
     input_shape: InputShape = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Turn chosen convolutions of a trained model into learnable Gabor banks (or CADA blocks) and save a recipe."""
-    from gaborprune._io import check_output, write_json
+    _threads(threads)
+    from gaborprune._io import check_outputs, write_json
     from gaborprune.convert.spec import ConversionSpec
     from gaborprune.recipe import convert_model, save_recipe
     from gaborprune.summary import summarize
@@ -131,9 +149,8 @@ def convert(
     options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed,
                "to": to, "heads": heads, "bases": bases, "context": context, "invariance": invariance, "rel_pos": rel_pos, "basis": basis}
     spec = ConversionSpec(**{k: v for k, v in options.items() if v is not None})
-    for path in (output, json_path):
-        check_output(path, force)
-    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed)
+    check_outputs([output, json_path], force)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed, trust_factory)
     params_before = summarize(model, recipe.input_shape).params
     with err.status("fitting Gabor banks..." if spec.init == "fit" and spec.to == "gabor" else "converting..."):
         report = convert_model(model, recipe, spec)
@@ -175,16 +192,18 @@ def inspect(
     model_arg: ModelArg = None,
     input_shape: InputShape = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs."""
-    from gaborprune._io import check_output, write_json
+    _threads(threads)
+    from gaborprune._io import check_outputs, write_json
     from gaborprune.plot import plot_banks
     from gaborprune.summary import summarize
 
-    for path in (png, json_path):
-        check_output(path, force)
-    model, recipe = _load(source, num_classes, weights, model_arg, input_shape)
+    check_outputs([png, json_path], force)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, trust_factory=trust_factory)
     summary = summarize(model, recipe.input_shape)
 
     table = Table(title=f"{source}  (input {'x'.join(map(str, summary.input_shape))})")
@@ -212,13 +231,13 @@ DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: d
 Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda", help="auto: CUDA when available (default).", show_default=False)]
 
 
-def _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, seed=None):
+def _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, seed=None, trust_factory=False):
     from gaborprune.data import DataSpec, load_data
     from gaborprune.train.distributed import setup
 
     spec = DataSpec.parse(data)
     dist, dev = setup(device or "auto")
-    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed)
+    model, recipe = _load(source, num_classes, weights, model_arg, input_shape, seed, trust_factory)
     train, test = load_data(spec, recipe.input_shape, resize=resize)
     return dist, dev, model, recipe, str(spec), train, test
 
@@ -228,6 +247,7 @@ def _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gaborprune.train import finetune as run_finetune
+    from gaborprune.train.interrupt import Terminated, sigterm_as_interrupt
 
     progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%  {task.fields[ips]:.0f} img/s"),
@@ -242,13 +262,13 @@ def _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints
         out.print(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  train {r['train_accuracy']:5.1f}%  "
                   f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + (f"  alive: {alive}" if alive else ""))
 
-    with progress:
+    with progress, sigterm_as_interrupt():
         try:
             return run_finetune(model, recipe, train, test, config, device=dev, data_name=data_name, checkpoints=checkpoints,
                                 resume=resume, dist=dist, on_step=on_step, on_epoch=on_epoch)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             hint = f"; continue with the same command plus --resume {checkpoints.last}" if checkpoints else ""
-            raise GaborPruneError(f"interrupted{hint}") from None
+            raise GaborPruneError(f"{'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}{hint}") from None
 
 
 @_command
@@ -273,16 +293,19 @@ def finetune(
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (default off).", show_default=False)] = None,
     deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic algorithms (default off).", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="FILE", help="Continue the run saved in FILE (an OUT.last.pt).", show_default=False)] = None,
-    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre crop (default H*256/224).", show_default=False)] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre crop, H to 8*H (default H*256/224).", show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
     input_shape: InputShape = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Fine-tune any model source (Gabor banks get the sparsity pressure); writes a recipe."""
-    from gaborprune._io import check_output, write_json
+    _threads(threads)
+    from gaborprune._io import check_outputs, write_json
     from gaborprune.recipe import save_recipe
     from gaborprune.train import Checkpoints
     from gaborprune.train.distributed import teardown
@@ -294,10 +317,10 @@ def finetune(
     checkpoints = Checkpoints(output)
     if resume is not None and not resume.is_file():
         raise GaborPruneError(f"resume file '{resume}' not found")
-    dist, dev, model, recipe, data_name, train, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, config.seed)
+    dist, dev, model, recipe, data_name, train, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, config.seed, trust_factory)
     if dist.main:
-        for path in [output, json_path] + ([] if resume else checkpoints.paths):
-            check_output(path, force)
+        # a resumed run overwrites its own checkpoints by design
+        check_outputs([output, json_path] + ([] if resume else checkpoints.paths), force, reused=checkpoints.paths if resume else ())
     try:
         if dist.main:
             out.print(f"fine-tuning {source} on {data_name} ({len(train)} train / {len(test)} test images) on {dev}"
@@ -324,18 +347,21 @@ def eval(
     model_arg: ModelArg = None,
     input_shape: InputShape = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Top-1 / top-5 accuracy and loss on the test split of a dataset."""
+    _threads(threads)
     from gaborprune._io import check_output, write_json
     from gaborprune.train import evaluate
     from gaborprune.train.loop import check_classes
 
     check_output(json_path, force)
-    dist, dev, model, recipe, data_name, _, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize)
+    dist, dev, model, recipe, data_name, _, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, trust_factory=trust_factory)
     model.to(dev)
     check_classes(model, recipe, test.num_classes, data_name)
-    result = evaluate(model, test.to(dev), dev, batch_size=batch_size or 256)
+    result = evaluate(model, test.to(dev), dev, batch_size=256 if batch_size is None else batch_size)
     out.print(f"{source} on {data_name}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.samples} test images, {dev})")
     if json_path:
         write_json(json_path, {"top1": result.top1, "top5": result.top5, "loss": result.loss, "samples": result.samples}, force)
@@ -424,10 +450,13 @@ def prune(
     resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize before the centre crop.", show_default=False)] = None,
     input_shape: InputShape = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty out of the network."""
-    from gaborprune._io import check_output, write_json
+    _threads(threads)
+    from gaborprune._io import check_outputs, write_json
     from gaborprune.data import DataSpec, load_data
     from gaborprune.prune import PruneSpec, prune_model
     from gaborprune.recipe import save_recipe
@@ -455,12 +484,10 @@ def prune(
         raise GaborPruneError(f"--finetune-epochs must be at least 1, not {finetune_epochs}")
     recovery = dict(epochs=finetune_epochs, lr=0.01 if lr is None else lr, batch_size=batch_size, seed=seed)
     config = TrainConfig(**{k: v for k, v in recovery.items() if v is not None})
-    writes = [json_path, png] + ([] if dry_run else [output])
-    for path in writes:
-        check_output(path, force)
+    check_outputs([json_path, png] + ([] if dry_run else [output]), force)
 
     data_spec = DataSpec.parse(data) if data is not None else None
-    model, recipe = _load(source, None, None, None, input_shape)
+    model, recipe = _load(source, None, None, None, input_shape, trust_factory=trust_factory)
     dist, dev = setup(device or "auto")
     try:
         if data_spec is not None:
@@ -533,16 +560,18 @@ def export(
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Let the batch dimension vary (default: static, for embedded runtimes).")] = False,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 to 23 (default: the exporter's).", show_default=False)] = None,
     lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="Form of kernel-sparse layers: auto measures each in ONNX Runtime and keeps the faster (default).", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="ONNX Runtime intra-op threads for the measurements and checks (default: its own).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of torch and of the ONNX Runtime sessions that measure and check (default: one per core).", show_default=False)] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.", show_default=False)] = None,
-    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact (default 8; 0 off).", show_default=False)] = None,
+    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact: 0 (off) or a power of two from 2 to 64 (default 8).", show_default=False)] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on --data) or, without --data, dynamic.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.", show_default=False)] = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
 ) -> None:
     """Write a compact ONNX model for inference: plain ops, BatchNorm folded, checked against PyTorch."""
-    from gaborprune._io import check_output, write_json
+    _threads(threads)
+    from gaborprune._io import check_outputs, write_json
     from gaborprune.export.api import ExportConfig, export_model
 
     shape = _shape(input_shape, "N,C,H,W", "1,3,32,32")
@@ -551,9 +580,8 @@ def export(
     options = dict(batch_size=shape[0] if shape else None, dynamic_batch=dynamic_batch, opset=opset, lowering=lowering, atol=atol,
                    threads=threads, pad_channels=pad_channels)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None}, quantize=quantize == "int8")
-    for path in (output, json_path):
-        check_output(path, force)
-    model, recipe = _load(source, None, None, None, ",".join(map(str, shape[1:])) if shape else None)
+    check_outputs([output, json_path], force)
+    model, recipe = _load(source, None, None, None, ",".join(map(str, shape[1:])) if shape else None, trust_factory=trust_factory)
     pair = None
     if data is not None:
         from gaborprune.data import DataSpec, load_data
@@ -605,14 +633,14 @@ def _ints(text: str | None, option: str, default: tuple[int, ...]) -> tuple[int,
     return values
 
 
-def _bench_model(spec: str, workdir: Path, batch: int, threads: int):
+def _bench_model(spec: str, workdir: Path, batch: int, threads: int, trust_factory: bool = False):
     """An ONNX file as is; a recipe or model source exported on the fly (dynamic batch, auto lowering)."""
     from gaborprune.export.api import ExportConfig, export_model
     from gaborprune.export.bench import load_onnx
 
     if spec.endswith(".onnx"):
         return load_onnx(spec)
-    model, recipe = _load(spec, None, None, None, None)
+    model, recipe = _load(spec, None, None, None, None, trust_factory=trust_factory)
     path = workdir / f"{len(list(workdir.iterdir()))}.onnx"
     with err.status(f"exporting {spec}..."):
         export_model(model, recipe, path, ExportConfig(batch_size=batch, dynamic_batch=True, threads=threads))
@@ -621,9 +649,14 @@ def _bench_model(spec: str, workdir: Path, batch: int, threads: int):
     return m
 
 
+def _load_note(env: dict) -> str:
+    load = env.get("load_average")
+    return "" if load is None else f" (1-minute load {load:.2f})"
+
+
 def _bench_markdown(report, title: str) -> str:
     env = report.environment
-    lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, "
+    lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores{_load_note(env)}; onnxruntime {env['onnxruntime']}, "
              f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1.", "",
              "| model | runtime | batch | threads | p50 ms | p90 ms | p99 ms | mean ms | std ms | images/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.results:
@@ -647,7 +680,7 @@ def _bench_png(report, path: Path, force: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gaborprune._io import write_atomic
+    from gaborprune._io import save_figure
 
     configs = sorted({(r.batch_size, r.threads) for r in report.results})
     names = list(dict.fromkeys(f"{r.model} ({r.runtime})" if r.runtime != "onnxruntime" else r.model for r in report.results))
@@ -661,7 +694,7 @@ def _bench_png(report, path: Path, force: bool) -> None:
     ax.set_ylabel("median latency (ms)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    save_figure(path, fig, force)
     plt.close(fig)
 
 
@@ -670,7 +703,7 @@ def bench(
     models: Annotated[list[str], typer.Argument(help="ONNX files, or recipes / model sources (exported on the fly).", metavar="MODEL...", show_default=False)],
     baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="MODEL", help="Reference timed in the same runs: speedup, MAC ratio, efficiency.", show_default=False)] = None,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", metavar="B1,B2,...", help="Batch sizes (default 1).", show_default=False)] = None,
-    threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts (default 1).", show_default=False)] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts, each 1 to the cores available (default 1).", show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model and configuration.")] = 10,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model and configuration.")] = 100,
     provider: Annotated[str, typer.Option("--provider", metavar="cpu|cuda", help="ONNX Runtime execution provider.")] = "cpu",
@@ -679,30 +712,33 @@ def bench(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Write a Markdown report.", show_default=False)] = None,
     png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration.", show_default=False)] = None,
     json_path: JsonOut = None,
+    trust_factory: TrustFactory = False,
     force: Force = False,
 ) -> None:
     """Latency of ONNX models in ONNX Runtime (p50/p90/p99, throughput), side by side with a baseline."""
     import tempfile
 
-    from gaborprune._io import check_output, write_atomic, write_json
+    from gaborprune._io import check_outputs, write_json, write_text
+    from gaborprune._validate import check_threads
     from gaborprune.export.bench import bench as run_bench
     from gaborprune.export.runtime import providers
 
     batches, thread_counts = _ints(batch_size, "--batch-size", (1,)), _ints(threads, "--threads", (1,))
+    for t in thread_counts:  # before exporting anything
+        check_threads(t)
     if warmup < 0 or runs < 1:
         raise GaborPruneError(f"--runs must be at least 1 and --warmup at least 0, not {runs} and {warmup}")
     providers(provider)
-    for path in (json_path, markdown, png):
-        check_output(path, force)
+    check_outputs([json_path, markdown, png], force)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = [_bench_model(m, Path(tmp), batches[0], thread_counts[0]) for m in models]
-        base = _bench_model(baseline, Path(tmp), batches[0], thread_counts[0]) if baseline else None
+        loaded = [_bench_model(m, Path(tmp), batches[0], thread_counts[0], trust_factory) for m in models]
+        base = _bench_model(baseline, Path(tmp), batches[0], thread_counts[0], trust_factory) if baseline else None
         with err.status(f"timing {len(loaded) + bool(base)} model(s) x {len(batches) * len(thread_counts)} configuration(s)..."):
             report = run_bench(loaded, baseline=base, batch_sizes=batches, threads=thread_counts, warmup=warmup, runs=runs,
                                provider=provider, profile_layers=profile, torch_eager=torch_eager)
 
     env = report.environment
-    table = Table(title=f"latency: {env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']} ({provider})")
+    table = Table(title=f"latency: {env['cpu']}, {env['cores']} cores{_load_note(env)}, onnxruntime {env['onnxruntime']} ({provider})")
     for col in ("model", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
     for r in report.results:
@@ -731,7 +767,7 @@ def bench(
         write_json(json_path, report.to_dict(), force)
     if markdown:
         text = _bench_markdown(report, "gaborprune bench")
-        write_atomic(markdown, lambda tmp: tmp.write_text(text), force)
+        write_text(markdown, text, force)
     if png:
         _bench_png(report, png, force)
 
@@ -747,17 +783,17 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the recipes, ONNX files, PNGs and report go.")] = Path("demo-out"),
     device: Device = None,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """The whole pipeline on the bundled digits, offline: train, convert, fine-tune with sparsity, prune, export, bench."""
+    _threads(threads)
     import time
 
-    from gaborprune.demo import DemoConfig, run_demo
+    from gaborprune.demo import FILES, DemoConfig, run_demo
     from gaborprune.train.distributed import resolve_device
 
     config = DemoConfig()
-    names = ["baseline.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "banks-converted.png", "banks-before-pruning.png",
-             "banks-after-pruning.png", "latency.png", "report.md", "report.json"]
-    taken = [n for n in names if (out_dir / n).exists()]
+    taken = [n for n in FILES if (out_dir / n).exists()]
     if taken and not force:
         raise GaborPruneError(f"'{out_dir}' already holds a demo ({taken[0]}, ...); pass --force to overwrite it or choose --out")
     dev = resolve_device(device or "auto")
@@ -796,8 +832,10 @@ def reproduce(
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where recipes and results.md / results.json go.")] = Path("reproduce-out"),
     device: Device = None,
     force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Run one of the seed papers' experiments: Gabor (plain vs Gabor network, kernels kept) or the CADA ablation."""
+    _threads(threads)
     from gaborprune.reproduce import EXPERIMENTS, reproduce as run_reproduce
     from gaborprune.train.distributed import resolve_device
 

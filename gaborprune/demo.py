@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gaborprune._io import write_atomic, write_json
+from gaborprune._io import check_outputs, save_figure, write_json, write_text
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import ConversionSpec
 from gaborprune.data import load_data
@@ -43,6 +43,10 @@ class DemoConfig:
     threshold: float = PruneSpec().threshold
     bench_runs: int = 100
     seed: int = 0
+
+
+FILES = ("baseline.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "banks-converted.png", "banks-before-pruning.png",
+         "banks-after-pruning.png", "latency.png", "report.md", "report.json")  # everything `run_demo` writes into its folder
 
 
 @dataclass
@@ -81,7 +85,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     import time
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_outputs([out / name for name in FILES], force)  # before any training
     report = DemoReport(config)
     torch.manual_seed(config.seed)
     model, recipe = load_model(config.model)
@@ -149,7 +153,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
         ("banks_after", "banks-after-pruning.png"), ("latency_png", "latency.png"), ("report_md", "report.md"), ("report_json", "report.json"))}
     write_json(out / "report.json", report.to_dict(), force)
     text = markdown(report)
-    write_atomic(out / "report.md", lambda tmp: tmp.write_text(text), force)
+    write_text(out / "report.md", text, force)
     return report
 
 
@@ -169,7 +173,7 @@ def _latency_png(result, path: Path, force: bool) -> None:
     ax.set_title("ONNX Runtime, batch 1, 1 thread", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    save_figure(path, fig, force)
     plt.close(fig)
 
 
@@ -199,6 +203,6 @@ def markdown(report: DemoReport) -> str:
         lines += ["", f"Speedup {comp['speedup']:.3f}x at a MAC ratio of {comp['mac_ratio']:.3f} "
                       f"(efficiency {eff:.2f})." if eff is not None else ""]
     env = report.latency.get("environment", {})
-    lines += ["", f"Machine: {env.get('cpu')}, {env.get('cores')} cores; onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}; {env.get('date')}.",
+    lines += ["", f"Machine: {env.get('cpu')}, {env.get('cores')} cores, 1-minute load {env.get('load_average') or 0:.2f} when timing began; onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}; {env.get('date')}.",
               "", "Pictures: `banks-converted.png`, `banks-before-pruning.png`, `banks-after-pruning.png`, `latency.png`.", ""]
     return "\n".join(lines)

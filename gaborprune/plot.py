@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gaborprune._io import write_atomic
+from gaborprune._io import save_figure
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import conv_modules
 from gaborprune.summary import alive_kernels
@@ -71,7 +71,7 @@ def plot_banks(model: nn.Module, path: str | os.PathLike, *, layers: list[str] |
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    save_figure(path, fig, force)
     plt.close(fig)
     return layers
 
@@ -93,5 +93,5 @@ def plot_sweep(points, path: str | os.PathLike, *, title: str = "", force: bool 
     ax.set_title(f"{title}: accuracy vs kernels kept" if title else "accuracy vs kernels kept", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force)
+    save_figure(path, fig, force)
     plt.close(fig)

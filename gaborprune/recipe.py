@@ -11,13 +11,20 @@ A recipe is a plain dict of strings, numbers, lists and tensors, so it loads wit
      "state_dict": {name: Tensor}}
 
 The architecture is rebuilt by replay (build the source, re-apply each conversion and the prune
-plan), then the state_dict is loaded strictly.
+plan), then the state_dict is loaded strictly. Every field is validated before anything is built.
+
+Recipes are data, and only data: a built-in or `torchvision:` source rebuilds by name, but a
+`package.module:factory` source would import and call code that whoever wrote the file chose, so
+replay refuses it unless the caller trusts it (`trust_factory=True`, `--trust-factory`, or the module
+listed in GABORPRUNE_TRUSTED_MODULES).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +32,17 @@ import torch
 from torch import nn
 
 from gaborprune import __version__
-from gaborprune._io import safe_torch_load, write_atomic
+from gaborprune._io import safe_torch_load, save_torch
+from gaborprune._validate import is_int
 from gaborprune.convert.spec import ConversionReport, ConversionSpec, gaborize_
-from gaborprune.errors import ModelSourceError, RecipeError
-from gaborprune.models import ModelSource, fit_state_dict, load_state_dict_file, portable_state_dict
+from gaborprune.errors import GaborPruneError, ModelSourceError, RecipeError
+from gaborprune.models import TRUST_ENV, ModelSource, fit_state_dict, load_state_dict_file, non_finite, portable_state_dict, trusted_factory
 
 FORMAT = "gaborprune.recipe"
 VERSION = 1
+_MAX_SIDE, _MAX_INPUT = 16384, 2**26  # a stored input shape beyond these is corruption, not a model
+# what replaying validated data can still raise (a layer name the model lacks, a plan that does not fit)
+_REPLAY_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, ArithmeticError)
 
 
 @dataclass
@@ -43,18 +54,46 @@ class Recipe:
     conversions: list[dict[str, Any]] = field(default_factory=list)
     prune_plans: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)  # the file it was read from, for messages
 
-    def build(self) -> nn.Module:
-        """The architecture by replay, with fresh (not trained) weights."""
+    def build(self, *, trust_factory: bool = False) -> nn.Module:
+        """The architecture by replay, with fresh (not trained) weights.
+
+        Args:
+            trust_factory: allow a `package.module:factory` source to be imported and called (it runs
+                code the recipe's author chose); without it, only a module listed in
+                GABORPRUNE_TRUSTED_MODULES is.
+
+        Raises:
+            RecipeError: an untrusted factory source (refused before any import), or a step that
+                does not replay on the model.
+        """
         from gaborprune.prune.plan import PrunePlan, apply_plan_
 
-        model = self.source.build()
-        plans = sorted(self.prune_plans, key=lambda p: p.get("after_conversions", 0))  # stable: keeps their order
-        for k, record in enumerate([*self.conversions, None]):
-            while plans and plans[0].get("after_conversions", 0) <= k:
-                apply_plan_(model, PrunePlan.from_dict(plans.pop(0)))
-            if record is not None:
-                gaborize_(model, ConversionSpec.from_dict(record["spec"]), layers=record["layers"], init="none")
+        where = f"recipe '{self.origin}'" if self.origin else "the recipe"
+        spec = self.source.spec
+        if self.source.kind == "factory" and not (trust_factory or trusted_factory(spec)):
+            raise RecipeError(
+                f"{where} names the model factory '{spec}', which rebuilding would import and call (code chosen by whoever wrote the file); "
+                f"refused. If you trust it, pass --trust-factory (trust_factory=True in the API) or set {TRUST_ENV}={spec.partition(':')[0]}"
+            )
+        step = "its model source"
+        try:
+            model = self.source.build()
+            plans = sorted(enumerate(self.prune_plans), key=lambda ip: ip[1].get("after_conversions", 0))  # stable: keeps their order
+            for k, record in enumerate([*self.conversions, None]):
+                while plans and plans[0][1].get("after_conversions", 0) <= k:
+                    i, plan = plans.pop(0)
+                    step = f"prune_plans[{i}]"
+                    apply_plan_(model, PrunePlan.from_dict(plan))
+                if record is not None:
+                    step = f"conversions[{k}]"
+                    gaborize_(model, ConversionSpec.from_dict(record["spec"]), layers=record["layers"], init="none")
+        except GaborPruneError as e:  # already one clear line; say where it came from, keep its type
+            raise type(e)(f"{where}, {step}: {e}") from None
+        except _REPLAY_ERRORS as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RecipeError(f"{where}: {step} does not replay on its model ({type(e).__name__}: {detail}); the file may be corrupt") from None
         return model
 
     def record(self, report: ConversionReport) -> None:
@@ -94,28 +133,171 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise RecipeError(f"recipe path '{p}' is not a file")
     obj = safe_torch_load(p, "recipe", RecipeError)
+    _validate(obj, p)
+    return obj
+
+
+def _show(value: Any) -> str:
+    """A short, one-line description of a value for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value).replace("\n", " ")
+    return f"{text[:40] + '...' if len(text) > 40 else text} ({type(value).__name__})"
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(map(is_int, value))
+
+
+def _json_like(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth > 16:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_json_like(v, depth + 1) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items())
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (plain data) has the type a dataclass field declares: int, float, str, bool,
+    tuple[str, ...] (a list in the file) and their `| None`. Other hints are left to the class."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_int(value) or isinstance(value, float)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _validate(obj: Any, p: Path) -> None:
+    """Check a loaded recipe's whole schema, before anything is built from it.
+
+    Raises:
+        RecipeError: one line naming the first field that is missing, of the wrong type or out of range.
+    """
+    from gaborprune.prune.plan import PrunePlan
+
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise RecipeError(f"'{p}' is a plain state_dict, not a recipe; pass it as --weights with its model name")
         raise RecipeError(f"'{p}' is not a gaborprune recipe")
-    if obj.get("version", 0) > VERSION:
-        raise RecipeError(f"recipe '{p}' has format version {obj['version']}, newer than this gaborprune reads ({VERSION}); upgrade gaborprune")
-    missing = [k for k in ("source", "input_shape", "conversions", "state_dict") if k not in obj]
+
+    def bad(name: str, problem: str) -> RecipeError:
+        return RecipeError(f"recipe '{p}' is malformed: {name} {problem}; the file may be corrupt")
+
+    version = obj.get("version")
+    if is_int(version) and version > VERSION:
+        raise RecipeError(f"recipe '{p}' has format version {version}, newer than this gaborprune reads ({VERSION}); upgrade gaborprune")
+    missing = [k for k in ("version", "source", "input_shape", "conversions", "state_dict") if k not in obj]
     if missing:
         raise RecipeError(f"recipe '{p}' is incomplete (missing {', '.join(missing)}); it may be corrupt")
-    return obj
+    if not is_int(version) or version < 1:
+        raise bad("'version'", f"must be an integer from 1 to {VERSION}, not {_show(version)}")
+    if not isinstance(obj.get("gaborprune_version", ""), str):
+        raise bad("'gaborprune_version'", f"must be a string, not {_show(obj['gaborprune_version'])}")
+
+    source = obj["source"]
+    if not isinstance(source, dict):
+        raise bad("'source'", f"must be a dict with 'spec', 'num_classes' and 'kwargs', not {_show(source)}")
+    if set(source) - {"spec", "num_classes", "kwargs"}:
+        raise bad("'source'", f"has unknown keys {sorted(map(str, set(source) - {'spec', 'num_classes', 'kwargs'}))}")
+    if not isinstance(source.get("spec"), str) or not source["spec"]:
+        raise bad("'source.spec'", f"must be a model name, not {_show(source.get('spec'))}")
+    classes = source.get("num_classes")
+    if classes is not None and not (is_int(classes) and classes >= 1):
+        raise bad("'source.num_classes'", f"must be a positive integer or None, not {_show(classes)}")
+    kwargs = source.get("kwargs", {})
+    if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in kwargs) and _json_like(kwargs)):
+        raise bad("'source.kwargs'", f"must be a dict of keyword arguments with plain (JSON-like) values, not {_show(kwargs)}")
+
+    shape = obj["input_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(is_int(v) and 1 <= v <= _MAX_SIDE for v in shape)
+            and shape[0] * shape[1] * shape[2] <= _MAX_INPUT):
+        raise bad("'input_shape'", f"must be [C, H, W], three positive integers of at most {_MAX_SIDE} and {_MAX_INPUT} in all, not {_show(shape)}")
+
+    conversions = obj["conversions"]
+    if not isinstance(conversions, list):
+        raise bad("'conversions'", f"must be a list, not {_show(conversions)}")
+    hints = typing.get_type_hints(ConversionSpec)
+    for i, record in enumerate(conversions):
+        name = f"'conversions[{i}]'"
+        if not isinstance(record, dict) or set(record) != {"spec", "layers"}:
+            raise bad(name, f"must be a dict with 'spec' and 'layers', not {_show(record)}")
+        spec, layers = record["spec"], record["layers"]
+        if not isinstance(spec, dict):
+            raise bad(f"'conversions[{i}].spec'", f"must be a dict, not {_show(spec)}")
+        unknown = sorted(map(str, set(spec) - {f.name for f in fields(ConversionSpec)}))
+        if unknown:
+            raise bad(f"'conversions[{i}].spec'", f"has unknown key '{unknown[0]}'")
+        wrong = [k for k, v in spec.items() if not _fits(v, hints[k])]
+        if wrong:
+            raise bad(f"'conversions[{i}].spec.{wrong[0]}'", f"must be {hints[wrong[0]]}, not {_show(spec[wrong[0]])}")
+        try:
+            ConversionSpec.from_dict(spec)
+        except (GaborPruneError, TypeError, ValueError, RuntimeError) as e:
+            raise bad(f"'conversions[{i}].spec'", f"is invalid ({e})") from None
+        if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+            raise bad(f"'conversions[{i}].layers'", f"must be a list of layer names, not {_show(layers)}")
+
+    plans = obj.get("prune_plans", [])
+    if not isinstance(plans, list):
+        raise bad("'prune_plans'", f"must be a list, not {_show(plans)}")
+    for i, plan in enumerate(plans):
+        name = f"'prune_plans[{i}]'"
+        if not isinstance(plan, dict):
+            raise bad(name, f"must be a dict, not {_show(plan)}")
+        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "after_conversions"}))
+        if unknown:
+            raise bad(name, f"has unknown key '{unknown[0]}'")
+        after = plan.get("after_conversions", 0)
+        if not (is_int(after) and 0 <= after <= len(conversions)):
+            raise bad(f"'prune_plans[{i}].after_conversions'", f"must be an integer from 0 to {len(conversions)} (the conversions), not {_show(after)}")
+        kernels, channels = plan.get("kernels"), plan.get("channels")
+        if not (isinstance(kernels, dict) and all(isinstance(k, str) and isinstance(v, list) and all(_ints(q) and len(q) == 2 for q in v)
+                                                  for k, v in kernels.items())):
+            raise bad(f"'prune_plans[{i}].kernels'", f"must map layer names to [output, input] index pairs, not {_show(kernels)}")
+        if not (isinstance(channels, dict) and all(isinstance(k, str) and isinstance(v, dict) and set(v) <= {"out", "in"} and all(map(_ints, v.values()))
+                                                   for k, v in channels.items())):
+            raise bad(f"'prune_plans[{i}].channels'", f"must map module names to {{'out': [...], 'in': [...]}} channel indices, not {_show(channels)}")
+        if not isinstance(plan.get("spec", {}), dict):
+            raise bad(f"'prune_plans[{i}].spec'", f"must be a dict, not {_show(plan['spec'])}")
+        try:
+            PrunePlan.from_dict(plan)
+        except GaborPruneError as e:
+            raise bad(f"'prune_plans[{i}]'", f"is invalid ({e})") from None
+
+    if not isinstance(obj.get("metadata", {}), dict):
+        raise bad("'metadata'", f"must be a dict, not {_show(obj['metadata'])}")
+
+    state = obj["state_dict"]
+    if not isinstance(state, dict):
+        raise bad("'state_dict'", f"must be a dict of tensors, not {_show(state)}")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise bad(f"'state_dict[{k!r}]'", f"must be a tensor under a string name, not {_show(v)}")
+    bad_tensors = non_finite(state)
+    if bad_tensors:
+        more = f" (and {len(bad_tensors) - 1} more)" if len(bad_tensors) > 1 else ""
+        raise RecipeError(f"recipe '{p}' is unusable: 'state_dict[{bad_tensors[0]!r}]' holds NaN or infinite values{more}; it is from a diverged run or damaged")
 
 
 def read_recipe(path: str | os.PathLike) -> tuple[Recipe, dict[str, torch.Tensor]]:
-    """Read a recipe file safely: (recipe, state_dict). Raises RecipeError."""
+    """Read a recipe file safely: (recipe, state_dict). Nothing is imported or built. Raises RecipeError."""
     obj = read_payload(path)
-    try:
-        recipe = Recipe(
-            ModelSource.from_dict(obj["source"]), tuple(obj["input_shape"]), list(obj["conversions"]),
-            list(obj.get("prune_plans") or []), dict(obj.get("metadata") or {}),
-        )
-    except (KeyError, TypeError) as e:
-        raise RecipeError(f"recipe '{path}' is malformed ({e}); it may be corrupt") from None
+    recipe = Recipe(
+        ModelSource.from_dict(obj["source"]), tuple(obj["input_shape"]), list(obj["conversions"]),
+        list(obj.get("prune_plans") or []), dict(obj.get("metadata") or {}), origin=str(path),
+    )
     return recipe, obj["state_dict"]
 
 
@@ -123,7 +305,7 @@ def save_payload(path: str | os.PathLike, model: nn.Module, recipe: Recipe, extr
     """Write a recipe with extra top-level entries (plain data and tensors), atomically."""
     payload = recipe.to_dict() | (extra or {})
     payload["state_dict"] = portable_state_dict(model)
-    return write_atomic(path, lambda tmp: torch.save(payload, tmp), force)
+    return save_torch(path, payload, force)
 
 
 def is_recipe_path(spec: str) -> bool:
@@ -137,6 +319,7 @@ def load_model(
     weights: str | None = None,
     model_args: dict[str, Any] | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    trust_factory: bool = False,
 ) -> tuple[nn.Module, Recipe]:
     """Build a model from any model source, with its weights, and the recipe that describes it.
 
@@ -146,6 +329,8 @@ def load_model(
         weights: a local state_dict file for a fresh source.
         model_args: extra builder keyword arguments (e.g. {"k1": 9} for resnet20_altered).
         input_shape: (C, H, W) override.
+        trust_factory: let a recipe file rebuild the `package.module:factory` it names (see
+            `Recipe.build`); a factory given as `spec` itself is always called.
 
     Returns:
         (model in train mode on the CPU, its recipe).
@@ -154,7 +339,7 @@ def load_model(
         if num_classes is not None or weights is not None or model_args:
             raise ModelSourceError(f"'{spec}' is a recipe, which fixes its classes, weights and model arguments; drop --num-classes/--weights/--model-arg")
         recipe, state = read_recipe(spec)
-        model = recipe.build()
+        model = recipe.build(trust_factory=trust_factory)
         fit_state_dict(model, state, f"the state_dict in '{spec}'", "its own architecture (corrupt recipe?)")
         if input_shape is not None:
             recipe.input_shape = input_shape

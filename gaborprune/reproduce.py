@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gaborprune._io import write_atomic, write_json
+from gaborprune._io import check_outputs, write_json, write_text
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import ConversionSpec
 from gaborprune.data import DataSpec, load_data
@@ -130,8 +130,13 @@ def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None
     train_config = replace(e.train, epochs=epochs) if epochs is not None else e.train
     report = ReproduceReport(e, str(spec), train_config.epochs)
     out = Path(out) if out is not None else None
+    if out is not None:  # before any training
+        check_outputs([out / n for n in ("results.md", "results.json")]
+                      + [out / f"{name}-{kind}-seed{seed}.pt" for seed in range(seeds) for kind in ("plain", "gabor")], force)
 
     train, test = load_data(spec, ModelSource(e.model).input_shape())
+    # toy data smaller than the recipe's batch: one batch of all of it (finetune refuses a larger batch)
+    train_config = replace(train_config, batch_size=min(train_config.batch_size, len(train)))
     for seed in range(seeds):
         config = replace(train_config, seed=seed)
         accuracies = {}
@@ -156,5 +161,5 @@ def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None
     if out is not None:
         write_json(out / "results.json", report.to_dict(), force)
         text = report.markdown()
-        write_atomic(out / "results.md", lambda tmp: tmp.write_text(text), force)
+        write_text(out / "results.md", text, force)
     return report

@@ -138,7 +138,7 @@ def test_export_refuses_when_onnxruntime_differs(tmp_path):
 
 def test_cli_export_with_int8_and_data(exported, tmp_path):
     d, _, _ = exported
-    result = cli("export", d / "r.pt", "-o", tmp_path / "q.onnx", "--quantize", "int8", "--data", "fake:64:4",
+    result = cli("export", d / "r.pt", "--trust-factory", "-o", tmp_path / "q.onnx", "--quantize", "int8", "--data", "fake:64:4",
                  "--lowering", "dense", "--json", tmp_path / "q.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.json").read_text())
@@ -158,7 +158,7 @@ def test_cli_export_with_int8_and_data(exported, tmp_path):
 ])
 def test_cli_export_bad_input(exported, tmp_path, args, fragments):
     d, _, _ = exported
-    result = cli("export", d / "r.pt", "-o", tmp_path / "x.onnx", *args)
+    result = cli("export", d / "r.pt", "--trust-factory", "-o", tmp_path / "x.onnx", *args)
     if fragments is None:
         assert result.exit_code == 2 and "is not N,C,H,W" in result.output
     else:

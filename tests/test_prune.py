@@ -210,7 +210,7 @@ def test_plan_replays_from_the_recipe_in_a_fresh_interpreter(tmp_path):
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         torch.save({"x": x, "y": model.eval()(x)}, tmp_path / "io.pt")
-    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
+    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}, trust_factory=True); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
             "print(float((m.eval()(io['x']) - io['y']).abs().max()), m.stem.out_channels, len(r.prune_plans))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tiny_models.__file__.rsplit("/", 1)[0]), "PATH": ""})
     assert done.returncode == 0, done.stderr
@@ -317,7 +317,7 @@ def chain_recipe(tmp_path_factory):
 def test_cli_dry_run_reports_and_writes_nothing(chain_recipe, tmp_path):
     import json
 
-    result = run("prune", chain_recipe, "--threshold", "1e-6", "--dry-run", "--json", tmp_path / "r.json")
+    result = run("prune", chain_recipe, "--trust-factory", "--threshold", "1e-6", "--dry-run", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "would remove from g1: out 0, 1, 2" in result.stdout and "kept dead channels of g1 (3, 4)" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -332,23 +332,23 @@ def test_cli_prune_evaluates_recovers_and_keeps_the_mask(chain_recipe, tmp_path)
     import json
 
     out = tmp_path / "p.pt"
-    result = run("prune", chain_recipe, "-o", out, "--ratio", "g1=0.5", "--data", "fake:64:4", "--finetune-epochs", "1",
+    result = run("prune", chain_recipe, "--trust-factory", "-o", out, "--ratio", "g1=0.5", "--data", "fake:64:4", "--finetune-epochs", "1",
                  "--batch-size", "16", "--json", tmp_path / "p.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "p.json").read_text())
     assert {"accuracy_before", "accuracy_pruned", "accuracy_after"} <= set(report)
     assert report["layers"][0]["kernels_after"] == 12 and "top-1 accuracy on fake:64:4: before" in result.stdout
-    model, recipe = gp.load_model(str(out))
+    model, recipe = gp.load_model(str(out), trust_factory=True)
     assert model.g1.kernels_alive == 12 and (model.g1.weight.detach()[model.g1.mask == 0] == 0).all()
     assert recipe.metadata["prunes"][0]["accuracy_after"] == report["accuracy_after"]
-    assert run("inspect", out).exit_code == 0
-    one_line_error(run("prune", chain_recipe, "-o", out), "exists; pass --force")
+    assert run("inspect", out, "--trust-factory").exit_code == 0
+    one_line_error(run("prune", chain_recipe, "--trust-factory", "-o", out), "exists; pass --force")
 
 
 def test_cli_sweep_prints_a_table_and_plots(chain_recipe, tmp_path):
     import json
 
-    result = run("prune", chain_recipe, "--sweep", "0.01,0.9", "--data", "fake:64:4", "--png", tmp_path / "s.png", "--json", tmp_path / "s.json")
+    result = run("prune", chain_recipe, "--trust-factory", "--sweep", "0.01,0.9", "--data", "fake:64:4", "--png", tmp_path / "s.png", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     points = json.loads((tmp_path / "s.json").read_text())["points"]
     assert [p["threshold"] for p in points] == [0.01, 0.9] and points[0]["kernels_kept"] > points[1]["kernels_kept"]
@@ -367,7 +367,7 @@ def test_cli_sweep_prints_a_table_and_plots(chain_recipe, tmp_path):
     (["--finetune-epochs", "1", "-o", "x.pt"], ["--finetune-epochs needs --data"]),
 ])
 def test_cli_bad_input(chain_recipe, args, fragments, tmp_path):
-    one_line_error(run("prune", chain_recipe, *args), *fragments)
+    one_line_error(run("prune", chain_recipe, "--trust-factory", *args), *fragments)
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -38,7 +38,7 @@ def test_finetune_learns_and_checkpoints(tmp_path):
     assert result.kernels_total == {"0": 24} and result.epochs == 4
     lines = (tmp_path / "out.metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
-    best, best_recipe = gp.load_model(str(tmp_path / "out.best.pt"))
+    best, best_recipe = gp.load_model(str(tmp_path / "out.best.pt"), trust_factory=True)
     assert best_recipe.metadata["finetune"]["best_accuracy"] == result.best_accuracy
     assert torch.load(tmp_path / "out.last.pt", weights_only=True)["train_state"]["epoch"] == 4
 
@@ -71,7 +71,7 @@ def test_resume_from_another_run_is_refused(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match=r"non-finite in epoch 1; the last good checkpoint is '.*out.last.pt'"):
         run(TrainConfig(epochs=2, batch_size=32, lr=1e30, warmup_epochs=0), tmp_path)
-    model, _ = gp.load_model(str(tmp_path / "out.last.pt"))
+    model, _ = gp.load_model(str(tmp_path / "out.last.pt"), trust_factory=True)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
@@ -125,12 +125,12 @@ def test_cli_finetune_and_eval(tmp_path):
     assert again.exit_code == 1 and "exists; pass --force" in again.stderr and out.read_bytes() == before
 
     # inspect counts alive kernels as finetune does: present and not driven to zero
-    result = runner.invoke(app, ["inspect", str(out), "--json", str(tmp_path / "in.json")])
+    result = runner.invoke(app, ["inspect", str(out), "--trust-factory", "--json", str(tmp_path / "in.json")])
     assert result.exit_code == 0, result.output
     layers = {layer["name"]: layer for layer in json.loads((tmp_path / "in.json").read_text())["layers"]}
     assert layers["0"]["kernels_alive"] == report["kernels_alive"]["0"]
 
-    result = runner.invoke(app, ["eval", str(out), "--data", "fake:200:4", "--json", str(tmp_path / "ev.json")])
+    result = runner.invoke(app, ["eval", str(out), "--trust-factory", "--data", "fake:200:4", "--json", str(tmp_path / "ev.json")])
     assert result.exit_code == 0, result.output
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["samples"] == 40 and ev["top1"] == pytest.approx(report["final_accuracy"]) and ev["top5"] == 100.0
@@ -138,7 +138,7 @@ def test_cli_finetune_and_eval(tmp_path):
     for bad, message in ((["--data", "mnist"], "unknown dataset 'mnist'"),
                          (["--data", f"cifar10:{tmp_path}"], "lacks data_batch_1"),
                          (["--data", "fake:100:7"], "has 7 classes; build the model with --num-classes 7")):
-        result = runner.invoke(app, ["eval", str(out), *bad])
+        result = runner.invoke(app, ["eval", str(out), "--trust-factory", *bad])
         assert result.exit_code == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 

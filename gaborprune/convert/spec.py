@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from gaborprune._validate import check_int, check_seed
 from gaborprune.convert.kernel import GABOR_PARAMS
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import ConversionError
@@ -16,6 +17,10 @@ from gaborprune.probe import probe
 INITS = ("fit", "random")
 TARGETS = ("gabor", "cada")
 CADA_KNOBS = ("heads", "bases", "context", "invariance", "rel_pos", "basis")
+#: Far beyond the papers' kernels (3 to 9); fitting VGG-16's second layer (4096 kernels) at 31x31
+#: already takes about a minute on one core, and the time grows with K squared.
+MAX_KERNEL_SIZE = 31
+MAX_BASES = 64  # CADA base kernels per head
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,11 @@ class ConversionSpec:
     Attributes:
         first: the first N convolutions in execution order.
         targets: qualified module names (`layer1.0.conv1`) or regexes prefixed `re:` (full match).
-        kernel_size: enlarge kernels to K x K (padding grows so output shapes do not change).
+        kernel_size: enlarge kernels to K x K (padding grows so output shapes do not change); at
+            most MAX_KERNEL_SIZE and 2 x min(H, W) - 1 of every converted layer's input.
         init: "fit" (least squares to the trained kernels) or "random" (a spread bank).
         freeze: Gabor parameters that stay fixed during training, from GABOR_PARAMS.
-        seed: seeds the random bank.
+        seed: seeds the random bank, 0 to 2**63-1.
         fit_steps: refinement steps of the fit.
     """
 
@@ -54,25 +60,33 @@ class ConversionSpec:
         object.__setattr__(self, "freeze", tuple(self.freeze))
         if self.to not in TARGETS:
             raise ConversionError(f"unknown conversion '{self.to}'; known: {', '.join(TARGETS)}")
+        check_seed(self.seed, error=ConversionError)
+        if self.kernel_size is not None:
+            check_int(self.kernel_size, "--kernel-size", error=ConversionError)
+            if self.kernel_size > MAX_KERNEL_SIZE:
+                raise ConversionError(f"--kernel-size {self.kernel_size} is too large; give at most {MAX_KERNEL_SIZE}")
         if self.to == "cada":
             if self.freeze:
                 raise ConversionError("--freeze applies to Gabor banks, not CADA blocks")
             from gaborprune.convert.cada import CADAConv2d
 
-            CADAConv2d(self.heads, self.heads, self.kernel_size or 3, **self.cada_knobs())  # refuses knobs that make no sense
+            check_int(self.heads, "--heads", error=ConversionError)
+            if self.bases is not None and check_int(self.bases, "--bases", error=ConversionError) > MAX_BASES:
+                raise ConversionError(f"--bases {self.bases} is too many; give at most {MAX_BASES} (default 4)")
+            if self.context is not None and check_int(self.context, "--context", 0, ConversionError) > MAX_KERNEL_SIZE:
+                raise ConversionError(f"--context {self.context} is too large; give at most {MAX_KERNEL_SIZE}")
+            with torch.device("meta"):  # the knobs' sense only: a trial block of 20000 heads would allocate gigabytes
+                CADAConv2d(self.heads, self.heads, self.kernel_size or 3, **self.cada_knobs())  # refuses knobs that make no sense
         if (self.first is None) == (not self.targets):
             raise ConversionError("say which layers to convert: either --layers N or --target NAME (not both)")
-        if self.first is not None and self.first < 1:
-            raise ConversionError(f"--layers must be at least 1, not {self.first}")
-        if self.kernel_size is not None and self.kernel_size < 1:
-            raise ConversionError(f"--kernel-size must be at least 1, not {self.kernel_size}")
+        if self.first is not None:
+            check_int(self.first, "--layers", error=ConversionError)
         if self.init not in INITS:
             raise ConversionError(f"unknown --init '{self.init}'; known: {', '.join(INITS)}")
         bad = [f for f in self.freeze if f not in GABOR_PARAMS]
         if bad:
             raise ConversionError(f"cannot freeze '{bad[0]}'; Gabor parameters are {', '.join(GABOR_PARAMS)}")
-        if self.fit_steps < 0:
-            raise ConversionError(f"fit steps must be >= 0, not {self.fit_steps}")
+        check_int(self.fit_steps, "fit steps", 0, ConversionError)
         for t in self.targets:
             if t.startswith("re:"):
                 try:
@@ -156,6 +170,9 @@ def select_layers(model: nn.Module, spec: ConversionSpec, input_shape: tuple[int
         order = [n for n in execution_order(model, input_shape) if isinstance(convs[n], nn.Conv2d)]
         if not order:
             raise ConversionError("the model has no plain convolution left to convert")
+        if spec.first > len(order):
+            n = len(order)
+            raise ConversionError(f"the model has only {n} convolution{'s' if n > 1 else ''} to convert; give --layers {n}{' or fewer' if n > 1 else ''}")
         return order[: spec.first]
     chosen: list[str] = []
     for target in spec.targets:
@@ -180,6 +197,25 @@ def select_layers(model: nn.Module, spec: ConversionSpec, input_shape: tuple[int
     return list(dict.fromkeys(chosen))
 
 
+def _check_kernel_fits(model: nn.Module, names: list[str], k: int, input_shape: tuple[int, ...]) -> None:
+    """Refuse, before any fitting, a kernel wider than 2 x a layer's input - 1: centred on any pixel
+    of an H-pixel input, taps more than H - 1 away never touch the image, only padding (parameters
+    that cannot learn, and fitting them is the slow part)."""
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str, x) -> None:  # a pre-hook that returns something replaces the layer's input
+        sizes.setdefault(name, tuple(x.shape[-2:]))
+
+    probe(model, input_shape, [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in names])
+    for name in names:
+        h, w = sizes.get(name, (k, k))
+        reach = 2 * min(h, w) - 1
+        if k > reach:
+            fits = reach - (reach - model.get_submodule(name).kernel_size[0]) % 2  # kernels grow by an even number
+            raise ConversionError(f"--kernel-size {k} is too large for the {h}x{w} input of layer '{name}' (its outer taps would only "
+                                  f"ever see padding); give at most {fits}")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` is."""
     parent_name, _, child = name.rpartition(".")
@@ -199,7 +235,8 @@ def gaborize_(
     Args:
         model: the network; its selected `nn.Conv2d` layers are replaced.
         spec: which layers and how to initialise them.
-        input_shape: (C, H, W), needed when `spec.first` selects by execution order.
+        input_shape: (C, H, W), needed when `spec.first` selects by execution order; with it, an
+            enlarged `spec.kernel_size` is also checked against each layer's input size.
         layers: the resolved names, when replaying a recorded conversion (skips selection).
         init: override `spec.init`; replay passes "none" because a state_dict follows.
 
@@ -207,6 +244,8 @@ def gaborize_(
         A report per converted layer, with the relative fit error of the whole layer.
     """
     names = layers if layers is not None else select_layers(model, spec, input_shape)
+    if spec.kernel_size is not None and layers is None and input_shape is not None:
+        _check_kernel_fits(model, names, spec.kernel_size, input_shape)
     generator = torch.Generator().manual_seed(spec.seed)
     results = []
     for name in names:

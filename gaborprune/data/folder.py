@@ -13,6 +13,40 @@ from gaborprune.data.specs import IMAGENET_MEAN, IMAGENET_STD, DataError
 from gaborprune.data.tensor import shard_order
 
 
+class _Unreadable:
+    """Stands in for a sample whose image cannot be decoded, so the error reaches the main process as data
+    (an exception raised in a DataLoader worker arrives wrapped in the worker's traceback)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+
+class _Checked(torch.utils.data.Dataset):
+    """An ImageFolder whose undecodable images become `_Unreadable` samples."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        path, target = self.dataset.samples[index]
+        try:
+            image = self.dataset.loader(path)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            lines = str(e).strip().splitlines()
+            return _Unreadable(path, lines[0] if lines else type(e).__name__)
+        if self.dataset.transform is not None:
+            image = self.dataset.transform(image)
+        return image, target
+
+
+def _collate(samples: list):
+    bad = next((s for s in samples if isinstance(s, _Unreadable)), None)
+    return bad if bad is not None else torch.utils.data.default_collate(samples)
+
+
 class FolderData:
     """One split of an ImageFolder tree, with the `TensorData.batches` interface (CPU pinned batches)."""
 
@@ -36,10 +70,13 @@ class FolderData:
                 world: int = 1, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         order = shard_order(len(self), train=train, generator=generator, rank=rank, world=world)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
+            _Checked(self.dataset), batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False, collate_fn=_collate,
         )
-        yield from loader
+        for batch in loader:
+            if isinstance(batch, _Unreadable):
+                raise DataError(f"cannot read image '{batch.path}': {batch.reason}; remove or replace it")
+            yield batch
 
 
 def load_image_folder(root: Path, input_shape: tuple[int, int, int], resize: int | None = None) -> tuple[FolderData, FolderData]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gaborprune._validate import check_batch_memory, check_int
 from gaborprune.data.tensor import TensorData
 from gaborprune.errors import GaborPruneError
 
@@ -69,11 +70,19 @@ class DataSpec:
 def load_data(spec: DataSpec | str, input_shape: tuple[int, int, int], *, resize: int | None = None):
     """The (train, test) splits of a dataset, brought to the model's input shape (C, H, W).
 
+    Args:
+        resize: ImageFolder's validation resize of the shorter side, H to 8 * H (checked for every kind).
+
     Returns:
         Two `TensorData` (digits, CIFAR, fake: on the CPU; move them with `.to(device)`), or two
         `FolderData` for an ImageFolder tree.
     """
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
+    if resize is not None:
+        size = input_shape[1]
+        check_int(resize, "--resize", error=DataError)
+        if not size <= resize <= 8 * size:  # smaller: the centre crop pads the image; beyond: huge decodes for a tiny patch
+            raise DataError(f"--resize {resize} does not suit a {size}-pixel crop; give {size} to {8 * size} (default {round(size * 256 / 224)})")
     if spec.kind in _CIFAR:
         return _cifar(spec, input_shape)
     if spec.kind == "digits":
@@ -162,8 +171,10 @@ def _digits(input_shape):
 
 def _fake(spec: DataSpec, input_shape):
     """Learnable synthetic data: a fixed random template per class plus noise; 80/20 split."""
-    g = torch.Generator().manual_seed(0)
     c, h, w = input_shape
+    # float32 noise, templates and their blend, and the uint8 images, all at once
+    check_batch_memory(17 * c * h * w, spec.samples, f"dataset '{spec}'", "N of fake:N", DataError)
+    g = torch.Generator().manual_seed(0)
     templates = torch.rand(spec.classes, c, h, w, generator=g)
     labels = torch.arange(spec.samples) % spec.classes
     labels = labels[torch.randperm(spec.samples, generator=g)]

@@ -11,17 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from gaborprune import __version__
-from gaborprune._io import check_output, write_atomic
+from gaborprune._io import check_output, write_bytes
+from gaborprune._validate import check_batch_memory, check_finite, check_threads
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.export.lower import lower
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError, opset_of, parity, to_onnx
 from gaborprune.export.quantize import calibration_batches, onnx_top1, quantize_int8
 from gaborprune.export.runtime import profile, session, time_interleaved
-from gaborprune.probe import probe
+from gaborprune.models import non_finite
+from gaborprune.probe import activation_bytes
 from gaborprune.recipe import Recipe
 
 LOWERINGS = ("auto", "dense", "sparse")
+PAD_CHANNELS = (0, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class ExportConfig:
         atol: the largest |onnxruntime - PyTorch| accepted (float32); beyond it nothing is written.
         threads: intra-op threads of the sessions that measure (default: ONNX Runtime's).
         pad_channels: grow channel counts to a multiple of this with zero channels where exact
-            (ONNX Runtime's blocked convolutions; 0 disables); `auto` also measures without.
+            (ONNX Runtime's blocked convolutions): 0 disables, else a power of two from 2 to 64;
+            `auto` also measures without.
         quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
             the float model, the int8 model's difference and accuracy are reported.
     """
@@ -55,12 +59,12 @@ class ExportConfig:
             raise ExportError(f"the batch size must be at least 1, not {self.batch_size}")
         if self.lowering not in LOWERINGS:
             raise ExportError(f"unknown --lowering '{self.lowering}'; known: {', '.join(LOWERINGS)}")
-        if not self.atol > 0:
+        if not check_finite(self.atol, "--atol", ExportError) > 0:
             raise ExportError(f"--atol must be positive, not {self.atol}")
-        if self.threads is not None and self.threads < 1:
-            raise ExportError(f"--threads must be at least 1, not {self.threads}")
-        if self.pad_channels < 0:
-            raise ExportError(f"--pad-channels must be >= 0 (0 disables), not {self.pad_channels}")
+        if self.threads is not None:
+            check_threads(self.threads, "--threads", ExportError)
+        if self.pad_channels not in PAD_CHANNELS:
+            raise ExportError(f"--pad-channels must be 0 (off) or a power of two from 2 to 64 (ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
         if self.opset is not None and not 18 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
 
@@ -158,12 +162,17 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     write the file (atomically).
 
     Raises:
-        ExportError: the model cannot be exported, or onnxruntime differs from PyTorch by more than
-            `config.atol` (nothing is written).
+        ExportError: the model cannot be exported, has NaN or infinite weights or outputs, or
+            onnxruntime differs from PyTorch by more than `config.atol` (nothing is written).
     """
     check_output(path, force)
     model = model.cpu().float().eval()
-    probe(model, recipe.input_shape)  # a clear error for an input the model cannot take
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise ExportError(f"the model's '{bad[0]}' holds NaN or infinite values" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "") + "; nothing was written")
+    per_sample = activation_bytes(model, recipe.input_shape)  # also a clear error for an input the model cannot take
+    # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
+    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)
     shape = (config.batch_size, *recipe.input_shape)
     choice, ms, note = _choose(model, shape, config)
     pad = config.pad_channels
@@ -213,7 +222,7 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
                         "file_bytes": len(blob)}
         if test is not None:
             accuracy["int8"] = onnx_top1(qsess, test)
-    write_atomic(path, lambda tmp: tmp.write_bytes(blob), force)
+    write_bytes(path, blob, force)
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
     return ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs,
                         counts.macs_executed, lowering.forms, ms, note, lowering.channels_cut, lowering.bias_maps,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gaborprune._validate import check_batch_memory, check_int, check_threads
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError
 from gaborprune.export.runtime import Latency, profile, session, time_interleaved
@@ -36,6 +37,30 @@ class BenchModel:
         dims = self.proto.graph.input[0].type.tensor_type.shape.dim
         return tuple(d.dim_value for d in dims[1:])
 
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of every tensor one sample's run produces (inputs, intermediates, outputs), from ONNX
+        shape inference: the same estimate as `gaborprune.probe.activation_bytes`, for models known
+        only as ONNX files."""
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        try:
+            graph = onnx.shape_inference.infer_shapes(self.proto).graph
+        except Exception:  # a graph the inference cannot follow: count what the file declares
+            graph = self.proto.graph
+        total = 0
+        for v in [*graph.input, *graph.value_info, *graph.output]:
+            t = v.type.tensor_type
+            if not t.HasField("shape"):
+                continue
+            try:
+                size = np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                size = 4
+            total += size * int(np.prod([d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]))
+        return total // (self.fixed_batch or 1)
+
 
 def load_onnx(path: str | os.PathLike, name: str | None = None) -> BenchModel:
     import onnx
@@ -59,6 +84,8 @@ def environment(threads: list[int], provider: str) -> dict:
     import onnxruntime as ort
     import torch
 
+    from gaborprune._threads import load_average
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,6 +96,7 @@ def environment(threads: list[int], provider: str) -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "torch": torch.__version__, "provider": provider, "threads": threads,
         "inter_op_threads": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load_average": load_average(),  # 1-minute load when timing began: above the cores, the figures are noisy
     }
 
 
@@ -144,9 +172,16 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | None = None, batch
     by run within a configuration so machine drift hits all alike.
 
     Raises:
-        ExportError: a model with a fixed batch dimension asked for another batch size, or models
-            with different input shapes.
+        ExportError: a model with a fixed batch dimension asked for another batch size, models
+            with different input shapes, thread counts beyond the machine's, or a batch whose
+            estimated memory does not fit (all before anything is timed).
     """
+    for t in threads:
+        check_threads(t, "--threads", ExportError)
+    for b in batch_sizes:
+        check_int(b, "--batch-size", error=ExportError)
+    check_int(runs, "--runs", error=ExportError)
+    check_int(warmup, "--warmup", 0, ExportError)
     everyone = models + ([baseline] if baseline is not None else [])
     shapes = {m.chw for m in everyone}
     if len(shapes) > 1:
@@ -156,6 +191,9 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | None = None, batch
         if bad:
             raise ExportError(f"'{m.name}' has a fixed batch of {m.fixed_batch} and cannot run batch {bad[0]}; "
                               f"export it with --dynamic-batch or bench with --batch-size {m.fixed_batch}")
+    if batch_sizes:
+        per_sample = sum(m.sample_bytes for m in everyone)  # every model's session is alive in a configuration
+        check_batch_memory(per_sample * (2 if torch_eager else 1), max(batch_sizes), f"timing at batch {max(batch_sizes)}", "--batch-size", ExportError)
     report = BenchReport(environment(list(threads), provider))
     chw = shapes.pop()
     rng = np.random.default_rng(0)

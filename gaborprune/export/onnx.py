@@ -75,14 +75,22 @@ def opset_of(proto) -> int:
 
 @torch.no_grad()
 def parity(sess, reference: nn.Module, inputs: list[Tensor]) -> tuple[float, float]:
-    """(max |onnxruntime - PyTorch| over all inputs, the lowest cosine similarity of an input's outputs)."""
+    """(max |onnxruntime - PyTorch| over all inputs, the lowest cosine similarity of an input's outputs).
+
+    Raises:
+        ExportError: either side gives a NaN or infinite output (NaN compares false, so it would pass).
+    """
     from gaborprune.export.runtime import run
 
     reference = reference.eval()
     worst_diff, worst_cos = 0.0, 1.0
     for x in inputs:
         got = run(sess, x.numpy()).astype(np.float64)
-        want = reference(x).double().numpy()
+        with torch.no_grad():
+            want = reference(x).double().numpy()
+        for side, y in (("PyTorch", want), ("onnxruntime", got)):
+            if not np.isfinite(y).all():
+                raise ExportError(f"the model's outputs in {side} are NaN or infinite on the check inputs; nothing was written")
         worst_diff = max(worst_diff, float(np.abs(got - want).max()))
         denom = np.linalg.norm(got) * np.linalg.norm(want)
         worst_cos = min(worst_cos, float(np.dot(got.ravel(), want.ravel()) / denom) if denom > 0 else 1.0)

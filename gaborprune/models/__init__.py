@@ -4,11 +4,16 @@
 - `torchvision:NAME`: any torchvision classification model (weights from a local file only);
 - `package.module:factory`: a user's own callable returning an `nn.Module`;
 - a gaborprune recipe file (`.pt`), handled by `gaborprune.recipe.load_model`.
+
+A factory named on the command line or in code is the user's choice and is called. A factory named
+inside a recipe file is code chosen by whoever wrote the file, so a recipe only rebuilds it when the
+user trusts it (`trusted_factory`).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ from gaborprune.errors import ModelSourceError
 from gaborprune.models.cifar import BUILTINS
 
 _OTHER_FORMS = "torchvision:NAME, package.module:factory, or a recipe .pt file"
+TRUST_ENV = "GABORPRUNE_TRUSTED_MODULES"
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,9 @@ class ModelSource:
             model = builder(**kwargs)
         except TypeError as e:
             raise ModelSourceError(f"model '{self.spec}' does not take these arguments {kwargs}: {e}") from None
-        except (ValueError, RuntimeError) as e:
-            raise ModelSourceError(f"model '{self.spec}' could not be built: {e}") from None
+        except (ValueError, RuntimeError, ArithmeticError) as e:  # ArithmeticError: e.g. a zero width divides in an init
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSourceError(f"model '{self.spec}' could not be built{f' with {kwargs}' if kwargs else ''}: {detail}") from None
         if not isinstance(model, nn.Module):
             raise ModelSourceError(f"factory '{self.spec}' returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -126,6 +133,22 @@ def _torchvision(spec: str):
     return build
 
 
+def trusted_factory(spec: str) -> bool:
+    """Whether the environment trusts the factory `spec` (`package.module:factory`): its module, or a
+    package above it, is listed in GABORPRUNE_TRUSTED_MODULES (comma-separated module names).
+
+    A listed package trusts its submodules because importing `pkg.sub` runs `pkg` anyway.
+    """
+    module = spec.partition(":")[0]
+    listed = {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",")} - {""}
+    return any(module == m or module.startswith(m + ".") for m in listed)
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+
+
 def _factory(spec: str):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -170,8 +193,11 @@ def load_state_dict_file(model: nn.Module, path: str, source: ModelSource) -> No
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ModelSourceError(f"weights file '{path}' does not hold a state_dict of tensors")
+    bad = non_finite(obj)
+    if bad:
+        raise ModelSourceError(f"weights file '{path}' has NaN or infinite values in '{bad[0]}'" + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "") + "; it is corrupt or from a diverged run")
     metadata = getattr(obj, "_metadata", None)
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
         obj = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())

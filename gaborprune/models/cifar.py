@@ -12,7 +12,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gaborprune._validate import check_int
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.spec import MAX_KERNEL_SIZE
+from gaborprune.errors import ModelSourceError
+
+
+def _count(value: object, name: str) -> int:
+    """A builder argument that counts something (channels, blocks, classes): an int of at least 1."""
+    return check_int(value, f"model argument {name}", error=ModelSourceError)
+
+
+def _kernel(value: object, name: str) -> int:
+    """A stem kernel size: odd (padding k // 2 keeps the image size only then) and at most MAX_KERNEL_SIZE."""
+    _count(value, name)
+    if value % 2 == 0 or value > MAX_KERNEL_SIZE:
+        raise ModelSourceError(f"model argument {name} must be an odd kernel size from 1 to {MAX_KERNEL_SIZE}, not {value}")
+    return value
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelSourceError(f"model argument {name} must be true or false, not {value!r}")
+    return value
 
 
 class BasicBlock(nn.Module):
@@ -52,7 +74,10 @@ class CifarResNet(nn.Module):
         gabor: bool = True,
     ) -> None:
         super().__init__()
-        if (depth - 2) % 6:
+        _count(num_classes, "num_classes")
+        _count(stem_channels, "stem_channels")
+        _flag(gabor, "gabor")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), not {depth}")
         n = (depth - 2) // 6
         self.relu = nn.ReLU(inplace=True)
@@ -64,7 +89,7 @@ class CifarResNet(nn.Module):
             if n < 2:
                 raise ValueError("the altered stem replaces two blocks; it needs depth >= 14")
             conv = GaborConv2d if gabor else nn.Conv2d
-            k1, k2 = stem_kernels
+            k1, k2 = (_kernel(k, name) for k, name in zip(stem_kernels, ("k1", "k2")))
             self.conv1 = conv(3, stem_channels, k1, 1, k1 // 2, bias=False)
             self.bn1 = nn.BatchNorm2d(stem_channels)
             self.conv2 = conv(stem_channels, stem_channels, k2, 1, k2 // 2, bias=False)
@@ -108,6 +133,7 @@ class CifarVGG(nn.Module):
 
     def __init__(self, depth: int = 16, num_classes: int = 10) -> None:
         super().__init__()
+        _count(num_classes, "num_classes")
         if depth not in _VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(_VGG_CONFIGS)}, not {depth}")
         layers: list[nn.Module] = []
@@ -130,6 +156,7 @@ class CifarVGG(nn.Module):
 
 def resnet20_altered(num_classes: int = 10, k1: int = 7, k2: int = 5, channels: int = 16, gabor: bool = True) -> CifarResNet:
     """The paper's altered ResNet-20: stem + first two blocks -> two Gabor layers (k1 x k1, k2 x k2)."""
+    _count(channels, "channels")  # checked here so the message names the argument the user gave
     return CifarResNet(20, num_classes, stem_kernels=(k1, k2), stem_channels=channels, gabor=gabor)
 
 
@@ -154,6 +181,12 @@ class CADANet(nn.Module):
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1) -> None:
         super().__init__()
+        _count(num_classes, "num_classes")
+        _count(blocks, "blocks")
+        if not isinstance(widths, (list, tuple)) or not widths:
+            raise ModelSourceError(f"model argument widths must be a non-empty list of channel counts, e.g. [32,64,128], not {widths!r}")
+        for w in widths:
+            _count(w, "widths")
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages = []
         for i, w in enumerate(widths):

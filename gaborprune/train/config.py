@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from gaborprune._validate import check_finite, check_int, check_seed
 from gaborprune.errors import GaborPruneError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -43,9 +44,12 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
+        check_int(self.epochs, "--epochs")
+        check_int(self.batch_size, "--batch-size")
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "sparsity"):
+            check_finite(getattr(self, name), "--" + name.replace("_", "-"))
         checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),

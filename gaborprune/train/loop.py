@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gaborprune._validate import check_int
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
 from gaborprune.probe import probe
@@ -82,7 +83,10 @@ def check_classes(model: nn.Module, recipe: Recipe, num_classes: int, data_name:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device, *, batch_size: int = 256, dist: Dist = Dist(),
              amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> EvalResult:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy on `data`, sharded over ranks."""
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy on `data`, sharded over ranks.
+
+    A batch larger than the data is one batch of all of it (nothing is dropped in evaluation)."""
+    check_int(batch_size, "--batch-size")
     was_training = model.training
     model.eval()
     k = min(5, data.num_classes)
@@ -127,7 +131,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
     else:
         opt = torch.optim.AdamW(groups, lr=config.lr)
     total = config.epochs * steps_per_epoch
-    warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = min(round(min(config.warmup_epochs, config.epochs) * steps_per_epoch), total - 1)  # a huge finite value would overflow round()
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -167,7 +171,12 @@ def finetune(
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place; returns the run's summary. See the module docstring."""
+    """Train `model` in place; returns the run's summary. See the module docstring.
+
+    Raises:
+        TrainingError: among others, a model whose outputs do not match the classes, or a batch
+            larger than the training split (both before any training).
+    """
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -182,6 +191,10 @@ def finetune(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     check_classes(model, recipe, train_data.num_classes, data_name)
+    if config.batch_size > len(train_data):
+        # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
+        raise TrainingError(f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
+                            f"give --batch-size {len(train_data)} or less")
     sparsity = GaborSparsity(model, recipe.input_shape)
     train_data, test_data = train_data.to(device), test_data.to(device)
     per_rank = max(1, config.batch_size // dist.world)
@@ -196,13 +209,7 @@ def finetune(
     start_epoch, best, history = 0, -1.0, []
     if resume is not None:
         state = Checkpoints.load_train_state(resume, model, recipe, config, data_name)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        data_rng.set_state(state["rng"]["data"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        Checkpoints.restore(resume, state, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data_rng=data_rng, device=device)
         start_epoch, best, history = state["epoch"], state["best_accuracy"], list(state["history"])
 
     def train_state(epoch: int) -> dict:

@@ -1,0 +1,154 @@
+"""Fuzz: every command, driven with random and malformed options and files, ends cleanly.
+
+For each example, hypothesis picks a command and a random subset of its options, each with a value
+from a pool of good, bad and absurd values (and real files: a good recipe, an ONNX file, corrupt,
+empty, foreign, hostile and plain-state_dict files, a directory, a missing path). Whatever it picks:
+
+- no uncaught exception and no traceback (a refusal is exit code 1 or 2 with a message);
+- a failed command leaves no output file behind, and an existing file it was pointed at intact;
+- no input file changes, and the hostile recipe's payload never runs.
+
+The examples are derandomised, so CI runs the same ones every time; FUZZ_EXAMPLES=N runs more.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from gaborprune.cli import app
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+runner = CliRunner()
+SHAPE = "3,16,16"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Input files, made once: every kind a user or a stranger could hand the program."""
+    d = tmp_path_factory.mktemp("fuzz-inputs")
+    ok = runner.invoke(app, ["convert", "resnet20", "--layers", "1", "--input-shape", SHAPE, "--num-classes", "4", "-o", str(d / "good.pt")])
+    assert ok.exit_code == 0, ok.output
+    ok = runner.invoke(app, ["export", str(d / "good.pt"), "-o", str(d / "good.onnx"), "--lowering", "dense"])
+    assert ok.exit_code == 0, ok.output
+    (d / "corrupt.pt").write_bytes(os.urandom(300))
+    (d / "empty.pt").write_bytes(b"")
+    (d / "text.onnx").write_text("not a model\n")
+    torch.save({"weight": torch.zeros(2)}, d / "plain.pt")
+    hostile = torch.load(d / "good.pt", weights_only=True)
+    hostile["source"] = {"spec": "os:system", "num_classes": None, "kwargs": {"command": f"touch {d / 'PWNED'}"}}
+    torch.save(hostile, d / "hostile.pt")
+    (d / "folder").mkdir()
+    return d
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+# -- value pools: half good values, half bad or absurd ones -----------------------------------------
+ABSURD = ["", " ", "-1", "0", "nan", "inf", "-inf", "1e309", "99999999999999999999999", "abc", ",", "=", "1,,2", "é"]  # no NUL: argv cannot carry one
+
+
+def pool(good: list[str], bad: list[str] = ()) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(good), st.sampled_from([*bad, *ABSURD]))
+
+
+COUNTS = pool(["1", "2"])  # epochs, runs, layers...: small when valid, so a run stays short
+FLOATS = pool(["0.01", "0.5", "1"], ["1.5", "-0.1", "1e-30"])
+SHAPES = pool([SHAPE, "3,8,8"], ["1,16,16", "3,1,1", "3,16", "0,16,16", "3,16,16,16", "1," + SHAPE, "100000," + SHAPE])
+DATA = pool(["fake:32:4", "fake:64:4"], ["fake:0", "fake:10:0", "fake:10:1", "cifar10:/nonexistent", "imagefolder:/nonexistent", "mnist"])
+GOOD_SOURCES = ["good.pt", "good.onnx", "resnet20", "hostile.pt"]
+BAD_SOURCES = ["corrupt.pt", "empty.pt", "plain.pt", "folder", "missing.pt", "text.onnx", "resnet2", "torchvision:nope", "os:system", "gaborprune:nothing"]
+SOURCES = pool(GOOD_SOURCES, BAD_SOURCES)
+MODEL_ARGS = pool(["k1=3", "num_classes=4"], ["channels=0", "blocks=-1", "gabor=maybe", "k1=0", "widths=[0]", "x", "=1", "num_classes=-3"])
+OUTPUTS = pool(["out.pt", "out.onnx", "out.json", "existing.pt"], ["sub/dir/out.pt", "", ".", "folder"])
+BATCHES = pool(["8", "1"], ["100000"])
+
+COMMON = {"--num-classes": COUNTS, "--input-shape": SHAPES, "--model-arg": MODEL_ARGS, "--threads": COUNTS, "--weights": SOURCES}
+COMMANDS = {
+    "convert": {"--layers": COUNTS, "--kernel-size": pool(["3", "5"], ["4", "1001"]), "--init": pool(["fit", "random"]),
+                "--seed": COUNTS, "--to": pool(["gabor", "cada"]), "--target": pool(["conv1"], ["re:(", "nope"]),
+                "--freeze": pool(["theta"]), "--bases": COUNTS, "--context": COUNTS, **COMMON},
+    "inspect": {**COMMON},
+    "finetune": {"--epochs": COUNTS, "--batch-size": BATCHES, "--lr": FLOATS, "--momentum": FLOATS, "--warmup-epochs": FLOATS,
+                 "--sparsity": FLOATS, "--seed": COUNTS, "--label-smoothing": FLOATS, "--optimizer": pool(["sgd", "adamw"]),
+                 "--resize": COUNTS, "--resume": SOURCES, **COMMON},
+    "eval": {"--batch-size": BATCHES, "--resize": COUNTS, **COMMON},
+    "prune": {"--threshold": FLOATS, "--ratio": pool(["0.5", "conv1=0.5"], ["conv1=1.5", "x=0.1"]), "--keep": pool(["3", "conv1=2"]),
+              "--data": DATA, "--finetune-epochs": COUNTS, "--seed": COUNTS, "--sweep": pool(["0.01,0.1"], ["2"]), "--input-shape": SHAPES,
+              "--threads": COUNTS, "--batch-size": BATCHES},
+    "export": {"--input-shape": pool(["1," + SHAPE, "2," + SHAPE], ["100000," + SHAPE, SHAPE]), "--opset": pool(["17", "20"], ["99"]),
+               "--lowering": pool(["dense"]), "--atol": FLOATS, "--pad-channels": pool(["0", "8"], ["3"]), "--quantize": pool(["int8"], ["int4"]),
+               "--data": DATA, "--threads": COUNTS},
+    "bench": {"--batch-size": pool(["1", "1,2"], ["100000"]), "--threads": pool(["1"], ["100000"]), "--warmup": COUNTS, "--runs": COUNTS,
+              "--provider": pool(["cpu"], ["cuda"]), "--baseline": SOURCES},
+}
+REQUIRED = {"convert": {"-o": OUTPUTS}, "finetune": {"--data": DATA, "-o": OUTPUTS}, "eval": {"--data": DATA}, "export": {"-o": OUTPUTS}}
+FLAGS = {"convert": ["--force"], "inspect": ["--force"], "finetune": ["--force"], "eval": ["--force"],
+         "prune": ["--force", "--dry-run"], "export": ["--force", "--dynamic-batch"], "bench": ["--force", "--profile"]}
+OUTPUT_OPTIONS = {"convert": ["--json"], "inspect": ["--png", "--json"], "finetune": ["--json"], "eval": ["--json"],
+                  "prune": ["-o", "--json", "--png"], "export": ["--json"], "bench": ["--json", "--markdown", "--png"]}
+FILE_OPTIONS = {"--weights", "--resume", "--baseline"}
+
+
+@st.composite
+def invocations(draw):
+    command = draw(st.sampled_from(sorted(COMMANDS)))
+    args = [command, draw(SOURCES)]
+    for option in draw(st.lists(st.sampled_from(sorted(COMMANDS[command])), max_size=4, unique=True)):
+        args += [option, draw(COMMANDS[command][option])]
+    for option, values in REQUIRED.get(command, {}).items():
+        args += [option, "@out/" + draw(values) if option == "-o" else draw(values)]
+    for option in draw(st.lists(st.sampled_from(OUTPUT_OPTIONS[command]), max_size=2, unique=True)):
+        args += [option, "@out/" + draw(OUTPUTS)]
+    args += draw(st.lists(st.sampled_from(FLAGS[command]), max_size=2, unique=True))
+    return args
+
+
+def _resolve(arg: str, inputs: Path, out: Path, is_file_value: bool) -> str:
+    """Pool names become real paths: outputs in a fresh folder, input files among the made ones."""
+    if arg.startswith("@out/"):
+        return str(out / arg.removeprefix("@out/"))
+    if is_file_value and arg.strip() and (arg == "missing.pt" or (inputs / arg).exists()):
+        return str(inputs / arg)
+    return arg
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(invocation=invocations())
+def test_no_command_crashes_or_leaves_partial_files(files, tmp_path_factory, invocation):
+    raw = invocation
+    out = tmp_path_factory.mktemp("fuzz-out")
+    (out / "existing.pt").write_bytes(b"the user's file")
+    (out / "folder").mkdir()
+    args = [raw[0], _resolve(raw[1], files, out, True)]
+    for i, arg in enumerate(raw[2:], start=2):
+        args.append(_resolve(arg, files, out, raw[i - 1] in FILE_OPTIONS))
+    (files / "PWNED").unlink(missing_ok=True)  # each example is judged on its own
+    inputs_before, outputs_before = _digest(files), _digest(out)
+
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide; the rest of the suite runs on one
+
+    assert result.exception is None or isinstance(result.exception, SystemExit), (args, repr(result.exception))
+    assert "Traceback" not in result.output, (args, result.output[-2000:])
+    assert not (files / "PWNED").exists(), args
+    assert _digest(files) == inputs_before, args
+    if result.exit_code != 0:
+        assert result.exit_code in (1, 2), (args, result.exit_code)
+        left = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+        assert left == {Path("existing.pt")}, (args, left, result.output[-1000:])
+        assert _digest(out) == outputs_before, args
+        assert "error" in result.output.lower() or "usage" in result.output.lower(), (args, result.output[-1000:])
