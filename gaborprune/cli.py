@@ -420,8 +420,9 @@ def _print_prune(report, dry_run: bool) -> None:
     before, after = report.before, report.after
     out.print("   ".join([change("parameters", before.params, after.params), change("MACs", before.macs, after.macs),
                           change("FLOPs", before.flops, after.flops)]) + "   (FLOPs = 2 x MACs)")
-    for (layer, reason), kept in groupby(report.kept, key=lambda k: (k.layer, k.reason)):
-        out.print(f"kept dead channels of {layer} ({', '.join(str(k.channel) for k in kept)}), their kernels masked: {reason}")
+    for (layer, side, reason), kept in groupby(report.kept, key=lambda k: (k.layer, k.side, k.reason)):
+        what = "dead channels" if side == "out" else "the channels read by dead input columns"
+        out.print(f"kept {what} of {layer} ({', '.join(str(k.channel) for k in kept)}), their kernels masked: {reason}")
     if dry_run:
         for name, sides in report.plan.channels.items():
             cut = "; ".join(f"{side} {', '.join(map(str, idx))}" for side, idx in sides.items() if idx)
@@ -454,7 +455,7 @@ def prune(
     force: Force = False,
     threads: Threads = None,
 ) -> None:
-    """Remove the dead kernels of the Gabor banks and cut the channels they leave empty out of the network."""
+    """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
     from gaborprune._io import check_outputs, write_json
     from gaborprune.data import DataSpec, load_data

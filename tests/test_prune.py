@@ -378,12 +378,19 @@ def test_cli_needs_gabor_banks_and_well_formed_budgets(tmp_path):
     assert result.exit_code == 2 and "'half' is not R or NAME=R" in result.output
 
 
-def test_dead_channels_of_a_depthwise_bank_tied_to_live_inputs_are_reported():
+def test_a_dead_channel_of_a_depthwise_bank_goes_with_the_live_channel_only_it_reads():
+    # the live channel 2 of '0' is read only by the bank's dead kernel: it goes too (a live second
+    # reader keeps it: tests/test_prune_columns.py)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           GaborConv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     randomize_norms(model).eval()
     kill(model[4], [2], -1.0)
+    original = copy.deepcopy(model)
     report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
-    assert [(k.layer, k.channel) for k in report.kept] == [("3", 2)] and "tied to a live channel of '0'" in report.kept[0].reason
-    assert model[3].kernels_alive == 7 and not report.plan.channels
+    assert not report.kept
+    assert report.plan.channels == {"0": {"out": [2]}, "1": {"out": [2]}, "3": {"out": [2], "in": [2]}, "4": {"out": [2]}, "8": {"in": [2]}}
+    assert model[0].out_channels == 7 and model[3].kernels_alive == 7 and model[8].in_features == 7
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert (masked_reference(original, report.plan)(x) - model(x)).abs().max().item() <= 1e-5

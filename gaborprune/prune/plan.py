@@ -22,7 +22,8 @@ class PrunePlan:
         kernels: {Gabor layer: [[o, i], ...]}: every kernel masked after this prune, including those in
             channels that stay (export lowers those) and those of removed channels.
         channels: {module: {"out": [...], "in": [...]}}: output / input channels physically removed from
-            convolutions, BatchNorms and linear layers.
+            convolutions, BatchNorms and linear layers. A removed output channel takes its kernels
+            with it, masked or not (a live channel that only ignoring readers read).
         spec: the criterion that chose the kernels (`PruneSpec.to_dict()`), for the record.
     """
 

@@ -54,9 +54,10 @@ def _warnings(changes: list[LayerChange], before, total_macs: int) -> list[str]:
 def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
     """Prune the Gabor banks of `model` in place and record the plan in `recipe`.
 
-    Steps: choose the kernels to keep (`select_kernels`), mask the others, find the dead output
-    channels that can go exactly (`analyse_channels`), fold their constants, cut them out
-    (`apply_plan_`), and check that the compacted model computes what the masked one did.
+    Steps: choose the kernels to keep (`select_kernels`), mask the others, find the channels that
+    can go exactly (`analyse_channels`: dead output channels, and channels that only dead input
+    columns read, with their producers' kernels), fold their constants, cut them out (`apply_plan_`),
+    and check that the compacted model computes what the masked one did.
 
     Raises:
         PruneError: bad criterion, no Gabor banks, a layer would lose every kernel, or (a bug) the
