@@ -242,6 +242,21 @@ def _training_context(source, data, device, num_classes, weights, model_arg, inp
     return dist, dev, model, recipe, str(spec), train, test
 
 
+def _alive_text(r: dict) -> str:
+    """'  alive: conv1 40  conv2 200  groups: conv1 out 12/16, conv2 in 9/16' from an epoch record."""
+    alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
+    groups = ", ".join(f"{label} {a}/{r['groups_total'][label]}" for label, a in r.get("groups_alive", {}).items())
+    return (f"  alive: {alive}" if alive else "") + (f"  groups: {groups}" if groups else "")
+
+
+def _groups_report(result, structure: str) -> list[str]:
+    """Which channel groups the run found (and pressed, with --structure channel), and why other bank sides have none."""
+    found = ", ".join(f"{label} {n}" for label, n in result.groups_total.items()) or "none"
+    lines = [f"channel groups ({'pressed' if structure == 'channel' else 'counted only, --structure kernel'}): {found}"]
+    lines += [f"  {label}: {note}" for label, note in result.groups_notes.items()]
+    return lines + [f"  no group: {line}" for line in result.groups_missing]
+
+
 def _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints=None, resume=None):
     """Run the fine-tuning loop with a progress bar (on a terminal) and one line per epoch."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -258,9 +273,8 @@ def _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints
         progress.update(task, completed=s.step, total=s.steps, epoch=f"{s.epoch}/{config.epochs}", loss=s.loss, acc=s.accuracy, ips=s.images_per_second)
 
     def on_epoch(r):
-        alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
         out.print(f"epoch {r['epoch']:>3}/{config.epochs}  loss {r['train_loss']:.4f}  train {r['train_accuracy']:5.1f}%  "
-                  f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + (f"  alive: {alive}" if alive else ""))
+                  f"test {r['test_top1']:5.2f}%  {r['images_per_second']:.0f} img/s" + _alive_text(r))
 
     with progress, sigterm_as_interrupt():
         try:
@@ -286,6 +300,7 @@ def finetune(
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=f"Linear warm-up length (default {_TRAIN.warmup_epochs}).", show_default=False)] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help=f"Default {_TRAIN.label_smoothing}.", show_default=False)] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help="Gabor sparsity pressure: 0 off (default), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
+    structure: Annotated[Optional[str], typer.Option("--structure", metavar="channel|kernel", help="What the pressure pushes to zero: channel (default): whole channel groups too, which is what runs faster; kernel: single kernels (the seed paper's).", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).", show_default=False)] = None,
     device: Device = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on; bf16 where supported).", show_default=False)] = None,
@@ -312,7 +327,7 @@ def finetune(
 
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
-                   seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic)
+                   structure=structure, seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic)
     config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
     checkpoints = Checkpoints(output)
     if resume is not None and not resume.is_file():
@@ -328,6 +343,8 @@ def finetune(
         result = _train(model, recipe, train, test, config, dev, dist, data_name, checkpoints, resume)
         if dist.main:
             save_recipe(output, model.cpu(), recipe, force=force)
+            if result.kernels_total:
+                out.print("\n".join(_groups_report(result, config.structure)))
             out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {output}  (checkpoints: {checkpoints.last}, {checkpoints.best})")
             if json_path:
                 write_json(json_path, result.to_dict(), force)
@@ -560,10 +577,10 @@ def export(
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W", help="Static input shape, e.g. 1,3,32,32 (default: batch 1 and the model's C,H,W).", show_default=False)] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Let the batch dimension vary (default: static, for embedded runtimes).")] = False,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 to 23 (default: the exporter's).", show_default=False)] = None,
-    lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="Form of kernel-sparse layers: auto measures each in ONNX Runtime and keeps the faster (default).", show_default=False)] = None,
+    lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="auto (default) times the plain dense export against cut, padded and split forms in ONNX Runtime and keeps another only when faster beyond the noise; dense: the plain dense export; sparse: cut and split, unmeasured.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of torch and of the ONNX Runtime sessions that measure and check (default: one per core).", show_default=False)] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.", show_default=False)] = None,
-    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact: 0 (off) or a power of two from 2 to 64 (default 8).", show_default=False)] = None,
+    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact: 0 (off) or a power of two from 2 to 64 (default: auto also times padding to this CPU's block, 16 with AVX-512, 8 with AVX2, and keeps it only when faster).", show_default=False)] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on --data) or, without --data, dynamic.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.", show_default=False)] = None,
     json_path: JsonOut = None,
@@ -591,7 +608,7 @@ def export(
         train, test = load_data(DataSpec.parse(data), recipe.input_shape)
         check_classes(model, recipe, test.num_classes, data)
         pair = (train, test)
-    with err.status("lowering, exporting and checking..." + (" (measuring each sparse layer's forms)" if config.lowering == "auto" else "")):
+    with err.status("lowering, exporting and checking..." + (" (timing the candidate forms)" if config.lowering == "auto" else "")):
         report = export_model(model, recipe, output, config, data=pair, force=force)
 
     table = Table(title=f"{source} -> {output}: kernel-sparse layers")
@@ -603,12 +620,19 @@ def export(
         table.add_row(name, f"{kernels}/{dense}", report.lowering[name], *ms)
     if table.row_count:
         out.print(table)
+    for c in report.candidates if len(report.candidates) > 1 else []:
+        timing = f"{c['median_ms']:.3f} ms [{c['low_ms']:.3f}-{c['high_ms']:.3f}]" if "median_ms" in c else ""
+        ratio = f"  time ratio {c['ratio']['median']:.3f} [{c['ratio']['low']:.3f}-{c['ratio']['high']:.3f}]" if c["ratio"] else "  (baseline)"
+        out.print(f"  {'kept' if c['kept'] else '    '}  {c['form']}: {timing}{ratio}  {_count(c['params'])} params")
     out.print(f"lowering: {report.lowering_note}")
+    for line in report.skipped:
+        out.print(f"[yellow]skipped:[/] {escape(line)}")
     if report.channels_cut:
-        out.print("cut at export (constant channels, folded as bias maps): " + "; ".join(
+        maps = f"; bias maps added to {', '.join(report.bias_maps)}" if report.bias_maps else ""
+        out.print(f"cut at export (constant channels{maps}): " + "; ".join(
             f"{m} {side} {len(idx)}" for m, sides in report.channels_cut.items() for side, idx in sides.items()))
     if report.padded:
-        out.print(f"grown with zero channels to a multiple of {config.pad_channels}: {', '.join(report.padded)}")
+        out.print(f"grown with zero channels to a multiple of {report.pad}: {', '.join(report.padded)}")
     out.print(f"parameters: {_count(report.params)}   MACs: {_count(report.macs)} (executed: {_count(report.macs_executed)})   FLOPs: {_count(report.flops)}")
     out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
     if report.quantization:
@@ -617,6 +641,8 @@ def export(
     if report.accuracy:
         out.print("top-1 on " + data + ": " + "  ".join(f"{k} {v:.2f}%" for k, v in report.accuracy.items()))
     out.print(f"-> {output} ({report.file_bytes / 1024:.1f} KiB)")
+    if report.note:
+        out.print(f"[yellow]note:[/] {escape(report.note)}")
     if json_path:
         write_json(json_path, {"model": source} | report.to_dict(), force)
 
@@ -650,110 +676,150 @@ def _bench_model(spec: str, workdir: Path, batch: int, threads: int, trust_facto
     return m
 
 
-def _load_note(env: dict) -> str:
-    load = env.get("load_average")
-    return "" if load is None else f" (1-minute load {load:.2f})"
+def _ci(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"{low:.3f}-{high:.3f}"
+
+
+def _bench_rows(report) -> tuple[list[list[str]], list[list[str]]]:
+    """The cells of the results and comparisons tables, shared by the terminal and Markdown reports."""
+    results = []
+    for r in report.results:
+        d = r.to_dict()
+        results.append([d["model"], d["runtime"], d["precision"], str(d["batch_size"]), str(d["threads"]), f"{d['p50_ms']:.3f}",
+                        _ci(d["p50_low_ms"], d["p50_high_ms"]), f"{d['p90_ms']:.3f}", f"{d['p90_over_p50']:.2f}",
+                        f"{d['runs']} in {d['rounds']}", f"{d['throughput']:.1f}", d["note"] or "ok"])
+    comparisons = []
+    for c in report.comparisons:
+        speedup = "-" if c.speedup is None else f"{c.speedup:.3f}x"
+        if c.efficiency is not None:
+            eff = f"{c.efficiency:.2f}"
+        else:
+            eff = "n/a (" + (c.note if c.stable else c.verdict) + ")"
+        verdict = f"{c.verdict} ({c.note})" if c.note and not c.stable else c.verdict
+        comparisons.append([c.model, c.baseline, str(c.batch_size), str(c.threads), speedup, _ci(c.speedup_low, c.speedup_high),
+                            f"{c.mac_ratio:.3f}", eff, verdict])
+    return results, comparisons
+
+
+RESULT_COLUMNS = ("model", "runtime", "precision", "batch", "threads", "median ms", "95% CI ms", "p90 ms", "p90/p50", "runs in rounds", "images/s", "note")
+COMPARISON_COLUMNS = ("model", "baseline", "batch", "threads", "speedup", "95% CI", "executed MAC ratio", "efficiency", "verdict")
+
+
+def _share_line(model: str, share: dict, baselines: set[str]) -> str:
+    who = f"baseline {model}" if model in baselines else model
+    if share["share"] is None:
+        return f"{who}: none of the converted layers shows in the profile"
+    bound = f"at most {share['bound']:.2f}x" if share["bound"] is not None else "no bound (all its time)"
+    return (f"{who}: {share['share']:.0%} of the time in the converted layers ({', '.join(share['layers'])}: {share['ms']:.3f} of "
+            f"{share['total_ms']:.3f} ms); removing them entirely would give {bound}")
+
+
+def _baseline_names(report) -> set[str]:
+    return {c.baseline for c in report.comparisons}
 
 
 def _bench_markdown(report, title: str) -> str:
-    env = report.environment
-    lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores{_load_note(env)}; onnxruntime {env['onnxruntime']}, "
-             f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1.", "",
-             "| model | runtime | batch | threads | p50 ms | p90 ms | p99 ms | mean ms | std ms | images/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report.results:
-        d = r.to_dict()
-        lines.append(f"| {d['model']} | {d['runtime']} | {d['batch_size']} | {d['threads']} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
-                     f"{d['p99_ms']:.3f} | {d['mean_ms']:.3f} | {d['std_ms']:.3f} | {d['throughput']:.1f} |")
-    if report.comparisons:
-        lines += ["", "| model | baseline | batch | threads | speedup | MAC ratio | efficiency |", "|---|---|---:|---:|---:|---:|---:|"]
-        for c in report.comparisons:
-            eff = f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a"
-            lines.append(f"| {c.model} | {c.baseline} | {c.batch_size} | {c.threads} | {c.speedup:.3f} | {c.mac_ratio:.3f} | {eff} |")
+    from gaborprune.export.bench import load_note
+
+    env, s = report.environment, report.settings
+    lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores{load_note(env)}; onnxruntime {env['onnxruntime']}, "
+             f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1. Rounds of {s['runs_per_round']} interleaved runs "
+             f"until each median's 95% interval is within +-{s['precision'] / 2:.1%} or {s['max_seconds']:g} s are spent.", ""]
+    lines += [f"**Warning:** {w}" for w in report.warnings] + ([""] if report.warnings else [])
+    results, comparisons = _bench_rows(report)
+    lines += ["| " + " | ".join(RESULT_COLUMNS) + " |", "|---|---|---|" + "---:|" * 8 + "---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in results]
+    if comparisons:
+        lines += ["", "Speedup: the median over interleaved runs of t_base / t, with its 95% interval; efficiency = "
+                  "(1 - t/t_base) / (1 - MACs/MACs_base) on executed MACs, given only for a speedup beyond the noise.", "",
+                  "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|---|---|" + "---:|" * 6 + "---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in comparisons]
     for model, layers in report.profiles.items():
         lines += ["", f"Per-layer time of {model} (ms per run, top 15):", "", "| layer | ms |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in sorted(layers.items(), key=lambda kv: -kv[1])[:15]]
+        if model in report.converted:
+            lines += ["", _share_line(model, report.converted[model], _baseline_names(report)) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _bench_png(report, path: Path, force: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gaborprune._io import save_figure
-
-    configs = sorted({(r.batch_size, r.threads) for r in report.results})
-    names = list(dict.fromkeys(f"{r.model} ({r.runtime})" if r.runtime != "onnxruntime" else r.model for r in report.results))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs) * len(names) / 2), 4))
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        values = {(r.batch_size, r.threads): r.latency.p50 for r in report.results
-                  if (f"{r.model} ({r.runtime})" if r.runtime != "onnxruntime" else r.model) == name}
-        ax.bar([i + k * width for i in range(len(configs))], [values.get(c, 0) for c in configs], width, label=name)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(configs))], [f"batch {b}, {t} thr" for b, t in configs])
-    ax.set_ylabel("median latency (ms)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(path, fig, force)
-    plt.close(fig)
 
 
 @_command
 def bench(
-    models: Annotated[list[str], typer.Argument(help="ONNX files, or recipes / model sources (exported on the fly).", metavar="MODEL...", show_default=False)],
-    baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="MODEL", help="Reference timed in the same runs: speedup, MAC ratio, efficiency.", show_default=False)] = None,
+    models: Annotated[list[str], typer.Argument(help="ONNX files (float or int8), or recipes / model sources (exported on the fly).", metavar="MODEL...", show_default=False)],
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", metavar="MODEL", help="Reference timed in the same runs (speedup, executed-MAC ratio, efficiency); repeat to give a float and an int8 one: each model is compared with its own precision's.", show_default=False)] = None,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", metavar="B1,B2,...", help="Batch sizes (default 1).", show_default=False)] = None,
     threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts, each 1 to the cores available (default 1).", show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model and configuration.")] = 10,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model and configuration.")] = 100,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model in one round; rounds repeat until --precision or --max-seconds.")] = 100,
+    precision: Annotated[Optional[float], typer.Option("--precision", metavar="R", help="Stop when every median's 95% interval is narrower than R times the median (default 0.02: +-1%).", show_default=False)] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", metavar="S", help="Timing budget, all configurations together (default 60).", show_default=False)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also time an int8 copy of every float model and baseline (static on --data, else dynamic), against the int8 baseline.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Images to calibrate --int8 on (static quantisation).", show_default=False)] = None,
     provider: Annotated[str, typer.Option("--provider", metavar="cpu|cuda", help="ONNX Runtime execution provider.")] = "cpu",
-    profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration).")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration), and the share spent in the converted layers.")] = False,
     torch_eager: Annotated[bool, typer.Option("--torch", help="Also time PyTorch eager (models given as recipes / sources).")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Write a Markdown report.", show_default=False)] = None,
-    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency (95% CI) per configuration, with the speedups.", show_default=False)] = None,
     json_path: JsonOut = None,
     trust_factory: TrustFactory = False,
     force: Force = False,
 ) -> None:
-    """Latency of ONNX models in ONNX Runtime (p50/p90/p99, throughput), side by side with a baseline."""
+    """Latency of ONNX models in ONNX Runtime (medians with 95% intervals), side by side with a baseline of the same precision."""
     import tempfile
 
     from gaborprune._io import check_outputs, write_json, write_text
     from gaborprune._validate import check_threads
+    from gaborprune.export.bench import MAX_SECONDS, PRECISION, check_timing, load_note
     from gaborprune.export.bench import bench as run_bench
     from gaborprune.export.runtime import providers
+    from gaborprune.plot import plot_latency
 
     batches, thread_counts = _ints(batch_size, "--batch-size", (1,)), _ints(threads, "--threads", (1,))
     for t in thread_counts:  # before exporting anything
         check_threads(t)
     if warmup < 0 or runs < 1:
         raise GaborPruneError(f"--runs must be at least 1 and --warmup at least 0, not {runs} and {warmup}")
+    check_timing(PRECISION if precision is None else precision, MAX_SECONDS if max_seconds is None else max_seconds)
+    if data is not None and not int8:
+        raise GaborPruneError(f"--data {data} calibrates --int8; add --int8, or leave out --data")
+    if data is not None:
+        from gaborprune.data import DataSpec, load_data
+
+        spec = DataSpec.parse(data)  # before exporting anything
     providers(provider)
     check_outputs([json_path, markdown, png], force)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = [_bench_model(m, Path(tmp), batches[0], thread_counts[0], trust_factory) for m in models]
-        base = _bench_model(baseline, Path(tmp), batches[0], thread_counts[0], trust_factory) if baseline else None
-        with err.status(f"timing {len(loaded) + bool(base)} model(s) x {len(batches) * len(thread_counts)} configuration(s)..."):
-            report = run_bench(loaded, baseline=base, batch_sizes=batches, threads=thread_counts, warmup=warmup, runs=runs,
-                               provider=provider, profile_layers=profile, torch_eager=torch_eager)
+        bases = [_bench_model(b, Path(tmp), batches[0], thread_counts[0], trust_factory) for b in baseline or []]
+        calibration = None
+        if data is not None:
+            from gaborprune.export.quantize import calibration_batches
 
-    env = report.environment
-    table = Table(title=f"latency: {env['cpu']}, {env['cores']} cores{_load_note(env)}, onnxruntime {env['onnxruntime']} ({provider})")
-    for col in ("model", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s"):
-        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
-    for r in report.results:
-        d = r.to_dict()
-        table.add_row(d["model"], d["runtime"], str(d["batch_size"]), str(d["threads"]), *(f"{d[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
-                      f"{d['throughput']:.1f}")
+            train, _ = load_data(spec, loaded[0].chw)
+            calibration = calibration_batches(train, next((m.fixed_batch for m in loaded + bases if m.fixed_batch), 32))
+        timing = {k: v for k, v in (("precision", precision), ("max_seconds", max_seconds)) if v is not None}
+        with err.status(f"timing {len(loaded) + len(bases)} model(s){' and their int8 copies' if int8 else ''} x "
+                        f"{len(batches) * len(thread_counts)} configuration(s), in rounds until the medians are tight..."):
+            report = run_bench(loaded, baseline=bases or None, batch_sizes=batches, threads=thread_counts, warmup=warmup, runs=runs,
+                               provider=provider, profile_layers=profile, torch_eager=torch_eager, int8=int8, calibration=calibration, **timing)
+
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    env, s = report.environment, report.settings
+    results, comparisons = _bench_rows(report)
+    table = Table(title=f"latency: {env['cpu']}, {env['cores']} cores{load_note(env)}, onnxruntime {env['onnxruntime']} ({provider}); "
+                        f"medians with 95% intervals, rounds of {s['runs_per_round']} runs until +-{s['precision'] / 2:.1%} or {s['max_seconds']:g} s")
+    for col in RESULT_COLUMNS:
+        table.add_column(col, justify="left" if col in ("model", "runtime", "precision", "note") else "right")
+    for row in results:
+        table.add_row(*row)
     out.print(table)
-    if report.comparisons:
-        comp = Table(title="against the baseline (efficiency = (1 - t/t_base) / (1 - MACs/MACs_base))")
-        for col in ("model", "batch", "threads", "speedup", "MAC ratio", "efficiency"):
-            comp.add_column(col, justify="left" if col == "model" else "right")
-        for c in report.comparisons:
-            comp.add_row(c.model, str(c.batch_size), str(c.threads), f"{c.speedup:.3f}x", f"{c.mac_ratio:.3f}",
-                         f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a (no MACs removed)")
+    if comparisons:
+        comp = Table(title="against the baseline of the same precision: speedup = median of t_base/t over interleaved runs; "
+                           "efficiency = (1 - t/t_base) / (1 - MACs/MACs_base) on executed MACs")
+        for col in COMPARISON_COLUMNS:
+            comp.add_column(col, justify="left" if col in ("model", "baseline", "efficiency", "verdict") else "right")
+        for row in comparisons:
+            comp.add_row(*row)
         out.print(comp)
     for model, layers in report.profiles.items():
         prof = Table(title=f"where the time goes: {model} (batch {batches[0]}, {thread_counts[0]} thread(s))")
@@ -764,20 +830,21 @@ def bench(
         for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:15]:
             prof.add_row(name, f"{ms:.3f}", f"{ms / total:.0%}")
         out.print(prof)
+        if model in report.converted:
+            out.print(_share_line(model, report.converted[model], _baseline_names(report)))
     if json_path:
         write_json(json_path, report.to_dict(), force)
     if markdown:
         text = _bench_markdown(report, "gaborprune bench")
         write_text(markdown, text, force)
     if png:
-        _bench_png(report, png, force)
+        plot_latency(report, png, force=force)
 
 
 # -- demo ----------------------------------------------------------------------------------------
 def _brief_epoch(r: dict) -> None:
     """One indented line per epoch for the multi-stage commands (demo, reproduce)."""
-    alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
-    out.print(f"    epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + (f"  alive: {alive}" if alive else ""))
+    out.print(f"    epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  test {r['test_top1']:5.2f}%" + _alive_text(r))
 
 @_command
 def demo(
@@ -810,14 +877,16 @@ def demo(
         table.add_row(st.name, f"{st.accuracy:.2f}%", _count(st.params), _count(st.macs))
     out.print(table)
     out.print("kernels kept: " + "  ".join(f"{n} {k}/{t}" for n, (k, t) in report.kernels.items()) + f"   ({report.removed:.0%} removed)")
-    lat = {r["model"]: r for r in report.latency["results"]}
-    comp = report.latency["comparisons"][0]
     for name in ("baseline", "pruned"):
         e = report.onnx[name]
-        out.print(f"{name + '.onnx':14s} {e['file_bytes'] / 1024:7.0f} KiB   top-1 {e['accuracy']['onnx']:.2f}%   "
-                  f"max |diff| vs PyTorch {e['max_abs_diff']:.1e}   p50 {lat[name]['p50_ms']:.3f} ms")
-    eff = f", efficiency {comp['efficiency']:.2f}" if comp["efficiency"] is not None else ""
-    out.print(f"speedup {comp['speedup']:.3f}x at MAC ratio {comp['mac_ratio']:.3f}{eff}")
+        out.print(f"{name + '.onnx':14s} {e['file_bytes'] / 1024:7.0f} KiB   {_count(e['params'])} parameters   {_count(e['macs_executed'])} MACs executed   "
+                  f"top-1 {e['accuracy']['onnx']:.2f}%   max |diff| vs PyTorch {e['max_abs_diff']:.1e}")
+    for c in report.latency["comparisons"]:
+        eff = f", efficiency {c['efficiency']:.2f}" if c["efficiency"] is not None else ""
+        out.print(f"pruned vs unpruned, {c['precision']:5s} batch {c['batch_size']:>2}: speedup {c['speedup']:.3f}x "
+                  f"[{c['speedup_low']:.3f}, {c['speedup_high']:.3f}] {c['verdict']}, executed-MAC ratio {c['mac_ratio']:.3f}{eff}")
+    if report.note:
+        out.print(f"note: {report.note}")
     out.print(f"report: {out_dir / 'report.md'}  (and report.json, banks-*.png, latency.png)")
 
 

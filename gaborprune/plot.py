@@ -95,3 +95,47 @@ def plot_sweep(points, path: str | os.PathLike, *, title: str = "", force: bool 
     fig.tight_layout()
     save_figure(path, fig, force)
     plt.close(fig)
+
+
+def plot_latency(report, path: str | os.PathLike, *, force: bool = False) -> None:
+    """A bench report as bars: median latency per configuration with its 95% interval, each
+    compared model labelled with its speedup (and verdict when it is not a finding)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gaborprune.export.bench import load_note
+
+    runtimes = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+    configs = sorted({(r.batch_size, r.threads) for r in report.results})
+    keys = list(dict.fromkeys((r.model, r.runtime) for r in report.results))
+    speedups = {(c.model, c.batch_size, c.threads): c for c in report.comparisons}
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(configs) * len(keys)), 4.5))
+    width = 0.8 / len(keys)
+    for k, (model, rt) in enumerate(keys):
+        rows = {(r.batch_size, r.threads): r for r in report.results if (r.model, r.runtime) == (model, rt)}
+        xs = [i + k * width for i, c in enumerate(configs) if c in rows]
+        found = [rows[c] for c in configs if c in rows]
+        mid = [r.interval.median for r in found]
+        err_bars = [[r.interval.median - r.interval.low for r in found], [r.interval.high - r.interval.median for r in found]]
+        ax.bar(xs, mid, width, yerr=err_bars, capsize=3, label=f"{os.path.basename(model)} - {runtimes.get(rt, rt)}")
+        for x, r in zip(xs, found):
+            c = speedups.get((model, r.batch_size, r.threads)) if rt == "onnxruntime" else None
+            if c is not None:
+                text = c.verdict if c.speedup is None else f"{c.speedup:.2f}x" + ("" if c.stable else f"\n{c.verdict}")
+                ax.annotate(text, (x, r.interval.high), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    batches = [b for b, _ in configs]
+    if max(batches) >= 10 * min(batches):  # batch 1 and 32 side by side: a linear axis flattens batch 1
+        ax.set_yscale("log")
+    ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(configs))], [f"batch {b}, {t} thread{'s' * (t > 1)}" for b, t in configs])
+    ax.set_ylabel("median latency per batch (ms), 95% CI")
+    env = report.environment
+    runtime_names = " vs ".join(dict.fromkeys(runtimes.get(rt, rt) for _, rt in keys))
+    ax.set_title(f"{runtime_names} latency, speedup against the baseline of the same precision\n"
+                 f"{env['cpu']}, {env['cores']} cores{load_note(env)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    save_figure(path, fig, force)
+    plt.close(fig)

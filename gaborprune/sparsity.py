@@ -1,4 +1,5 @@
-"""How strong each Gabor kernel is, measured so that BatchNorm cannot fake sparsity.
+"""How strong each Gabor kernel is, measured so that BatchNorm cannot fake sparsity, and the
+sparsity pressure built on it.
 
 A convolution followed by BatchNorm computes the same function when all kernels of an output channel
 are scaled together: BN divides the scale out. So a kernel's raw norm means nothing on its own. The
@@ -10,25 +11,48 @@ strength used here is the kernel's share of its output channel times the BN gain
 which is invariant to that per-channel scale, still lets a whole channel die (its BN gain goes to 0),
 and matches the BN-folded deploy weight up to the channel's input statistics.
 
-The sparsity pressure is, per layer, the ratio of the strengths' L1 and L2 norms,
-    R = ||s||_1 / ||s||_2          in [1, sqrt(n)]  (R^2 is a smooth count of the live kernels),
-which is scale invariant as a whole: it rewards concentrating strength in few kernels (driving the
-others towards zero while useful ones keep their strength), not shrinking everything.
+The pressure is built from the ratio of L1 and L2 norms,
+    R(v) = ||v||_1 / ||v||_2       in [1, sqrt(n)]  (R^2 is a smooth count of the live entries of v),
+which is scale invariant: it rewards concentrating strength in few entries (driving the others
+towards zero while useful ones keep their strength), not shrinking everything. Two structures:
+
+    kernel:   P = sum_layers R(s_layer)
+    channel:  P = sum_layers R(s_layer) + GROUP_WEIGHT * sum_families R(G_family)
+
+`kernel` pushes single kernels to zero (the seed paper's pressure). ONNX Runtime's convolutions cost
+the same with 9 or 128 of their kernels non-zero, so for speed `channel` also pushes whole *channel
+groups* (`gaborprune.prune.groups`): the kernels whose joint death removes a channel exactly (the
+output channel of a bank, the input column of a bank, or a residual/concatenation tie across banks).
+A group's strength is the L2 norm of its members' strengths,
+
+    G[k] = sqrt(sum_{(layer, o, i) in group k} s_layer[o, i]^2),
+
+and a *family* is the groups with the same label (the same banks and side, e.g. all of conv1's
+output channels, or all of conv2's input columns); R over a family's strengths, between 1 and
+sqrt(groups), is lowest when few groups stay. Both terms inherit the invariance of s. The kernel
+term has weight 1 and each family GROUP_WEIGHT = 2: in the latency probe's prototype
+(notes/latency-probe.md, resnet20_altered on digits, --sparsity 0.1) that killed 9 of conv2's 16
+input columns at 99.73% test accuracy (the kernel term alone: 3, at 99.18%; weight 4: 13, at 98.35%).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.errors import GaborPruneError
 from gaborprune.probe import probe
+from gaborprune.train.config import STRUCTURES
 
 #: A kernel is alive while its strength is at least this fraction of the strongest in its layer.
 DEFAULT_THRESHOLD = 0.05
+#: The weight of each family's group term against the kernel term (see the module doc).
+GROUP_WEIGHT = 2.0
 
 
 def following_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
@@ -71,27 +95,101 @@ def l1_l2_ratio(s: Tensor) -> Tensor:
     return s.abs().sum() / s.norm().clamp_min(1e-12)
 
 
-class GaborSparsity:
-    """The Gabor layers of a model with their BatchNorms: strengths, alive counts, and the penalty."""
+@dataclass
+class _Family:
+    """The groups of one label, as index tensors into the banks' strengths."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    size: int  # groups
+    parts: list[tuple[str, Tensor, Tensor]]  # (bank, flat kernel index of each member, its group), both Tensor[members]
+
+    def _gather(self, strengths: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+        for k, (bank, flat, group) in enumerate(self.parts):
+            s = strengths[bank]
+            if flat.device != s.device:  # the model moved since the groups were found
+                flat, group = flat.to(s.device), group.to(s.device)
+                self.parts[k] = (bank, flat, group)
+            yield s.flatten()[flat], group
+
+    def strength(self, strengths: dict[str, Tensor]) -> Tensor:
+        """G: the L2 norm of each group's member strengths, Tensor[groups] (differentiable)."""
+        total = None
+        for v, group in self._gather(strengths):
+            sq = torch.zeros(self.size, dtype=v.dtype, device=v.device).index_add(0, group, v.square())
+            total = sq if total is None else total + sq
+        return total.clamp_min(1e-24).sqrt()  # sqrt's gradient at 0 is infinite; a group's is at most 1 here
+
+    def strongest(self, strengths: dict[str, Tensor]) -> Tensor:
+        """Each group's strongest member, Tensor[groups]."""
+        best = None
+        for v, group in self._gather(strengths):
+            top = torch.zeros(self.size, dtype=v.dtype, device=v.device).scatter_reduce(0, group, v, "amax")
+            best = top if best is None else torch.maximum(best, top)
+        return best
+
+
+class GaborSparsity:
+    """The Gabor layers of a model with their BatchNorms: strengths, alive counts, and the penalty.
+
+    Args:
+        structure: None (default): kernels only, no channel analysis (what `prune` needs). "kernel":
+            the kernel pressure, with the channel groups found and counted. "channel": the groups
+            pressed too (see the module doc).
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None) -> None:
+        if structure is not None and structure not in STRUCTURES:
+            raise GaborPruneError(f"unknown --structure '{structure}'; known: {', '.join(STRUCTURES)}")
         modules = dict(model.named_modules())
         norms = following_norms(model, input_shape)
+        self.structure = structure
         self.layers = {n: m for n, m in modules.items() if isinstance(m, GaborConv2d)}
         self.norms = {n: modules[norms[n]] if n in norms else None for n in self.layers}
+        self.groups = self._analyse(model, input_shape) if structure is not None else None
+        self.families: dict[str, _Family] = self._families() if self.groups is not None else {}
 
     def __bool__(self) -> bool:
         return bool(self.layers)
 
+    def _analyse(self, model: nn.Module, input_shape: tuple[int, int, int]):
+        from gaborprune.prune.groups import GroupAnalysis, channel_groups  # the prune package imports this module
+
+        return channel_groups(model, input_shape) if self.layers else GroupAnalysis()
+
+    def _families(self) -> dict[str, _Family]:
+        members: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # label -> bank -> (flat indices, groups)
+        sizes: dict[str, int] = {}
+        for g in self.groups.groups:
+            k = sizes.get(g.label, 0)
+            sizes[g.label] = k + 1
+            for bank, kernels in g.members:
+                width = self.layers[bank].mask.shape[1]
+                flat, group = members.setdefault(g.label, {}).setdefault(bank, ([], []))
+                flat += [o * width + i for o, i in kernels]
+                group += [k] * len(kernels)
+        families = {}
+        for label, banks in members.items():
+            parts = []
+            for bank, (flat, group) in banks.items():
+                device = self.layers[bank].mask.device
+                parts.append((bank, torch.tensor(flat, device=device), torch.tensor(group, device=device)))
+            families[label] = _Family(sizes[label], parts)
+        return families
+
     def penalty(self) -> Tensor:
-        """Sum over Gabor layers of the L1/L2 ratio of the kernel strengths (differentiable).
+        """The pressure of the module doc, for this structure (differentiable): per Gabor layer the
+        L1/L2 ratio of the kernel strengths, plus with "channel" the group terms.
 
         Inside `track_forward`, a layer's kernels come from its latest forward pass with autograd
         rather than being computed a second time; each pass's kernels serve one penalty."""
         total = torch.zeros(())
+        strengths = {}
         for n, m in self.layers.items():
             weight, m.last_weight = m.last_weight, None
-            total = total + l1_l2_ratio(kernel_strength(m, self.norms[n], weight))
+            strengths[n] = kernel_strength(m, self.norms[n], weight)
+            total = total + l1_l2_ratio(strengths[n])
+        if self.structure == "channel":
+            for family in self.families.values():
+                total = total + GROUP_WEIGHT * l1_l2_ratio(family.strength(strengths))
         return total
 
     @contextlib.contextmanager
@@ -122,3 +220,15 @@ class GaborSparsity:
 
     def totals(self) -> dict[str, int]:
         return {n: m.mask.numel() for n, m in self.layers.items()}
+
+    def groups_alive(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
+        """Groups per label with a kernel alive (at `threshold`, as `alive`): `prune --threshold`
+        removes every kernel of a dead group. Empty without a channel analysis."""
+        if not self.families:
+            return {}
+        r = self.relative_strengths()
+        return {label: int((f.strongest(r) >= threshold).sum()) for label, f in self.families.items()}
+
+    def groups_total(self) -> dict[str, int]:
+        """{label: groups}, e.g. {'conv1 out': 16, 'conv2 in': 16}."""
+        return {label: f.size for label, f in self.families.items()}

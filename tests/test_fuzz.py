@@ -89,11 +89,13 @@ COMMANDS = {
                "--lowering": pool(["dense"]), "--atol": FLOATS, "--pad-channels": pool(["0", "8"], ["3"]), "--quantize": pool(["int8"], ["int4"]),
                "--data": DATA, "--threads": COUNTS},
     "bench": {"--batch-size": pool(["1", "1,2"], ["100000"]), "--threads": pool(["1"], ["100000"]), "--warmup": COUNTS, "--runs": COUNTS,
-              "--provider": pool(["cpu"], ["cuda"]), "--baseline": SOURCES},
+              "--provider": pool(["cpu"], ["cuda"]), "--baseline": SOURCES, "--precision": FLOATS, "--data": DATA},
 }
-REQUIRED = {"convert": {"-o": OUTPUTS}, "finetune": {"--data": DATA, "-o": OUTPUTS}, "eval": {"--data": DATA}, "export": {"-o": OUTPUTS}}
+# bench times until its medians are tight (60 s by default): one second is plenty for the fuzz's tiny models
+REQUIRED = {"convert": {"-o": OUTPUTS}, "finetune": {"--data": DATA, "-o": OUTPUTS}, "eval": {"--data": DATA}, "export": {"-o": OUTPUTS},
+            "bench": {"--max-seconds": st.just("1")}}
 FLAGS = {"convert": ["--force"], "inspect": ["--force"], "finetune": ["--force"], "eval": ["--force"],
-         "prune": ["--force", "--dry-run"], "export": ["--force", "--dynamic-batch"], "bench": ["--force", "--profile"]}
+         "prune": ["--force", "--dry-run"], "export": ["--force", "--dynamic-batch"], "bench": ["--force", "--profile", "--int8"]}
 OUTPUT_OPTIONS = {"convert": ["--json"], "inspect": ["--png", "--json"], "finetune": ["--json"], "eval": ["--json"],
                   "prune": ["-o", "--json", "--png"], "export": ["--json"], "bench": ["--json", "--markdown", "--png"]}
 FILE_OPTIONS = {"--weights", "--resume", "--baseline"}

@@ -1,4 +1,4 @@
-"""`export_model`: lower, choose each kernel-sparse layer's form by measuring, export, check, write."""
+"""`export_model`: lower, choose the form by measuring (`gaborprune.export.search`), export, check, write."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -14,11 +13,11 @@ from gaborprune import __version__
 from gaborprune._io import check_output, write_bytes
 from gaborprune._validate import check_batch_memory, check_finite, check_threads
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.export.lower import lower
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError, opset_of, parity, to_onnx
 from gaborprune.export.quantize import calibration_batches, onnx_top1, quantize_int8
-from gaborprune.export.runtime import profile, session, time_interleaved
+from gaborprune.export.runtime import session
+from gaborprune.export.search import Lowerings, search
 from gaborprune.models import non_finite
 from gaborprune.probe import activation_bytes
 from gaborprune.recipe import Recipe
@@ -33,13 +32,18 @@ class ExportConfig:
 
     Attributes:
         batch_size: the (static) batch dimension; with `dynamic_batch` the batch used for checks.
-        lowering: "auto" (measure dense vs split for each kernel-sparse layer on these session
-            settings and keep the faster), "dense", or "sparse" (split wherever kernels are missing).
+        lowering: "auto" (time whole-graph candidates on these session settings: the plain dense
+            export, constant channels cut at export, padded channel counts, kernel-sparse layers
+            split where the profiler finds that faster; keep a candidate only when it is faster than
+            the plain dense one beyond the noise, see `gaborprune.export.search`), "dense" (the
+            plain dense export), or "sparse" (constant channels cut, split wherever kernels are
+            missing), the last two unmeasured.
         atol: the largest |onnxruntime - PyTorch| accepted (float32); beyond it nothing is written.
         threads: intra-op threads of the sessions that measure (default: ONNX Runtime's).
         pad_channels: grow channel counts to a multiple of this with zero channels where exact
-            (ONNX Runtime's blocked convolutions): 0 disables, else a power of two from 2 to 64;
-            `auto` also measures without.
+            (ONNX Runtime's blocked convolutions), in every form: 0 disables, else a power of two
+            from 2 to 64. None: `auto` also times the forms padded to this CPU's block
+            (`gaborprune.export.search.cpu_block`: 16 with AVX-512, 8 with AVX2), the others do not pad.
         quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
             the float model, the int8 model's difference and accuracy are reported.
     """
@@ -52,7 +56,7 @@ class ExportConfig:
     threads: int | None = None
     check_inputs: int = 3
     quantize: bool = False
-    pad_channels: int = 8
+    pad_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -63,7 +67,7 @@ class ExportConfig:
             raise ExportError(f"--atol must be positive, not {self.atol}")
         if self.threads is not None:
             check_threads(self.threads, "--threads", ExportError)
-        if self.pad_channels not in PAD_CHANNELS:
+        if self.pad_channels is not None and self.pad_channels not in PAD_CHANNELS:
             raise ExportError(f"--pad-channels must be 0 (off) or a power of two from 2 to 64 (ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
         if self.opset is not None and not 18 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
@@ -81,11 +85,16 @@ class ExportReport:
     macs: int  # without removed kernels: the model's arithmetic
     macs_executed: int  # what the lowered graph computes (a dense conv computes its zero kernels)
     lowering: dict[str, str]
-    lowering_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: {layer: {form: ms}}
-    lowering_note: str = ""
+    lowering_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: {layer: {form: ms}} (profiler)
+    lowering_note: str = ""  # which form was kept, and why
     channels_cut: dict = field(default_factory=dict)
     bias_maps: list[str] = field(default_factory=list)
-    padded: list[str] = field(default_factory=list)  # layers grown with zero channels to a multiple of pad_channels
+    padded: list[str] = field(default_factory=list)  # layers grown with zero channels to a multiple of `pad`
+    pad: int = 0  # the channel multiple of the kept form (0: none)
+    pad_block: int = 0  # auto: the CPU block the padded candidates used (0: none tried)
+    candidates: list[dict] = field(default_factory=list)  # every whole-graph form considered (`Candidate.to_dict`)
+    skipped: list[str] = field(default_factory=list)  # lowering steps that could not run, and why
+    note: str = ""  # one plain line when pruning could not have made this export faster (`speed_note`)
     quantization: dict | None = None  # the int8 model written: {"mode", "max_abs_diff", "cosine", "compared_on", "file_bytes"}
     accuracy: dict[str, float] = field(default_factory=dict)  # top-1 percent on the test split: "onnx" (float), "int8"
     sparse_kernels: dict[str, list[int]] = field(default_factory=dict)  # {layer: [non-zero kernels, dense kernels]}
@@ -97,7 +106,8 @@ class ExportReport:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("path", "opset", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs")}
         d["flops"] = self.flops
-        d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "sparse_kernels", "channels_cut", "bias_maps", "padded")}
+        d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "candidates", "sparse_kernels", "channels_cut",
+                                            "bias_maps", "padded", "pad", "pad_block", "skipped", "note")}
         if self.quantization is not None:
             d["quantization"] = self.quantization
         if self.accuracy:
@@ -119,44 +129,31 @@ def check_inputs(shape: tuple[int, ...], count: int, extra: Tensor | None = None
     return inputs
 
 
-def _choose(model: nn.Module, shape: tuple[int, int, int, int], config: ExportConfig) -> tuple[dict[str, str], dict, str]:
-    """Per kernel-sparse layer, the form that runs faster in ONNX Runtime on these settings."""
-    _, dense_report = lower(model, shape[1:], "dense")
-    sparse = [layer.name for layer in dense_report.layers if layer.kernels < layer.dense_kernels and layer.form == "dense"]
-    if not sparse or config.lowering == "dense":
-        return {}, {}, "no kernel-sparse layers" if not sparse else "dense everywhere (--lowering dense)"
-    if config.lowering == "sparse":
-        return {n: "split" for n in sparse}, {}, "split wherever kernels are missing (--lowering sparse)"
-    x = torch.randn(*shape).numpy()
-    layer_names = [layer.name for layer in dense_report.layers]
-    times = {}
-    protos = {}
-    for form in ("dense", "split"):
-        deploy, _ = lower(model, shape[1:], form, config.pad_channels)
-        protos[form] = to_onnx(deploy, shape).SerializeToString()
-        times[form] = profile(protos[form], _parse(protos[form]), x, layer_names, config.threads)
-    ms = {n: {form: round(times[form].get(n, float("nan")), 4) for form in times} for n in sparse}
-    choice = {n: "split" if times["split"].get(n, np.inf) < times["dense"].get(n, np.inf) else "dense" for n in sparse}
-    return choice, ms, "measured per layer with ONNX Runtime's profiler, faster form kept"
+#: What `speed_note` says when the pruning was kernel-level only.
+KERNELS_NOT_TIME = ("kernels removed inside kept channels do not become ONNX Runtime time; only whole channels do: "
+                    "fine-tune with --structure channel (the default) so whole channels die")
 
 
-def _describe(choice, pad: int) -> str:
-    forms = "split " + ", ".join(n for n, f in choice if f == "split") if any(f == "split" for _, f in choice) else "all dense"
-    return f"{forms}, " + (f"channels padded to x{pad}" if pad > 1 else "no padding")
+def speed_note(model: nn.Module, recipe: Recipe, report: ExportReport) -> str:
+    """One plain line when the export of a pruned model cannot be faster than the unpruned one's,
+    with the cause; "" otherwise.
 
-
-def _parse(data: bytes):
-    import onnx
-
-    return onnx.load_from_string(data)
+    The rule needs no second model: kernels were removed, but no channel (neither by the recipe's
+    prune plans nor at export) and no layer is split, so the written graph executes the unpruned
+    layer shapes, zeros included.
+    """
+    kernels = any(m.kernels_alive < m.mask.numel() for m in model.modules() if isinstance(m, GaborConv2d))
+    channels = report.channels_cut or any(idx for plan in recipe.prune_plans for sides in plan.get("channels", {}).values() for idx in sides.values())
+    split = any(form.startswith("split") for form in report.lowering.values())
+    return KERNELS_NOT_TIME if kernels and not channels and not split else ""
 
 
 def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
                  data: tuple | None = None, force: bool = False) -> ExportReport:
     """Export `model` as a compact ONNX file at `path`, checked against PyTorch.
 
-    Steps: `lower` (Gabor banks baked, constant channels cut with bias maps, BatchNorm folded), pick
-    each kernel-sparse layer's form (`config.lowering`), export with the dynamo exporter, run the full
+    Steps: choose the form (`config.lowering`; `gaborprune.export.search`: the model is lowered once
+    per form, Gabor banks baked and BatchNorm folded), export it with the dynamo exporter, run the full
     ONNX checker, compare onnxruntime with the PyTorch model on seeded random inputs (and real test
     images when `data` = (train, test) datasets is given), optionally quantise to int8, and only then
     write the file (atomically).
@@ -174,22 +171,9 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
     check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)
     shape = (config.batch_size, *recipe.input_shape)
-    choice, ms, note = _choose(model, shape, config)
-    pad = config.pad_channels
-    if config.lowering == "auto":  # whole-model guard: keep the fastest of these on the session settings
-        candidates = {(tuple(sorted(choice.items())), pad), ((), pad), ((), 0)}
-        if not lower(model, recipe.input_shape, "dense", pad)[1].padded:
-            candidates.discard(((), 0))  # nothing to pad: the same graph
-        if len(candidates) > 1:
-            x = torch.randn(*shape).numpy()
-            order = sorted(candidates)
-            blobs = [to_onnx(lower(model, recipe.input_shape, dict(c), p)[0], shape).SerializeToString() for c, p in order]
-            times = time_interleaved([session(b, config.threads) for b in blobs], x, warmup=5, runs=30)
-            best = min(range(len(order)), key=lambda k: times[k].p50)
-            described = "; ".join(f"{_describe(c, p)} {t.p50:.3f} ms" for (c, p), t in zip(order, times))
-            choice, pad = dict(order[best][0]), order[best][1]
-            note += f"; whole model (p50): {described}; kept {_describe(order[best][0], pad)}"
-    deploy, lowering = lower(model, recipe.input_shape, choice, pad)
+    lowerings = Lowerings(model, recipe.input_shape, config.batch_size)
+    found = search(lowerings, config.lowering, config.pad_channels, config.threads)
+    deploy, lowering = lowerings.lower(found.form)
     metadata = {
         "gaborprune.version": __version__,
         "gaborprune.source": recipe.source.spec,
@@ -224,7 +208,10 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
             accuracy["int8"] = onnx_top1(qsess, test)
     write_bytes(path, blob, force)
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
-    return ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs,
-                        counts.macs_executed, lowering.forms, ms, note, lowering.channels_cut, lowering.bias_maps,
-                        lowering.padded, quantization, accuracy, {layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers
-                                                 if layer.kernels < layer.dense_kernels})
+    report = ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs, counts.macs_executed,
+                          lowering.forms, found.layer_ms, found.reason, lowering.channels_cut, lowering.bias_maps, lowering.padded,
+                          found.form.pad, found.block, [c.to_dict() for c in found.candidates], lowering.skipped,
+                          quantization=quantization, accuracy=accuracy,
+                          sparse_kernels={layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers if layer.kernels < layer.dense_kernels})
+    report.note = speed_note(model, recipe, report)
+    return report

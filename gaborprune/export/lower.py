@@ -1,12 +1,16 @@
 """`lower`: the deploy form of a model, plain ops only, for one input size.
 
 1. Gabor banks become plain convolutions (their masked kernels baked into the weights).
-2. Channels that emit a constant and could not be cut in the recipe (a zero-padded consumer sees
-   the constant inside and 0 at the borders) are cut here: for a fixed input size, what they add to
-   the consumer's output is an exact [C, H, W] map (`MapBias`). Exactness otherwise follows `prune`.
-3. BatchNorm is folded into the convolution before it, and channel counts that pruning left off a
-   multiple of 8 are grown back with zero channels where that is exact (`pad_channels_`): ONNX
-   Runtime's blocked CPU convolutions are much slower off that grid.
+2. With `cut`, channels that emit a constant and could not be cut in the recipe (a zero-padded
+   consumer sees the constant inside and 0 at the borders) are cut here: for a fixed input size,
+   what they add to the consumer's output is an exact [C, H, W] map (`MapBias`); a map that is the
+   same at every position is a plain bias, and an all-zero one is no map at all (its Add would only
+   break ONNX Runtime's Conv+ReLU fusion). Exactness otherwise follows `prune`. The cut removes
+   arithmetic but can cost time (the map's Add, channel counts off the CPU's block): `export`
+   measures it against the plain form.
+3. BatchNorm is folded into the convolution before it, and with `pad` channel counts off a multiple
+   of it are grown back with zero channels where that is exact (`pad_channels_`): ONNX Runtime's
+   blocked CPU convolutions work on blocks of 8 (AVX2) or 16 (AVX-512) channels.
 4. Each kernel-sparse convolution (zero kernels in channels that stay) takes a form: `dense` (one
    convolution, zeros computed) or `split` (`SplitConv`: one dense convolution per group of output
    channels over just the input channels the group reads; outputs without kernels are constants).
@@ -25,6 +29,7 @@ from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
 from gaborprune.errors import GaborPruneError
+from gaborprune.export.onnx import ExportError
 from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 
@@ -120,13 +125,17 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (MapBias, SplitConv, CADAConv2d)) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, int]] | None:
-    """The model's fx graph (lowering wrappers as leaves) and how often each module is called; None
-    when torch.fx cannot trace it."""
+def _trace(model: nn.Module, step: str) -> tuple[fx.Graph, dict[str, int]]:
+    """The model's fx graph (lowering wrappers as leaves) and how often each module is called.
+
+    Raises:
+        ExportError: torch.fx cannot trace the model, so `step` cannot run.
+    """
     try:
         graph = _Tracer().trace(model)
-    except Exception:
-        return None
+    except Exception as e:  # tracing user code can fail in many ways
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{step}: torch.fx could not trace the model ({detail})") from None
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -137,11 +146,12 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, int]] | None:
 @torch.no_grad()
 def fold_batchnorms_(model: nn.Module) -> list[str]:
     """Fold each BatchNorm2d that alone reads a convolution's output into that convolution (eval
-    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names."""
-    traced = _trace(model)
-    if traced is None:  # an untraceable model keeps its BatchNorms (ONNX Runtime fuses them itself)
-        return []
-    graph, calls = traced
+    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names.
+
+    Raises:
+        ExportError: torch.fx cannot trace the model (nothing is changed).
+    """
+    graph, calls = _trace(model, "BatchNorms not folded")
     modules = dict(model.named_modules())
     folded = []
     for n in graph.nodes:
@@ -213,11 +223,12 @@ def pad_channels_(model: nn.Module, multiple: int = 8) -> list[str]:
     """Grow convolutions whose output channel count is not a multiple of `multiple` with zero channels,
     where only other convolutions read them through ops keeping 0 at 0 (exact). ONNX Runtime's CPU
     convolutions work on blocks of 8 (AVX2) or 16 channels; an odd count after pruning falls off that
-    path and can make the smaller model slower. Returns the grown layers."""
-    traced = _trace(model)
-    if traced is None:
-        return []
-    graph, calls = traced
+    path and can make the smaller model slower. Returns the grown layers.
+
+    Raises:
+        ExportError: torch.fx cannot trace the model (nothing is changed).
+    """
+    graph, calls = _trace(model, f"channels not padded to a multiple of {multiple}")
     grown = []
     for n in graph.nodes:
         m = model.get_submodule(n.target) if n.op == "call_module" else None
@@ -256,8 +267,10 @@ class LoweringReport:
     layers: list[LayerLowering] = field(default_factory=list)
     channels_cut: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # cut at export, beyond the recipe
     bias_maps: list[str] = field(default_factory=list)  # convolutions that absorbed a constant channel's map
+    biases_folded: list[str] = field(default_factory=list)  # ... whose map was the same everywhere: into their bias
     batchnorms_folded: int = 0
     padded: list[str] = field(default_factory=list)  # convolutions grown with zero channels to a multiple of `pad`
+    skipped: list[str] = field(default_factory=list)  # steps that could not run, and why (the graph is still exact)
 
     @property
     def forms(self) -> dict[str, str]:
@@ -276,21 +289,20 @@ def kernel_sparse(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict[str, str] = "dense",
-          pad: int = 8) -> tuple[nn.Module, LoweringReport]:
-    """The deploy copy of `model` for inputs [N, *input_shape] (see the module doc). `model` is untouched.
-
-    Args:
-        forms: "dense" or "split" for every kernel-sparse convolution, or {layer: form} (others dense).
-        pad: grow channel counts to a multiple of this with zero channels where exact (0: never).
-    """
+def bake(model: nn.Module, input_shape: tuple[int, int, int], cut: bool = True) -> tuple[nn.Module, LoweringReport]:
+    """Steps 1 and 2 of the lowering (see the module doc) on a deploy copy of `model`: what every
+    form of the model shares, so `finish` can make each form from it without analysing again."""
     deploy = copy.deepcopy(model).cpu().float().eval()
     for name, m in list(deploy.named_modules()):
         if isinstance(m, GaborConv2d):
             replace_module(deploy, name, m.to_conv2d().eval())
     report = LoweringReport()
+    if not cut:
+        return deploy, report
 
     analysis = analyse_channels(deploy, input_shape, bias_maps=True)
+    if analysis.note:
+        report.skipped.append(f"constant channels not cut: {analysis.note}")
     modules = dict(deploy.named_modules())
     maps: dict[str, Tensor] = {}
     for fold in analysis.folds:
@@ -302,13 +314,39 @@ def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict
     apply_plan_(deploy, PrunePlan(channels=analysis.remove))
     report.channels_cut = analysis.remove
     for name, delta in maps.items():
-        cut = analysis.remove.get(name, {}).get("out", [])
-        keep = [o for o in range(delta.shape[0]) if o not in set(cut)]
-        replace_module(deploy, name, MapBias(deploy.get_submodule(name), delta[keep].float()))
-        report.bias_maps.append(name)
-    report.batchnorms_folded = len(fold_batchnorms_(deploy))
+        cut_out = set(analysis.remove.get(name, {}).get("out", []))
+        delta = delta[[o for o in range(delta.shape[0]) if o not in cut_out]]  # Tensor[C, H, W]
+        if not delta.any():  # the constants cancel: an Add of zeros would only cost time
+            continue
+        conv = deploy.get_submodule(name)
+        flat = delta.flatten(1)
+        if (flat == flat[:, :1]).all():  # the same at every position: a bias, fused into the convolution
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+            conv.bias += flat[:, 0].to(conv.bias.dtype)
+            report.biases_folded.append(name)
+        else:
+            replace_module(deploy, name, MapBias(conv, delta.float()))
+            report.bias_maps.append(name)
+    return deploy, report
+
+
+@torch.no_grad()
+def finish(baked: nn.Module, report: LoweringReport, forms: str | dict[str, str] = "dense", pad: int = 0) -> tuple[nn.Module, LoweringReport]:
+    """Steps 3 and 4 of the lowering on a copy of `bake`'s output (both arguments are untouched).
+
+    A step that cannot trace the model is skipped and recorded in the report's `skipped`: the graph
+    stays exact, only not as compact."""
+    deploy, report = copy.deepcopy(baked), copy.deepcopy(report)
+    try:
+        report.batchnorms_folded = len(fold_batchnorms_(deploy))
+    except ExportError as e:  # ONNX Runtime folds them itself, at session start
+        report.skipped.append(str(e))
     if pad > 1:
-        report.padded = pad_channels_(deploy, pad)
+        try:
+            report.padded = pad_channels_(deploy, pad)
+        except ExportError as e:
+            report.skipped.append(str(e))
 
     sparse = set(kernel_sparse(deploy))
     wrapped = {f"{n}.conv" for n, m in deploy.named_modules() if isinstance(m, MapBias)}
@@ -329,3 +367,15 @@ def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict
         report.layers.append(LayerLowering(name, int(support.sum()), support.numel(), form))
     return deploy, report
 
+
+def lower(model: nn.Module, input_shape: tuple[int, int, int], forms: str | dict[str, str] = "dense",
+          pad: int = 0, *, cut: bool = True) -> tuple[nn.Module, LoweringReport]:
+    """The deploy copy of `model` for inputs [N, *input_shape] (see the module doc). `model` is untouched.
+
+    Args:
+        forms: "dense" or "split" for every kernel-sparse convolution, or {layer: form} (others dense).
+        pad: grow channel counts to a multiple of this with zero channels where exact (0: never).
+        cut: cut constant channels that the recipe kept (with bias maps where they are needed);
+            False gives the plain form: nothing removed beyond the recipe, no map.
+    """
+    return finish(*bake(model, input_shape, cut), forms, pad)

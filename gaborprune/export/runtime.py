@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gaborprune.errors import GaborPruneError
+from gaborprune.export.stats import Interval, median_interval
 
 
 class SessionError(GaborPruneError):
@@ -73,7 +75,8 @@ def run(sess, x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Latency:
-    """Milliseconds per run of one configuration."""
+    """Milliseconds per run of one configuration; `samples` keeps every run, in order, so that
+    interleaved timings can be compared round by round (`gaborprune.export.stats.paired_ratio`)."""
 
     p50: float
     p90: float
@@ -81,23 +84,43 @@ class Latency:
     mean: float
     std: float
     runs: int
+    samples: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def of(cls, seconds: list[float]) -> Latency:
-        ms = np.asarray(seconds) * 1e3
-        return cls(*(float(np.percentile(ms, q)) for q in (50, 90, 99)), float(ms.mean()), float(ms.std()), len(ms))
+        return cls.of_ms(np.asarray(seconds) * 1e3)
+
+    @classmethod
+    def of_ms(cls, ms) -> Latency:
+        """The summary of samples already in milliseconds (e.g. several rounds' `samples` joined)."""
+        ms = np.asarray(ms, dtype=float)
+        return cls(*(float(np.percentile(ms, q)) for q in (50, 90, 99)), float(ms.mean()), float(ms.std()), len(ms), tuple(map(float, ms)))
+
+    @property
+    def interval(self) -> Interval:
+        """The median with its 95% confidence interval (a point when no samples were kept)."""
+        return median_interval(self.samples) if self.samples else Interval(self.p50, self.p50, self.p50, self.runs)
+
+    @property
+    def tail(self) -> float:
+        """p90 / p50: above 2, something else was running (the scheduler, not the model, set the figures)."""
+        return self.p90 / self.p50 if self.p50 > 0 else math.inf
 
 
 def time_interleaved(sessions: list, x: np.ndarray, warmup: int, runs: int) -> list[Latency]:
-    """Time several sessions on the same input, taking turns run by run, so machine drift hits all."""
+    """Time several sessions on the same input, taking turns run by run, so machine drift hits all.
+    Run i starts with session i mod n: a fixed order would give one session the same place (and the
+    same predecessor, whose data it finds in the caches) every time, and that bias is of the order of
+    the differences being measured (0.5% between two identical graphs, here)."""
     for sess in sessions:
         for _ in range(warmup):
             run(sess, x)
     seconds: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for k, sess in enumerate(sessions):
+    for i in range(runs):
+        for j in range(len(sessions)):
+            k = (i + j) % len(sessions)
             t0 = time.perf_counter()
-            run(sess, x)
+            run(sessions[k], x)
             seconds[k].append(time.perf_counter() - t0)
     return [Latency.of(s) for s in seconds]
 

@@ -25,7 +25,7 @@ class Fold:
 
 def fold(graph: ChannelGraph, consumer: fx.Node, src: fx.Node, i: int, *, bias_maps: bool = False) -> list[Fold] | str:
     """How to keep `consumer`'s output unchanged when channel i of `src`, a constant, stops
-    reaching it: folds (none when the constant is 0), or the reason it cannot be done exactly."""
+    reaching it: folds (none when the constant adds nothing), or the reason it cannot be done exactly."""
     c = float(graph.values[src][i])
     if c == 0:
         return []
@@ -36,12 +36,14 @@ def fold(graph: ChannelGraph, consumer: fx.Node, src: fx.Node, i: int, *, bias_m
         plane = torch.zeros(1, *graph.shapes[src][1:], dtype=torch.float64, device=graph.values[src].device)
         plane[0, i] = c
         delta = F.conv2d(plane, m.weight.detach().double(), None, m.stride, m.padding, m.dilation)[0]
-        return [Fold(consumer.target, "bias_map", delta)]
+        return [Fold(consumer.target, "bias_map", delta)] if delta.any() else []  # a zero map would cost an Add, for nothing
     elif zero_padded(m):
         return (f"it feeds a non-zero constant into '{consumer.target}', a zero-padded convolution "
                 "that sees it inside and 0 at the borders, so it cannot be folded")
     else:
         delta = c * m.weight.detach()[:, i].double().sum(dim=(1, 2))
+    if not delta.any():  # the reader's weights cancel the constant: nothing to compensate
+        return []
     if m.bias is not None:
         return [Fold(consumer.target, "bias", delta)]
     folds = absorb(graph, consumer, delta)

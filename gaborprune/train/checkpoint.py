@@ -80,7 +80,8 @@ class Checkpoints:
         _check_fields(path, state)
         theirs = {"model source": payload["source"], "conversions": payload["conversions"], "dataset": state["data"]}
         ours = {"model source": recipe.source.to_dict(), "conversions": recipe.conversions, "dataset": data}
-        theirs |= {f"--{k.replace('_', '-')}": v for k, v in state["config"].items()}
+        written = {"structure": "kernel"} | state["config"]  # checkpoints from before --structure trained with the kernel pressure
+        theirs |= {f"--{k.replace('_', '-')}": v for k, v in written.items()}
         ours |= {f"--{k.replace('_', '-')}": v for k, v in config.to_dict().items()}
         for key in ours:
             if theirs.get(key) != ours[key]:

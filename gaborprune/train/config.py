@@ -8,6 +8,8 @@ from gaborprune._validate import check_finite, check_int, check_seed
 from gaborprune.errors import GaborPruneError
 
 OPTIMIZERS = ("sgd", "adamw")
+#: What the sparsity pressure pushes to zero (`gaborprune.sparsity`): channel groups and kernels, or kernels only.
+STRUCTURES = ("channel", "kernel")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class TrainConfig:
         weight_decay: on conv/linear weights and Gabor amplitudes; never on biases, norms or Gabor
             shape parameters (orientation, width, wavelength, phase, aspect ratio).
         sparsity: strength of the Gabor sparsity pressure (0 disables); see `gaborprune.sparsity`.
+        structure: "channel" (default): the pressure also pushes whole channel groups to zero, the
+            kernels whose death removes a channel, which is what turns into speed; "kernel": single
+            kernels only (the seed paper's pressure, which `reproduce` keeps).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         channels_last: memory format; None means on for CUDA, off for CPU.
         compile: wrap the model in torch.compile.
@@ -37,6 +42,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     sparsity: float = 0.0
+    structure: str = "channel"
     seed: int = 0
     amp: bool = True
     channels_last: bool | None = None
@@ -57,6 +63,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {self.label_smoothing}"),
             (self.sparsity >= 0, f"--sparsity must be >= 0 (0 disables), not {self.sparsity}"),
+            (self.structure in STRUCTURES, f"unknown --structure '{self.structure}'; known: {', '.join(STRUCTURES)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -51,6 +51,10 @@ class TrainResult:
     images_per_second: float
     device: str
     history: list[dict] = field(default_factory=list)
+    groups_total: dict[str, int] = field(default_factory=dict)  # {label: n}, e.g. {"conv1 out": 16}: see gaborprune.prune.groups
+    groups_alive: dict[str, int] = field(default_factory=dict)
+    groups_notes: dict[str, str] = field(default_factory=dict)  # {label: condition on a dead group's channel}
+    groups_missing: list[str] = field(default_factory=list)  # bank sides without groups, and why
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -195,7 +199,7 @@ def finetune(
         # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
         raise TrainingError(f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
                             f"give --batch-size {len(train_data)} or less")
-    sparsity = GaborSparsity(model, recipe.input_shape)
+    sparsity = GaborSparsity(model, recipe.input_shape, config.structure)  # the channel groups, found once
     train_data, test_data = train_data.to(device), test_data.to(device)
     per_rank = max(1, config.batch_size // dist.world)
     shard = len(train_data) // dist.world
@@ -275,6 +279,7 @@ def finetune(
                 "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss / train_seen,
                 "train_accuracy": 100 * train_correct / train_seen, "test_loss": result.loss, "test_top1": result.top1,
                 "test_top5": result.top5, "images_per_second": ips, "seconds": elapsed, "kernels_alive": alive,
+                "groups_alive": sparsity.groups_alive(), "groups_total": sparsity.groups_total(),
             }
             if sparsity:
                 with torch.no_grad():
@@ -293,4 +298,6 @@ def finetune(
                 on_epoch(record)
 
     final = history[-1]["test_top1"] if history else evaluate(model, test_data, device, dist=dist).top1
-    return TrainResult(len(history), max(best, final), final, sparsity.alive(), sparsity.totals(), ips, str(device), history)
+    notes = {g.label: g.note for g in sparsity.groups.groups if g.note}
+    return TrainResult(len(history), max(best, final), final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
+                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons())

@@ -1,0 +1,189 @@
+"""Channel groups: the sets of Gabor kernels whose joint death removes a channel.
+
+They come from the prune step's channel dataflow (`gaborprune.prune.dataflow`). A channel goes
+together with everything tied to it, a *component*; the convolutions that write a component
+(producers) and those that read it (readers) bound it. Each component gives at most two groups:
+
+- an **out** group, when every producer is a Gabor bank: the rows (output channels) of all of them,
+  so a residual addition or a concatenation that ties channels of several banks makes one group
+  across those banks. When they die the component holds a constant, which goes as `analyse_channels`
+  decides: readers that see it as 0, or fold it into a bias. A zero-padded reader (or depthwise
+  convolution on the way) takes only 0, for instance a BatchNorm shift <= 0 before a ReLU; the
+  group's `note` says so;
+- an **in** group, when every reader is a Gabor bank: the columns (input channels) of all of them.
+  When they die nothing reads the component, and it goes, the producers' rows with it.
+
+A component that a plain convolution or a linear layer writes (for out) or reads (for in), or that
+touches the model's input or output or an op the analysis does not know, gives no group on that
+side; `GroupAnalysis.missing` says why. Groups are structural: they do not depend on the weights or
+masks, so the analysis runs once, at the start of training.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from gaborprune.convert.layer import GaborConv2d
+from gaborprune.prune.dataflow import ChannelGraph, Component, node_name, trace_channels, zero_padded
+
+_TIE = "(through an addition, product, concatenation or depthwise convolution)"
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Gabor kernels whose joint death removes one channel (see the module doc).
+
+    Attributes:
+        kind: "out" (rows of the banks that write the channel) or "in" (columns of those that read it).
+        members: ((bank, ((o, i), ...)), ...): the kernels, per bank in model order.
+        note: a condition on the dead channel's constant, "" when none.
+    """
+
+    kind: str
+    members: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    note: str = ""
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.members)
+
+    @property
+    def label(self) -> str:
+        """What `GaborSparsity` counts groups by, e.g. 'conv1 out', 'g1+g2 out', 'conv2 in'."""
+        return f"{'+'.join(self.layers)} {self.kind}"
+
+    @property
+    def channel(self) -> int:
+        """The first bank's row (out) or column (in)."""
+        o, i = self.members[0][1][0]
+        return o if self.kind == "out" else i
+
+
+@dataclass(frozen=True)
+class NoGroup:
+    """Channels of one side of a Gabor bank that are in no group, and why."""
+
+    layer: str
+    side: str  # out | in
+    channels: tuple[int, ...]
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.layer} {self.side} ({len(self.channels)} channel{'s' if len(self.channels) != 1 else ''}): {self.reason}"
+
+
+@dataclass
+class GroupAnalysis:
+    groups: list[ChannelGroup] = field(default_factory=list)
+    missing: list[NoGroup] = field(default_factory=list)
+    note: str | None = None  # why no channel could be analysed at all
+
+    def counts(self) -> dict[str, int]:
+        """{label: number of groups}, in the order the groups were found."""
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            counts[g.label] = counts.get(g.label, 0) + 1
+        return counts
+
+    def reasons(self) -> list[str]:
+        """One line per bank side without groups (and the note), for reports."""
+        return ([self.note] if self.note else []) + [m.describe() for m in self.missing]
+
+
+def _kind(module: nn.Module) -> str:
+    return "linear layer" if isinstance(module, nn.Linear) else "plain convolution"
+
+
+class _Verdicts:
+    """The out and in verdicts of each component, each worked out once."""
+
+    def __init__(self, graph: ChannelGraph, banks: list[str]) -> None:
+        self.graph, self.order = graph, {n: k for k, n in enumerate(banks)}
+        self.seen: dict[tuple[fx.Node, int], int] = {}
+        self.verdicts: list[dict[str, ChannelGroup | str]] = []
+
+    def of(self, start: tuple[fx.Node, int]) -> dict[str, ChannelGroup | str]:
+        if start not in self.seen:
+            comp = self.graph.component(start)
+            for pos in comp.positions:
+                self.seen[pos] = len(self.verdicts)
+            self.verdicts.append({"out": self._out(comp), "in": self._in(comp)})
+        return self.verdicts[self.seen[start]]
+
+    def _members(self, pairs: dict[str, set[tuple[int, int]]]) -> tuple:
+        return tuple((n, tuple(sorted(pairs[n]))) for n in sorted(pairs, key=self.order.__getitem__))
+
+    def _out(self, comp: Component) -> ChannelGroup | str:
+        g = self.graph
+        if comp.reasons:
+            return comp.reasons[0]
+        producers = sorted(((n, i) for n, i in comp.positions if g.roles[n].kind == "conv"), key=lambda p: (g.order[p[0]], p[1]))
+        plain = [n for n, _ in producers if not isinstance(g.modules[n.target], GaborConv2d)]
+        if plain:
+            return f"tied to output channels of {_kind(g.modules[plain[0].target])} '{node_name(plain[0])}' {_TIE}"
+        rows: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for n, o in producers:
+            rows[n.target] |= {(o, i) for i in range(g.modules[n.target].in_channels)}
+        # a zero-padded reader, or depthwise convolution on the way, sees a non-zero constant unevenly
+        padded = {u for u, _, _ in comp.readers if g.roles[u].kind == "conv"} | {n for n, _ in comp.positions if g.roles[n].kind == "depthwise"}
+        padded = sorted((n for n in padded if zero_padded(g.modules[n.target])), key=g.order.__getitem__)
+        note = (f"the dead channel goes only when its constant is 0 at zero-padded '{node_name(padded[0])}' "
+                "(e.g. a BatchNorm shift <= 0 before a ReLU)") if padded else ""
+        return ChannelGroup("out", self._members(rows), note)
+
+    def _in(self, comp: Component) -> ChannelGroup | str:
+        g = self.graph
+        if comp.reasons:
+            return comp.reasons[0]
+        readers = sorted({(u, i) for u, _, i in comp.readers}, key=lambda r: (g.order[r[0]], r[1]))
+        plain = [u for u, _ in readers if not isinstance(g.modules[u.target], GaborConv2d)]
+        if plain:
+            return f"also read by {_kind(g.modules[plain[0].target])} '{node_name(plain[0])}'"
+        cols: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for u, i in readers:
+            cols[u.target] |= {(o, i) for o in range(g.modules[u.target].out_channels)}
+        return ChannelGroup("in", self._members(cols))
+
+
+def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> GroupAnalysis:
+    """The channel groups of the model's Gabor banks, and the bank sides that have none (with why).
+
+    Never mutates `model`. A model whose graph torch.fx cannot trace has no groups (`note` says why).
+    """
+    banks = [n for n, m in model.named_modules() if isinstance(m, GaborConv2d)]
+    if not banks:
+        return GroupAnalysis()
+    try:
+        graph = trace_channels(model, input_shape)
+    except Exception as e:  # tracing user code can fail in many ways; the kernel pressure still works
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return GroupAnalysis(note=f"torch.fx could not trace the model ({detail}); no channel groups, only the kernel pressure")
+    nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_module"}
+    verdicts = _Verdicts(graph, banks)
+    analysis = GroupAnalysis()
+    found: dict[int, ChannelGroup] = {}  # id() -> group, each group once
+    for name in banks:
+        m = graph.modules[name]
+        node = nodes.get(name)
+        role = graph.roles[node] if node is not None else None
+        sides = {"out": m.out_channels, "in": m.in_channels}
+        if node is None or role.kind != "conv":
+            reason = ("the layer is not called in the forward pass" if node is None else
+                      "a depthwise bank: each channel has one kernel, which the kernel term covers" if role.kind == "depthwise" else role.why)
+            analysis.missing += [NoGroup(name, side, tuple(range(size)), reason) for side, size in sides.items()]
+            continue
+        for side, size in sides.items():
+            why: dict[str, list[int]] = defaultdict(list)
+            for c in range(size):
+                verdict = verdicts.of((node, c) if side == "out" else (role.inputs[0], c))[side]
+                if isinstance(verdict, str):
+                    why[verdict].append(c)
+                else:
+                    found.setdefault(id(verdict), verdict)
+            analysis.missing += [NoGroup(name, side, tuple(cs), reason) for reason, cs in why.items()]
+    analysis.groups = list(found.values())
+    return analysis
