@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import logging
 import shlex
 import sys
 import time
@@ -219,7 +218,6 @@ def export_both(run: Run, name: str, model: nn.Module, recipe: Recipe, lowering:
     """Float and int8 ONNX files of `model`, checked against PyTorch, with their ONNX Runtime top-1."""
     out = Path(run.args.out)
     files = {}
-    logging.getLogger().setLevel(logging.ERROR)  # the int8 quantiser's advice to pre-process, twice per file
     for precision, quantize in (("float", False), ("int8", True)):
         path = out / f"{name}-{precision}.onnx"
         config = ExportConfig(dynamic_batch=True, threads=1, lowering=lowering, quantize=quantize)

@@ -112,6 +112,20 @@ def test_a_candidate_faster_beyond_noise_is_kept(timed, tmp_path):
     assert report.max_abs_diff <= 1e-4
 
 
+def test_an_int8_export_chooses_its_form_on_int8_timings(timed, monkeypatch, tmp_path):
+    # a form faster in float can be slower in int8 (a split layer was, 0.82x): the file written is int8, so time int8
+    from gaborprune.export.bench import precision_of
+
+    model, recipe = pruned_family("vgg-chain", sparsify=False)
+    timed([1.0, 0.8, 1.0, 0.95])
+    timed_precisions, real_session = [], search_module.session
+    monkeypatch.setattr(search_module, "session", lambda blob, threads=None: timed_precisions.append(precision_of(onnx.load_from_string(blob)))
+                        or real_session(blob, threads))
+    report = export_model(model, recipe, tmp_path / "q.onnx", ExportConfig(threads=1, quantize=True))
+    assert len(timed_precisions) == len(report.candidates) > 1 and set(timed_precisions) == {"int8"}
+    assert precision_of(onnx.load(tmp_path / "q.onnx")) == "int8" and kept(report) == report.candidates[1]
+
+
 def test_a_faster_but_bigger_candidate_is_not_kept(timed, chain):
     timed([1.0, 1.1, 0.7, 0.7])  # the cut forms are faster, but their bias map outweighs what they cut
     found = search_module.search(chain, threads=1)

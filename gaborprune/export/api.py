@@ -171,8 +171,11 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
     check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)
     shape = (config.batch_size, *recipe.input_shape)
+    train, test = data if data is not None else (None, None)
+    calibration = calibration_batches(train, config.batch_size) if config.quantize and train is not None else None
+    int8 = (lambda blob: quantize_int8(blob, calibration)[0]) if config.quantize else None
     lowerings = Lowerings(model, recipe.input_shape, config.batch_size)
-    found = search(lowerings, config.lowering, config.pad_channels, config.threads)
+    found = search(lowerings, config.lowering, config.pad_channels, config.threads, quantize=int8)
     deploy, lowering = lowerings.lower(found.form)
     metadata = {
         "gaborprune.version": __version__,
@@ -189,7 +192,6 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     entry.key, entry.value = "gaborprune.macs", str(counts.macs)
     blob = proto.SerializeToString()
     sess = session(blob, config.threads)
-    train, test = data if data is not None else (None, None)
     real = next(iter(test.batches(config.batch_size, train=False)))[0] if test is not None else None
     diff, cosine = parity(sess, model, check_inputs(shape, config.check_inputs, real))
     if not diff <= config.atol:
@@ -197,7 +199,6 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     accuracy = {"onnx": onnx_top1(sess, test)} if test is not None else {}
     quantization = None
     if config.quantize:
-        calibration = calibration_batches(train, config.batch_size) if train is not None else None
         blob, mode = quantize_int8(blob, calibration)
         qsess = session(blob, config.threads)
         # int8 is calibrated for real images: compare on those when there are some

@@ -15,7 +15,6 @@ int8 is compared only with int8.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import time
@@ -173,14 +172,10 @@ def quantized(model: BenchModel, calibration: list[np.ndarray] | None = None) ->
 
     from gaborprune.export.quantize import quantize_int8
 
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser's advice to pre-process, once per model
     try:
         blob, mode = quantize_int8(model.onnx, calibration)
     except ExportError as e:
         raise ExportError(f"cannot quantise '{model.name}' to int8: {str(e).split('; ')[0]}; bench without --int8, or give an int8 ONNX file") from None
-    finally:
-        logging.getLogger().setLevel(quiet)
     proto = onnx.load_from_string(blob)
     _carry_namespaces(model.proto, proto)
     return BenchModel(f"{model.name} (int8)", proto.SerializeToString(), proto, model.macs, macs_executed=model.executed), mode

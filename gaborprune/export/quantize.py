@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def quantize_int8(model: bytes, calibration: list[np.ndarray] | None = None) -> 
             x = next(self.batches, None)
             return None if x is None else {"input": x}
 
+    root = logging.getLogger()
+    level = root.level
+    # the quantiser logs "Please consider to run pre-processing before quantization" on the root
+    # logger for every model; gaborprune's graphs are already shape-inferred and folded
+    root.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(model)
@@ -44,6 +50,8 @@ def quantize_int8(model: bytes, calibration: list[np.ndarray] | None = None) -> 
         except Exception as e:
             detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ExportError(f"int8 quantisation failed ({detail}); export without --quantize") from None
+        finally:
+            root.setLevel(level)
         return dst.read_bytes(), mode
 
 

@@ -17,7 +17,7 @@ Otherwise the baseline is written.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +198,8 @@ def _per_layer(lowerings: Lowerings, sparse: list[str], pad: int, x: np.ndarray,
     return ms, tuple(n for n in sparse if times[split].get(n, np.inf) < times[dense].get(n, np.inf))
 
 
-def search(lowerings: Lowerings, lowering: str = "auto", pad: int | None = None, threads: int | None = None) -> Search:
+def search(lowerings: Lowerings, lowering: str = "auto", pad: int | None = None, threads: int | None = None,
+           quantize: Callable[[bytes], bytes] | None = None) -> Search:
     """The form of the model to write (see the module doc).
 
     Args:
@@ -206,6 +207,8 @@ def search(lowerings: Lowerings, lowering: str = "auto", pad: int | None = None,
             kernel-sparse layer split), unmeasured.
         pad: force this channel multiple on every form (0: no padding); None: `auto` also tries the
             host's block (`cpu_block`), the others do not pad.
+        quantize: the int8 conversion of the file to be written: candidates are then timed as int8,
+            since a form faster in float can be slower in int8 (a split layer is).
     """
     block = cpu_block() if pad is None and lowering == "auto" else 0
     pads = (pad,) if pad is not None else (0, block) if block > 1 else (0,)
@@ -231,7 +234,7 @@ def search(lowerings: Lowerings, lowering: str = "auto", pad: int | None = None,
     if len(forms) == 1:
         candidates[0].kept = True
         return Search(base, candidates, f"{base.describe()}: nothing to cut, pad or split", layer_ms, block)
-    samples = measure([session(lowerings.onnx(f), threads) for f in forms], x)
+    samples = measure([session(quantize(lowerings.onnx(f)) if quantize else lowerings.onnx(f), threads) for f in forms], x)
     for c, s in zip(candidates, samples):
         c.latency = median_interval(s)
         c.ratio = paired_ratio(s, samples[0]) if c is not candidates[0] else None
