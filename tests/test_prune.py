@@ -150,18 +150,7 @@ class Shuffle(nn.Module):
         return self.head(torch.roll(x, 1, dims=1)).mean((2, 3))
 
 
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.g, self.bn, self.head = GaborConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-            x = x * 2
-        return self.head(torch.relu(self.bn(self.g(x)))).mean((2, 3))
-
-
-@pytest.mark.parametrize("cls,fragment", [(Shuffle, "read by 'roll'"), (Untraceable, "could not be traced")])
+@pytest.mark.parametrize("cls,fragment", [(Shuffle, "read by 'roll'"), (tiny_models.Untraceable, "could not be traced")])
 def test_unknown_topology_keeps_the_channel_and_names_it(cls, fragment):
     torch.manual_seed(0)
     model = randomize_norms(cls()).eval()

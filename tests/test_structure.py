@@ -105,17 +105,6 @@ def test_the_report_counts_groups_by_layer_and_side_and_says_why_others_have_non
     assert channel_groups(tiny_models.Residual(), SHAPE).counts() == {"g1+g2 out": 8}  # one group across the tied banks
 
 
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.g, self.bn, self.head = GaborConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-            x = x * 2
-        return self.head(torch.relu(self.bn(self.g(x)))).mean((2, 3))
-
-
 def old_penalty(model, shape):
     """The kernel pressure as it was before structures: sum over banks of the kernels' L1/L2 ratio."""
     norms, modules = following_norms(model, shape), dict(model.named_modules())
@@ -125,7 +114,7 @@ def old_penalty(model, shape):
 
 def test_an_untraceable_model_has_no_groups_and_keeps_the_kernel_pressure():
     torch.manual_seed(0)
-    model = Untraceable()
+    model = tiny_models.Untraceable()
     sparsity = GaborSparsity(model, SHAPE, "channel")
     assert not sparsity.groups.groups and "torch.fx could not trace the model" in sparsity.groups.note
     assert sparsity.groups_alive() == {} and sparsity.penalty().item() == pytest.approx(old_penalty(model, SHAPE).item(), rel=1e-6)

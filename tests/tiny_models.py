@@ -121,3 +121,16 @@ class Mobile(nn.Module):
         x = self.pw(self.dw(self.stem(x)))
         x = x + self.block(x)
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Untraceable(nn.Module):
+    """A Gabor bank behind data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.bn, self.head = GaborConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.head(torch.relu(self.bn(self.g(x)))).mean((2, 3))
