@@ -857,7 +857,7 @@ def demo(
     _threads(threads)
     import time
 
-    from gaborprune.demo import FILES, DemoConfig, run_demo
+    from gaborprune.demo import FILES, DemoConfig, file_figures, run_demo
     from gaborprune.train.distributed import resolve_device
 
     config = DemoConfig()
@@ -877,10 +877,10 @@ def demo(
         table.add_row(st.name, f"{st.accuracy:.2f}%", _count(st.params), _count(st.macs))
     out.print(table)
     out.print("kernels kept: " + "  ".join(f"{n} {k}/{t}" for n, (k, t) in report.kernels.items()) + f"   ({report.removed:.0%} removed)")
-    for name in ("baseline", "pruned"):
-        e = report.onnx[name]
-        out.print(f"{name + '.onnx':14s} {e['file_bytes'] / 1024:7.0f} KiB   {_count(e['params'])} parameters   {_count(e['macs_executed'])} MACs executed   "
-                  f"top-1 {e['accuracy']['onnx']:.2f}%   max |diff| vs PyTorch {e['max_abs_diff']:.1e}")
+    for name, e in report.onnx.items():
+        top1, diff = file_figures(e)
+        out.print(f"{name + '.onnx':19s} {e['file_bytes'] / 1024:7.0f} KiB   {_count(e['params'])} parameters   {_count(e['macs_executed'])} MACs executed   "
+                  f"top-1 {top1:.2f}%   max |diff| vs PyTorch {diff:.1e}")
     for c in report.latency["comparisons"]:
         eff = f", efficiency {c['efficiency']:.2f}" if c["efficiency"] is not None else ""
         out.print(f"pruned vs unpruned, {c['precision']:5s} batch {c['batch_size']:>2}: speedup {c['speedup']:.3f}x "

@@ -20,7 +20,6 @@ from gaborprune.convert.spec import ConversionSpec
 from gaborprune.data import load_data
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import bench, load_onnx
-from gaborprune.export.quantize import calibration_batches
 from gaborprune.plot import plot_banks, plot_latency
 from gaborprune.prune import PruneSpec, prune_model
 from gaborprune.recipe import convert_model, load_model, save_recipe
@@ -52,7 +51,7 @@ class DemoConfig:
     seed: int = 0
 
 
-FILES = ("baseline.pt", "finetuned.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "banks-converted.png", "banks-before-pruning.png",
+FILES = ("baseline.pt", "finetuned.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "baseline-int8.onnx", "pruned-int8.onnx", "banks-converted.png", "banks-before-pruning.png",
          "banks-after-pruning.png", "latency.png", "report.md", "report.json")  # everything `run_demo` writes into its folder
 
 
@@ -143,24 +142,25 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     plot_banks(gabor, out / "banks-after-pruning.png", force=force)
     save_recipe(out / "pruned.pt", gabor, grecipe, force=force)
 
-    on_stage("5/6 exporting both networks to ONNX and checking them against PyTorch")
+    on_stage("5/6 exporting both networks to ONNX, float and int8, and checking them against PyTorch")
     exports = {}
     for name, m, r in (("baseline", model, recipe), ("pruned", gabor, grecipe)):
-        cfg = ExportConfig(dynamic_batch=True, threads=1, lowering="dense" if name == "baseline" else "auto")
-        exports[name] = export_model(m, r, out / f"{name}.onnx", cfg, data=(train, test), force=force)
-        report.onnx[name] = exports[name].to_dict()
+        for suffix, int8 in (("", False), ("-int8", True)):  # int8 files of their own: the pruned one's form is chosen on int8 timings
+            cfg = ExportConfig(dynamic_batch=True, threads=1, lowering="dense" if name == "baseline" else "auto", quantize=int8)
+            exports[name + suffix] = export_model(m, r, out / f"{name}{suffix}.onnx", cfg, data=(train, test), force=force)
+            report.onnx[name + suffix] = exports[name + suffix].to_dict()
 
     on_stage(f"6/6 timing both, float and int8, in ONNX Runtime (batch {', '.join(map(str, config.bench_batches))}, 1 thread, interleaved)")
-    result = bench([load_onnx(out / "pruned.onnx", "pruned")], baseline=load_onnx(out / "baseline.onnx", "baseline"),
-                   batch_sizes=config.bench_batches, runs=config.bench_runs, max_seconds=config.bench_seconds,
-                   int8=True, calibration=calibration_batches(train, 32))
+    result = bench([load_onnx(out / f"pruned{s}.onnx", f"pruned{s}") for s in ("", "-int8")],
+                   baseline=[load_onnx(out / f"baseline{s}.onnx", f"baseline{s}") for s in ("", "-int8")],
+                   batch_sizes=config.bench_batches, runs=config.bench_runs, max_seconds=config.bench_seconds)
     report.latency = result.to_dict()
     report.note = exports["pruned"].note or _not_faster(result)
     plot_latency(result, out / "latency.png", force=force)
 
     report.files = {k: str(out / f) for k, f in (
         ("baseline_recipe", "baseline.pt"), ("finetuned_recipe", "finetuned.pt"), ("pruned_recipe", "pruned.pt"), ("baseline_onnx", "baseline.onnx"),
-        ("pruned_onnx", "pruned.onnx"), ("banks_converted", "banks-converted.png"), ("banks_before", "banks-before-pruning.png"),
+        ("pruned_onnx", "pruned.onnx"), ("baseline_int8_onnx", "baseline-int8.onnx"), ("pruned_int8_onnx", "pruned-int8.onnx"), ("banks_converted", "banks-converted.png"), ("banks_before", "banks-before-pruning.png"),
         ("banks_after", "banks-after-pruning.png"), ("latency_png", "latency.png"), ("report_md", "report.md"), ("report_json", "report.json"))}
     write_json(out / "report.json", report.to_dict(), force)
     text = markdown(report)
@@ -169,13 +169,25 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
 
 
 def _not_faster(result) -> str:
-    """One plain line when the pruned float model is not measured faster than the unpruned one."""
-    float_comps = [c for c in result.comparisons if c.precision == "float"]
-    if float_comps and not any(c.verdict == "faster" for c in float_comps):
-        c = float_comps[0]
-        return (f"the pruned model is not faster than the unpruned one here ({c.verdict} at batch {c.batch_size}): too few whole "
-                "channels died; fine-tune longer or with a higher --sparsity, or prune at a higher --threshold")
-    return ""
+    """One plain line for each precision whose pruned model is not measured faster than the unpruned one."""
+    notes = []
+    for precision in ("float", "int8"):
+        comps = [c for c in result.comparisons if c.precision == precision]
+        if comps and not any(c.verdict == "faster" for c in comps):
+            verdicts = ", ".join(f"{c.verdict} at batch {c.batch_size}" for c in comps)
+            notes.append(f"the pruned {precision} model is not faster than the unpruned one here ({verdicts})"
+                         + ("" if precision == "int8" else ": too few whole channels died; fine-tune longer or with a higher "
+                            "--sparsity, or prune at a higher --threshold"))
+    return "; ".join(notes)
+
+
+def file_figures(export: dict) -> tuple[float, float]:
+    """(ONNX Runtime top-1, max |diff| vs PyTorch) of the file an export report describes: an int8
+    export's own figures, not those of the float graph it was quantised from."""
+    q = export.get("quantization")
+    accuracy = export.get("accuracy", {})
+    top1 = accuracy.get("int8" if q else "onnx", float("nan"))
+    return top1, (q or export).get("max_abs_diff", float("nan"))
 
 
 def _speedup(c: dict) -> str:
@@ -198,10 +210,11 @@ def markdown(report: DemoReport) -> str:
     lines += [f"| {n} | {k} | {t} | {1 - k / t:.0%} |" for n, (k, t) in report.kernels.items()]
     lines += ["", f"Kernels removed over the converted layers: {report.removed:.0%}.", "",
               "| ONNX file | size | parameters | MACs executed | top-1 (ONNX Runtime) | max abs diff vs PyTorch |", "|---|---:|---:|---:|---:|---:|"]
-    for name in ("baseline", "pruned"):
+    for name in ("baseline", "pruned", "baseline-int8", "pruned-int8"):
         e = report.onnx.get(name, {})
+        top1, diff = file_figures(e)
         lines.append(f"| {name}.onnx | {e.get('file_bytes', 0) / 1024:.0f} KiB | {e.get('params', 0):,} | {e.get('macs_executed', 0):,} | "
-                     f"{e.get('accuracy', {}).get('onnx', float('nan')):.2f}% | {e.get('max_abs_diff', float('nan')):.1e} |")
+                     f"{top1:.2f}% | {diff:.1e} |")
     lines += ["", "Latency (ONNX Runtime, 1 thread, interleaved; median per batch with its 95% interval):", "",
               "| model | precision | batch | median ms | 95% interval |", "|---|---|---:|---:|---|"]
     for r in report.latency.get("results", []):

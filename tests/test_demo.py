@@ -23,12 +23,15 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(tmp_path):
     for name in ("baseline", "pruned"):
         assert data["onnx"][name]["max_abs_diff"] <= 1e-4
         assert abs(data["onnx"][name]["accuracy"]["onnx"] - torch_top1[name]) <= 0.6, (name, data["onnx"][name]["accuracy"], torch_top1)
+    for name in ("baseline-int8", "pruned-int8"):  # calibrated int8 files, scored by ONNX Runtime
+        assert data["onnx"][name]["quantization"]["mode"] == "static" and (tmp_path / f"{name}.onnx").stat().st_size < data["onnx"][name.removesuffix("-int8")]["file_bytes"]
+    assert data["onnx"]["pruned"]["macs_executed"] < data["onnx"]["baseline"]["macs_executed"]
     finetuned, _ = gp.load_model(str(tmp_path / "finetuned.pt"))  # kept for other thresholds: the banks before pruning
     assert finetuned.conv1.out_channels == 16 and finetuned.conv2.in_channels == 16
     pairs = {(c["model"], c["baseline"], c["batch_size"]) for c in data["latency"]["comparisons"]}
-    assert pairs == {(m, b, n) for m, b in (("pruned", "baseline"), ("pruned (int8)", "baseline (int8)")) for n in (1, 32)}  # int8 with int8
-    for c in data["latency"]["comparisons"]:
-        assert c["mac_ratio"] == data["onnx"]["pruned"]["macs_executed"] / data["onnx"]["baseline"]["macs_executed"] < 1
+    assert pairs == {(m, b, n) for m, b in (("pruned", "baseline"), ("pruned-int8", "baseline-int8")) for n in (1, 32)}  # int8 with int8
+    for c in data["latency"]["comparisons"]:  # bench counts the files' MACs as export did
+        assert c["mac_ratio"] == pytest.approx(data["onnx"][c["model"]]["macs_executed"] / data["onnx"][c["baseline"]]["macs_executed"])
         assert c["speedup_low"] <= c["speedup"] <= c["speedup_high"]
     for name in ("banks-converted.png", "banks-before-pruning.png", "banks-after-pruning.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
