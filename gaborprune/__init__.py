@@ -33,6 +33,8 @@ _EXPORTS = {
     "PruneSpec": "gaborprune.prune",
     "apply_plan_": "gaborprune.prune",
     "prune_model": "gaborprune.prune",
+    "TargetSpec": "gaborprune.prune",
+    "prune_to_target": "gaborprune.prune",
     "Recipe": "gaborprune.recipe",
     "convert_model": "gaborprune.recipe",
     "load_model": "gaborprune.recipe",

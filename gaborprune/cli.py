@@ -301,6 +301,8 @@ def finetune(
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help=f"Default {_TRAIN.label_smoothing}.", show_default=False)] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help="Gabor sparsity pressure: 0 off (default), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
     structure: Annotated[Optional[str], typer.Option("--structure", metavar="channel|kernel", help="What the pressure pushes to zero: channel (default): whole channel groups too, which is what runs faster; kernel: single kernels (the seed paper's).", show_default=False)] = None,
+    latency_aware: Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help="Weigh each channel group by the ONNX Runtime time its removal saves, from a per-layer cost table measured before training (default off: by the MACs it saves).", show_default=False)] = None,
+    latency_batch: Annotated[Optional[int], typer.Option("--latency-batch", metavar="N", help=f"Batch size the --latency-aware cost table is measured at, 1 thread (default {_TRAIN.latency_batch}).", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).", show_default=False)] = None,
     device: Device = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on; bf16 where supported).", show_default=False)] = None,
@@ -327,7 +329,8 @@ def finetune(
 
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
-                   structure=structure, seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic)
+                   structure=structure, latency_aware=latency_aware, latency_batch=latency_batch, seed=seed, amp=amp,
+                   channels_last=channels_last, compile=compile, deterministic=deterministic)
     config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
     checkpoints = Checkpoints(output)
     if resume is not None and not resume.is_file():
@@ -345,6 +348,12 @@ def finetune(
             save_recipe(output, model.cpu(), recipe, force=force)
             if result.kernels_total:
                 out.print("\n".join(_groups_report(result, config.structure)))
+            if result.cost_table:
+                from gaborprune.export.costs import describe
+
+                out.print(describe(result.cost_table), soft_wrap=True)  # one line, however many layers
+            elif config.latency_aware:
+                out.print(f"--latency-aware: no cost table measured ({'--sparsity is 0' if not config.sparsity else 'no channel groups'}); groups weigh {result.group_weights}")
             out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {output}  (checkpoints: {checkpoints.last}, {checkpoints.best})")
             if json_path:
                 write_json(json_path, result.to_dict(), force)
@@ -449,6 +458,25 @@ def _print_prune(report, dry_run: bool) -> None:
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
+def _target_table(report, source: str) -> Table:
+    """The timed candidates of `prune --speedup/--latency-ms`, predicted and measured side by side."""
+    table = Table(title=f"{source}: pruning to {report.target.describe()} (ONNX Runtime, batch {report.batch_size}, "
+                        f"{report.threads} thread{'s' if report.threads != 1 else ''}, {report.groups} channel groups)")
+    for col in ("groups removed", "channels", "predicted ms", "predicted", "measured ms", "speedup", "target"):
+        table.add_column(col, justify="left" if col == "channels" else "right")
+    for c in report.candidates:
+        channels = ", ".join(f"{name} {o}x{i}" for name, (o, i) in c.channels.items()) + (f" (x{report.block})" if c.aligned else "")
+        m, s = c.measured, c.speedup
+        table.add_row(str(c.k), channels, f"{c.predicted_ms:.3f}", f"{c.predicted_speedup:.2f}x",
+                      f"{m.median:.3f} [{m.low:.3f}-{m.high:.3f}]", f"{s.median:.2f}x [{s.low:.2f}-{s.high:.2f}]",
+                      ("met, chosen" if c.k == report.chosen else "met") if c.meets else "not met",
+                      style="cyan" if c.k == report.chosen else None)
+    if report.baseline is not None:
+        b = report.baseline
+        table.caption = f"unpruned: {b.median:.3f} ms [{b.low:.3f}-{b.high:.3f}]; channels: out x in of the layers that change; [95% intervals]"
+    return table
+
+
 @_command
 def prune(
     source: Annotated[str, typer.Argument(help="A recipe .pt with Gabor banks (from convert or finetune), or any model source that has them.", metavar="RECIPE", show_default=False)],
@@ -456,6 +484,8 @@ def prune(
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="T", help="Remove kernels weaker than T x the strongest of their layer (default 0.05; BatchNorm-scale invariant).", show_default=False)] = None,
     ratio: Annotated[Optional[list[str]], typer.Option("--ratio", metavar="R|NAME=R", help="Remove this fraction of the kernels: R across all Gabor banks (weakest first), or NAME=R for one layer; repeatable.", show_default=False)] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, or NAME=N for one layer; repeatable.", show_default=False)] = None,
+    speedup: Annotated[Optional[float], typer.Option("--speedup", metavar="X", help="Remove the weakest channel groups until the pruned ONNX runs X times as fast as the unpruned one, measured with ONNX Runtime (batch 1, --threads or 1 thread).", show_default=False)] = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", metavar="T", help="Like --speedup, until a run takes at most T milliseconds.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset (digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", metavar="N", help="Recover accuracy with N epochs of fine-tuning, removed kernels staying removed (needs --data).", show_default=False)] = None,
@@ -476,7 +506,7 @@ def prune(
     _threads(threads)
     from gaborprune._io import check_outputs, write_json
     from gaborprune.data import DataSpec, load_data
-    from gaborprune.prune import PruneSpec, prune_model
+    from gaborprune.prune import PruneSpec, TargetSpec, prune_model, prune_to_target
     from gaborprune.recipe import save_recipe
     from gaborprune.train import evaluate
     from gaborprune.train.distributed import setup, teardown
@@ -487,6 +517,13 @@ def prune(
     options = dict(threshold=threshold, ratio=global_ratio, keep=global_keep)
     spec = PruneSpec(**{k: v for k, v in options.items() if v is not None}, layer_ratio=layer_ratio, layer_keep=layer_keep)
     thresholds = _thresholds(sweep) if sweep is not None else None
+    target = None
+    if speedup is not None or latency_ms is not None:
+        given = [f for f, v in (("--threshold", threshold), ("--ratio", ratio), ("--keep", keep), ("--sweep", sweep)) if v is not None]
+        if given or (speedup is not None and latency_ms is not None):
+            first = "--speedup" if speedup is not None else "--latency-ms"
+            raise GaborPruneError(f"{first} chooses the kernels itself; drop {given[0] if given else '--latency-ms'} (give one of --speedup, --latency-ms, or --threshold/--ratio/--keep)")
+        target = TargetSpec(speedup, latency_ms)
     if thresholds is not None:
         bad = [t for t in thresholds if not 0 <= t < 1]
         if bad:
@@ -524,9 +561,22 @@ def prune(
             _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else accuracy, png, json_path, source, force)
             return
         before = accuracy(model) if data_spec is not None else None
-        with err.status("pruning..."):
-            report = prune_model(model, recipe, spec)
-        title = f"{source} -> {'(dry run)' if dry_run else output}: {spec.describe([c.name for c in report.gabor_layers])}"
+        if target is not None:
+            with err.status(f"pruning to {target.describe()}: exporting and timing candidates with ONNX Runtime..."):
+                reached = prune_to_target(model.to("cpu"), recipe, speedup=target.speedup, latency_ms=target.latency_ms,
+                                          threads=threads if threads is not None else 1)
+            out.print(_target_table(reached, source))
+            for note in reached.notes:
+                out.print(note)
+            if reached.prune is None:
+                raise GaborPruneError(reached.message + "; no recipe written")
+            report = reached.prune
+            what = f"{reached.chosen} weakest channel groups for {target.describe()}"
+        else:
+            with err.status("pruning..."):
+                report = prune_model(model, recipe, spec)
+            what = spec.describe([c.name for c in report.gabor_layers])
+        title = f"{source} -> {'(dry run)' if dry_run else output}: {what}"
         out.print(_prune_table(report, title))
         _print_prune(report, dry_run)
         if data_spec is not None:
@@ -537,12 +587,13 @@ def prune(
                 report.accuracy_after = recover(model, recipe)
             recovered = f"  after recovery {report.accuracy_after:.2f}%" if finetune_epochs and not dry_run else ""
             out.print(f"top-1 accuracy on {data_spec}: before {before:.2f}%  pruned {report.accuracy_pruned:.2f}%{recovered}")
+        extra = {"target": reached.to_dict()} if target is not None else {}
         if not dry_run:
-            recipe.metadata.setdefault("prunes", []).append(report.to_dict() | {"source": source})
+            recipe.metadata.setdefault("prunes", []).append(report.to_dict() | {"source": source} | extra)
             save_recipe(output, model.to("cpu"), recipe, force=force)
             out.print(f"-> {output}")
         if json_path:
-            write_json(json_path, {"model": source, "output": None if dry_run else str(output)} | report.to_dict(), force)
+            write_json(json_path, {"model": source, "output": None if dry_run else str(output)} | report.to_dict() | extra, force)
     finally:
         teardown()
 
@@ -626,7 +677,7 @@ def export(
         out.print(f"  {'kept' if c['kept'] else '    '}  {c['form']}: {timing}{ratio}  {_count(c['params'])} params")
     out.print(f"lowering: {report.lowering_note}")
     for line in report.skipped:
-        out.print(f"[yellow]skipped:[/] {escape(line)}")
+        out.print(f"skipped: {line}")
     if report.channels_cut:
         maps = f"; bias maps added to {', '.join(report.bias_maps)}" if report.bias_maps else ""
         out.print(f"cut at export (constant channels{maps}): " + "; ".join(
@@ -642,7 +693,7 @@ def export(
         out.print("top-1 on " + data + ": " + "  ".join(f"{k} {v:.2f}%" for k, v in report.accuracy.items()))
     out.print(f"-> {output} ({report.file_bytes / 1024:.1f} KiB)")
     if report.note:
-        out.print(f"[yellow]note:[/] {escape(report.note)}")
+        out.print(f"note: {report.note}")  # `out` prints verbatim (no markup)
     if json_path:
         write_json(json_path, {"model": source} | report.to_dict(), force)
 

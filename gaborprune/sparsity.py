@@ -17,7 +17,7 @@ which is scale invariant: it rewards concentrating strength in few entries (driv
 towards zero while useful ones keep their strength), not shrinking everything. Two structures:
 
     kernel:   P = sum_layers R(s_layer)
-    channel:  P = sum_layers R(s_layer) + GROUP_WEIGHT * sum_families R(G_family)
+    channel:  P = sum_layers R(s_layer) + GROUP_WEIGHT * sum_families R_w(G_family)
 
 `kernel` pushes single kernels to zero (the seed paper's pressure). ONNX Runtime's convolutions cost
 the same with 9 or 128 of their kernels non-zero, so for speed `channel` also pushes whole *channel
@@ -29,7 +29,19 @@ A group's strength is the L2 norm of its members' strengths,
 
 and a *family* is the groups with the same label (the same banks and side, e.g. all of conv1's
 output channels, or all of conv2's input columns); R over a family's strengths, between 1 and
-sqrt(groups), is lowest when few groups stay. Both terms inherit the invariance of s. The kernel
+sqrt(groups), is lowest when few groups stay. The group term weighs each group k by what its
+removal saves,
+
+    R_w(G) = sum_k w_k G_k / ||G||_2,     w_k = saved_k / mean(saved over all groups of all families),
+
+so the weights average 1 across the penalty: R_w = R when every group saves the same, and the
+penalty is then exactly the unweighted one (it is computed as such). `saved_k` is the MACs per
+image the group's channel drops (`GroupAnalysis.saved_macs`: its writers' rows, its readers'
+columns, depthwise channels on the way), or with `finetune --latency-aware` the ONNX Runtime time
+it saves (`gaborprune.export.costs`). This differs from equal weights only across families: the
+groups of one family drop like rows and columns of the same layers. On resnet20_altered conv1's
+rows and conv2's columns are the same 16 channels, so all weigh 1 there.
+The weights are constants, so both terms inherit the invariance of s. The kernel
 term has weight 1 and each family GROUP_WEIGHT = 2: in the latency probe's prototype
 (notes/latency-probe.md, resnet20_altered on digits, --sparsity 0.1) that killed 9 of conv2's 16
 input columns at 99.73% test accuracy (the kernel term alone: 3, at 99.18%; weight 4: 13, at 98.35%).
@@ -38,7 +50,8 @@ input columns at 99.73% test accuracy (the kernel term alone: 3, at 99.18%; weig
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +103,11 @@ def kernel_strength(layer: GaborConv2d, norm: nn.BatchNorm2d | None = None, weig
     return s
 
 
-def l1_l2_ratio(s: Tensor) -> Tensor:
-    """||s||_1 / ||s||_2: sqrt(n) when all n entries are equal, 1 when only one is non-zero."""
-    return s.abs().sum() / s.norm().clamp_min(1e-12)
+def l1_l2_ratio(s: Tensor, weights: Tensor | None = None) -> Tensor:
+    """||s||_1 / ||s||_2: sqrt(n) when all n entries are equal, 1 when only one is non-zero.
+    With `weights` (Tensor like s), the weighted sum_k w_k |s_k| / ||s||_2."""
+    l1 = s.abs().sum() if weights is None else (weights * s.abs()).sum()
+    return l1 / s.norm().clamp_min(1e-12)
 
 
 @dataclass
@@ -101,6 +116,16 @@ class _Family:
 
     size: int  # groups
     parts: list[tuple[str, Tensor, Tensor]]  # (bank, flat kernel index of each member, its group), both Tensor[members]
+    weights: Tensor | None = None  # w_k, Tensor[groups] (None: all 1)
+
+    def ratio(self, strengths: dict[str, Tensor]) -> Tensor:
+        """R_w(G) of the module doc (differentiable)."""
+        g = self.strength(strengths)
+        if self.weights is None:
+            return l1_l2_ratio(g)
+        if self.weights.device != g.device or self.weights.dtype != g.dtype:
+            self.weights = self.weights.to(g.device, g.dtype)
+        return l1_l2_ratio(g, self.weights)
 
     def _gather(self, strengths: dict[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
         for k, (bank, flat, group) in enumerate(self.parts):
@@ -133,7 +158,8 @@ class GaborSparsity:
     Args:
         structure: None (default): kernels only, no channel analysis (what `prune` needs). "kernel":
             the kernel pressure, with the channel groups found and counted. "channel": the groups
-            pressed too (see the module doc).
+            pressed too (see the module doc), weighed by the MACs each saves until `weigh` says
+            otherwise; `weighed_by` names the source (equal, macs, latency).
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None) -> None:
@@ -146,6 +172,9 @@ class GaborSparsity:
         self.norms = {n: modules[norms[n]] if n in norms else None for n in self.layers}
         self.groups = self._analyse(model, input_shape) if structure is not None else None
         self.families: dict[str, _Family] = self._families() if self.groups is not None else {}
+        self.weighed_by = "equal"  # what the group weights come from: equal, macs or latency
+        if structure == "channel" and self.groups.groups:
+            self.weigh(self.groups.saved_macs(), "macs")
 
     def __bool__(self) -> bool:
         return bool(self.layers)
@@ -175,6 +204,28 @@ class GaborSparsity:
             families[label] = _Family(sizes[label], parts)
         return families
 
+    def weigh(self, saved: Sequence[float], source: str) -> None:
+        """Weigh the groups (in `groups.groups` order) by what removing each saves (MACs, ms):
+        w_k = saved_k / mean(saved), see the module doc. `source` names what `saved` counts."""
+        groups = self.groups.groups if self.groups is not None else []
+        if len(saved) != len(groups) or not all(math.isfinite(v) and v >= 0 for v in saved) or groups and sum(saved) <= 0:
+            raise GaborPruneError(f"group savings must be {len(groups)} finite values >= 0, not all 0; got {list(saved)[:8]}")
+        self.weighed_by = source
+        if len(set(saved)) <= 1:  # all weigh 1: the unweighted penalty, exactly
+            for f in self.families.values():
+                f.weights = None
+            return
+        mean = sum(saved) / len(saved)
+        per_family: dict[str, list[float]] = {}
+        for g, v in zip(groups, saved):
+            per_family.setdefault(g.label, []).append(v / mean)
+        for label, f in self.families.items():
+            f.weights = torch.tensor(per_family[label], dtype=torch.float32, device=f.parts[0][1].device)
+
+    def group_weights(self) -> dict[str, list[float]]:
+        """{label: w_k per group}, for reports."""
+        return {label: f.weights.tolist() if f.weights is not None else [1.0] * f.size for label, f in self.families.items()}
+
     def penalty(self) -> Tensor:
         """The pressure of the module doc, for this structure (differentiable): per Gabor layer the
         L1/L2 ratio of the kernel strengths, plus with "channel" the group terms.
@@ -189,7 +240,7 @@ class GaborSparsity:
             total = total + l1_l2_ratio(strengths[n])
         if self.structure == "channel":
             for family in self.families.values():
-                total = total + GROUP_WEIGHT * l1_l2_ratio(family.strength(strengths))
+                total = total + GROUP_WEIGHT * family.ratio(strengths)
         return total
 
     @contextlib.contextmanager

@@ -221,6 +221,9 @@ def test_kernels_removed_inside_kept_channels_get_a_note(tmp_path):
     recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
     report = export_model(model, recipe, tmp_path / "k.onnx", ExportConfig(lowering="dense"))
     assert report.note == KERNELS_NOT_TIME and "--structure channel" in report.note
+    save_recipe(tmp_path / "k.pt", model, recipe)
+    printed = cli("export", tmp_path / "k.pt", "--trust-factory", "-o", tmp_path / "k2.onnx", "--lowering", "dense").stdout
+    assert f"note: {KERNELS_NOT_TIME}" in printed and "[yellow]" not in printed  # the CLI prints it verbatim
     assert report.macs < report.macs_executed
     pruned, precipe = pruned_family("vgg-chain")  # channels removed by the recipe, kernels inside the others too
     assert any(plan["channels"] for plan in precipe.prune_plans)

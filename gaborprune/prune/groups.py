@@ -17,10 +17,17 @@ A component that a plain convolution or a linear layer writes (for out) or reads
 touches the model's input or output or an op the analysis does not know, gives no group on that
 side; `GroupAnalysis.missing` says why. Groups are structural: they do not depend on the weights or
 masks, so the analysis runs once, at the start of training.
+
+Each group also records the work its channel's removal drops (`ChannelGroup.saves`): the rows of
+every convolution that writes the channel, the columns of every convolution or linear layer that
+reads it, and the channel of every depthwise convolution on the way, plain layers included. The out
+and in groups of one component save the same work. `GroupAnalysis.saved_macs` counts it densely
+(what a dense runtime kernel executes); `gaborprune.export.costs` times it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -41,11 +48,14 @@ class ChannelGroup:
         kind: "out" (rows of the banks that write the channel) or "in" (columns of those that read it).
         members: ((bank, ((o, i), ...)), ...): the kernels, per bank in model order.
         note: a condition on the dead channel's constant, "" when none.
+        saves: ((layer, side, index), ...): the work the channel's removal drops (see the module doc);
+            side is "out" (a row), "in" (a column or a linear layer's input feature) or "depthwise".
     """
 
     kind: str
     members: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
     note: str = ""
+    saves: tuple[tuple[str, str, int], ...] = field(default=(), compare=False)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -81,6 +91,12 @@ class GroupAnalysis:
     groups: list[ChannelGroup] = field(default_factory=list)
     missing: list[NoGroup] = field(default_factory=list)
     note: str | None = None  # why no channel could be analysed at all
+    unit_macs: dict[tuple[str, str], int] = field(default_factory=dict)  # (layer, side) -> MACs per image of one row/column/channel
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # layer -> (input, output) per image
+
+    def saved_macs(self) -> list[int]:
+        """The MACs per image that removing each group (in `groups` order) drops, counted densely."""
+        return [sum(self.unit_macs[(layer, side)] for layer, side, _ in g.saves) for g in self.groups]
 
     def counts(self) -> dict[str, int]:
         """{label: number of groups}, in the order the groups were found."""
@@ -94,6 +110,18 @@ class GroupAnalysis:
         return ([self.note] if self.note else []) + [m.describe() for m in self.missing]
 
 
+def unit_macs(module: nn.Module, side: str, output: tuple[int, ...]) -> int:
+    """MACs per image of one row ("out"), column ("in", for a linear layer one input feature) or
+    channel ("depthwise") of a convolution or linear layer whose output per image is `output`."""
+    if isinstance(module, nn.Linear):
+        rows = math.prod(output[:-1])
+        return rows * (module.in_features if side == "out" else module.out_features)
+    taps = math.prod(module.kernel_size) * math.prod(output[1:])
+    if side == "depthwise":
+        return taps
+    return taps * (module.in_channels if side == "out" else module.out_channels) // module.groups
+
+
 def _kind(module: nn.Module) -> str:
     return "linear layer" if isinstance(module, nn.Linear) else "plain convolution"
 
@@ -105,6 +133,8 @@ class _Verdicts:
         self.graph, self.order = graph, {n: k for k, n in enumerate(banks)}
         self.seen: dict[tuple[fx.Node, int], int] = {}
         self.verdicts: list[dict[str, ChannelGroup | str]] = []
+        self.unit_macs: dict[tuple[str, str], int] = {}
+        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def of(self, start: tuple[fx.Node, int]) -> dict[str, ChannelGroup | str]:
         if start not in self.seen:
@@ -113,6 +143,16 @@ class _Verdicts:
                 self.seen[pos] = len(self.verdicts)
             self.verdicts.append({"out": self._out(comp), "in": self._in(comp)})
         return self.verdicts[self.seen[start]]
+
+    def _saves(self, comp: Component) -> tuple[tuple[str, str, int], ...]:
+        g = self.graph
+        work = [(n, "out" if g.roles[n].kind == "conv" else "depthwise", i) for n, i in comp.positions if g.roles[n].kind in ("conv", "depthwise")]
+        work += [(u, "in", i) for u, _, i in comp.readers]
+        for n, side, _ in work:
+            if (n.target, side) not in self.unit_macs:
+                self.unit_macs[(n.target, side)] = unit_macs(g.modules[n.target], side, g.shapes[n][1:])
+                self.shapes[n.target] = (g.shapes[g.roles[n].inputs[0]][1:], g.shapes[n][1:])
+        return tuple((n.target, side, i) for n, side, i in sorted(set(work), key=lambda w: (g.order[w[0]], w[1], w[2])))
 
     def _members(self, pairs: dict[str, set[tuple[int, int]]]) -> tuple:
         return tuple((n, tuple(sorted(pairs[n]))) for n in sorted(pairs, key=self.order.__getitem__))
@@ -133,7 +173,7 @@ class _Verdicts:
         padded = sorted((n for n in padded if zero_padded(g.modules[n.target])), key=g.order.__getitem__)
         note = (f"the dead channel goes only when its constant is 0 at zero-padded '{node_name(padded[0])}' "
                 "(e.g. a BatchNorm shift <= 0 before a ReLU)") if padded else ""
-        return ChannelGroup("out", self._members(rows), note)
+        return ChannelGroup("out", self._members(rows), note, self._saves(comp))
 
     def _in(self, comp: Component) -> ChannelGroup | str:
         g = self.graph
@@ -146,7 +186,7 @@ class _Verdicts:
         cols: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for u, i in readers:
             cols[u.target] |= {(o, i) for o in range(g.modules[u.target].out_channels)}
-        return ChannelGroup("in", self._members(cols))
+        return ChannelGroup("in", self._members(cols), saves=self._saves(comp))
 
 
 def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> GroupAnalysis:
@@ -186,4 +226,5 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> Group
                     found.setdefault(id(verdict), verdict)
             analysis.missing += [NoGroup(name, side, tuple(cs), reason) for reason, cs in why.items()]
     analysis.groups = list(found.values())
+    analysis.unit_macs, analysis.shapes = verdicts.unit_macs, verdicts.shapes
     return analysis

@@ -80,7 +80,8 @@ class Checkpoints:
         _check_fields(path, state)
         theirs = {"model source": payload["source"], "conversions": payload["conversions"], "dataset": state["data"]}
         ours = {"model source": recipe.source.to_dict(), "conversions": recipe.conversions, "dataset": data}
-        written = {"structure": "kernel"} | state["config"]  # checkpoints from before --structure trained with the kernel pressure
+        # checkpoints from before --structure trained with the kernel pressure; from before --latency-aware, without it
+        written = {"structure": "kernel", "latency_aware": False, "latency_batch": 1} | state["config"]
         theirs |= {f"--{k.replace('_', '-')}": v for k, v in written.items()}
         ours |= {f"--{k.replace('_', '-')}": v for k, v in config.to_dict().items()}
         for key in ours:

@@ -26,6 +26,10 @@ class TrainConfig:
         structure: "channel" (default): the pressure also pushes whole channel groups to zero, the
             kernels whose death removes a channel, which is what turns into speed; "kernel": single
             kernels only (the seed paper's pressure, which `reproduce` keeps).
+        latency_aware: weigh each channel group by the ONNX Runtime time its removal saves, from a
+            per-layer cost table measured before training (`gaborprune.export.costs`), instead of
+            by the MACs it saves. Needs structure "channel" (the kernel pressure has no groups).
+        latency_batch: the batch size that cost table is measured at (1 thread).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         channels_last: memory format; None means on for CUDA, off for CPU.
         compile: wrap the model in torch.compile.
@@ -43,6 +47,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     sparsity: float = 0.0
     structure: str = "channel"
+    latency_aware: bool = False
+    latency_batch: int = 1
     seed: int = 0
     amp: bool = True
     channels_last: bool | None = None
@@ -53,6 +59,7 @@ class TrainConfig:
         check_seed(self.seed)
         check_int(self.epochs, "--epochs")
         check_int(self.batch_size, "--batch-size")
+        check_int(self.latency_batch, "--latency-batch")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "sparsity"):
             check_finite(getattr(self, name), "--" + name.replace("_", "-"))
         checks = [
@@ -64,6 +71,9 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {self.label_smoothing}"),
             (self.sparsity >= 0, f"--sparsity must be >= 0 (0 disables), not {self.sparsity}"),
             (self.structure in STRUCTURES, f"unknown --structure '{self.structure}'; known: {', '.join(STRUCTURES)}"),
+            (isinstance(self.latency_aware, bool), f"--latency-aware must be true or false, not {self.latency_aware!r}"),
+            (not (self.latency_aware and self.structure == "kernel"),
+             "--latency-aware weighs channel groups, which --structure kernel does not press; use --structure channel or drop --latency-aware"),
         ]
         for ok, message in checks:
             if not ok:

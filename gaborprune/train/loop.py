@@ -55,6 +55,8 @@ class TrainResult:
     groups_alive: dict[str, int] = field(default_factory=dict)
     groups_notes: dict[str, str] = field(default_factory=dict)  # {label: condition on a dead group's channel}
     groups_missing: list[str] = field(default_factory=list)  # bank sides without groups, and why
+    group_weights: str = ""  # what the groups are weighed by in the pressure: equal, macs or latency
+    cost_table: dict = field(default_factory=dict)  # --latency-aware: gaborprune.export.costs.CostTable.to_dict()
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -199,7 +201,16 @@ def finetune(
         # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
         raise TrainingError(f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
                             f"give --batch-size {len(train_data)} or less")
-    sparsity = GaborSparsity(model, recipe.input_shape, config.structure)  # the channel groups, found once
+    sparsity = GaborSparsity(model, recipe.input_shape, config.structure)  # the channel groups, found once, weighed by MACs
+    cost_table = {}
+    if config.latency_aware and config.sparsity and sparsity.groups.groups:
+        from gaborprune.export.costs import measure
+
+        # rank 0 times the layers (ranks timing at once would slow each other); all then weigh alike
+        table = measure(model, sparsity.groups, batch=config.latency_batch) if dist.main else None
+        saved = table.saved_ms(sparsity.groups) if table else [0.0] * len(sparsity.groups.groups)
+        sparsity.weigh(dist.sum(saved, device), "latency")
+        cost_table = table.to_dict() if table else {}
     train_data, test_data = train_data.to(device), test_data.to(device)
     per_rank = max(1, config.batch_size // dist.world)
     shard = len(train_data) // dist.world
@@ -300,4 +311,4 @@ def finetune(
     final = history[-1]["test_top1"] if history else evaluate(model, test_data, device, dist=dist).top1
     notes = {g.label: g.note for g in sparsity.groups.groups if g.note}
     return TrainResult(len(history), max(best, final), final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
-                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons())
+                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table)

@@ -1,0 +1,223 @@
+"""`prune_to_target` and `prune --speedup/--latency-ms`, with injected timings (never real speed).
+
+The model: resnet20_altered at 3x16x16 whose conv1 output channel o has BatchNorm gain (o + 1) / 16,
+so its channel groups rank conv1's rows 0, 1, 2, ... first, and removing k of them leaves conv1
+16 - k output channels (and conv2 16 - k inputs). The fake timer's time is 0.1 + 0.01 x conv1's
+output channels (ms), jittered +-2% run by run, plus a penalty off a multiple of 4 when asked.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gaborprune as gp
+import gaborprune.export.search as search
+from gaborprune.prune import PruneError, prune_to_target
+from gaborprune.prune import target as target_mod
+from gaborprune.prune.target import TargetSpec, _mask_, rank_groups
+from gaborprune.convert import GaborConv2d
+from gaborprune.recipe import Recipe, save_recipe
+from test_cli import one_line_error, run
+
+SHAPE = (3, 16, 16)
+BASE_MS = 0.26  # the fake time of the unpruned model (conv1 has 16 output channels)
+
+
+def ranked_model(num_classes: int = 10):
+    torch.manual_seed(0)
+    model, recipe = gp.load_model("resnet20_altered", input_shape=SHAPE, num_classes=num_classes)
+    with torch.no_grad():
+        model.bn1.weight.copy_((torch.arange(16) + 1) / 16)
+    return model.eval(), recipe
+
+
+class FakeTimer:
+    """Times from conv1's output channels; a flat or given profile."""
+
+    def __init__(self, model=None, shape=None, batch=1, threads=1, *, penalty=0.0, profile=None):
+        self.penalty, self._profile = penalty, profile or {"conv1": 0.0, "other": 1.0}
+        self.timed: list[int] = []
+
+    def cost(self, model) -> float:
+        c = model.conv1.out_channels
+        return 0.1 + 0.01 * c + (self.penalty if c % 4 else 0.0)
+
+    def profile(self, layers):
+        return dict(self._profile)
+
+    def time(self, candidate):
+        self.timed.append(candidate.conv1.out_channels)
+        c = self.cost(candidate)
+        return [BASE_MS] * 40, [c * (1 + 0.01 * ((i % 5) - 2)) for i in range(40)]
+
+
+@pytest.fixture(autouse=True)
+def no_block(monkeypatch):
+    monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: 0)
+
+
+def test_groups_rank_weakest_first():
+    model, recipe = ranked_model()
+    groups, strengths = rank_groups(model, SHAPE)
+    assert [g.label for g in groups[:16]] == ["conv1 out"] * 16
+    assert [g.channel for g in groups[:16]] == list(range(16))
+    assert strengths == sorted(strengths)
+
+
+def test_the_smallest_k_meeting_the_target_is_chosen():
+    model, recipe = ranked_model()
+    timer = FakeTimer()
+    report = prune_to_target(model, recipe, speedup=1.33, timer=timer)
+    # 0.26 / (0.1 + 0.01 c) with a 2% jitter: c = 9 (k = 7) is the first whose whole interval reaches 1.33
+    assert report.chosen == 7 and report.removed == {"conv1 out": 7}
+    measured = {c.k: c for c in report.candidates}
+    assert measured[7].meets and measured[6].meets is False  # the bisection closed on the answer
+    assert all(c.meets == (c.speedup.low >= 1.33) for c in report.candidates)
+    assert len(report.candidates) <= target_mod.MAX_CANDIDATES and report.k_max == 15
+    assert model.conv1.out_channels == 9 and model.conv2.in_channels == 9
+    assert len(recipe.prune_plans) == 1 and report.prune.plan.channels["conv1"]["out"] == list(range(7))
+    conv1 = next(c for c in report.prune.layers if c.name == "conv1")  # counted from the model as it came in
+    assert (conv1.kernels_before, conv1.kernels_after, conv1.channels_before, conv1.channels_after) == (48, 27, 16, 9)
+    assert report.prune.before.macs > report.prune.after.macs
+    assert report.message is None and json.dumps(report.to_dict())
+
+
+def test_latency_target():
+    model, recipe = ranked_model()
+    report = prune_to_target(model, recipe, latency_ms=0.17, timer=FakeTimer())
+    # the high end of the interval within 0.17 ms: 1.02 (0.1 + 0.01 c) <= 0.17 -> c <= 6
+    assert report.chosen == 10 and model.conv1.out_channels == 6
+
+
+def test_a_latency_the_unpruned_model_already_meets_prunes_nothing():
+    model, recipe = ranked_model()
+    report = prune_to_target(model, recipe, latency_ms=1.0, timer=FakeTimer())
+    assert report.chosen is None and "already runs in 0.26 ms" in report.message and "nothing to prune" in report.message
+    assert recipe.prune_plans == [] and model.conv1.out_channels == 16
+
+
+def test_pruned_model_equals_the_masked_model_and_replays(tmp_path):
+    model, recipe = ranked_model()
+    masked = copy.deepcopy(model)
+    prune_to_target(model, recipe, speedup=1.33, timer=FakeTimer())
+    groups, _ = rank_groups(masked, SHAPE)
+    _mask_(masked, groups[:7])
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        y = model.eval()(x)
+        assert torch.allclose(y, masked.eval()(x), atol=1e-5)
+    save_recipe(tmp_path / "t.pt", model, recipe)
+    again, _ = gp.load_model(str(tmp_path / "t.pt"))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), y)
+    assert again.conv1.out_channels == 9
+
+
+def test_an_unreachable_target_leaves_the_model_unpruned():
+    model, recipe = ranked_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    timer = FakeTimer()
+    report = prune_to_target(model, recipe, speedup=3.0, timer=timer)
+    assert report.chosen is None and report.prune is None
+    assert report.message.startswith("target 3x not reachable: at most 2.36x [") and "15 of 32 groups (all that can go) removed" in report.message
+    assert timer.timed == [1]  # only the most that can go was timed
+    assert recipe.prune_plans == [] and model.conv1.out_channels == 16
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_predicted_times_come_from_the_injected_profile():
+    model, recipe = ranked_model()
+    profile = {"conv1": 0.2, "conv2": 0.3, "(Add)": 0.5}
+    timer = FakeTimer(profile=profile)
+    report = prune_to_target(model, recipe, speedup=1.33, timer=timer)
+    first = report.candidates[-1]  # k_max is timed first: its baseline median is the prediction's scale
+    assert first.k == report.k_max
+    for c in report.candidates:
+        o1 = c.channels["conv1"][0]
+        o2, i2 = c.channels["conv2"]
+        ratio = 0.2 * o1 * 3 / 48 + 0.3 * o2 * i2 / 256 + 0.5
+        assert c.predicted_ratio == pytest.approx(ratio) and c.predicted_ms == pytest.approx(BASE_MS * ratio)
+    # the bisection starts at the first k predicted to meet the target: ratio = 0.5 + 0.5 c / 16 <= 1 / 1.33 from
+    # c = 8 (k = 8), after k_max (c = 1) for reachability
+    assert timer.timed[:2] == [1, 8] and report.chosen == 7
+
+
+@pytest.mark.parametrize("block,chosen", [(4, 4), (0, 8)])
+def test_a_block_multiple_that_meets_the_target_wins(monkeypatch, block, chosen):
+    """Off a multiple of 4 the fake costs 0.05 ms more: conv1 at 12 channels (k = 4) meets 1.15x
+    although 11, 10 and 9 do not; the bisection alone (no block) ends at 8, the next aligned count."""
+    monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: block)
+    model, recipe = ranked_model()
+    report = prune_to_target(model, recipe, speedup=1.15, timer=FakeTimer(penalty=0.05))
+    assert report.chosen == chosen and model.conv1.out_channels == 16 - chosen
+    assert report.block == block and report.chosen_candidate.aligned == (block == 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(speedup=1.0), "--speedup must be above 1"),
+    (dict(speedup=float("inf")), "--speedup must be a finite number"),
+    (dict(latency_ms=0.0), "--latency-ms must be above 0"),
+    (dict(latency_ms=float("nan")), "--latency-ms must be a finite number"),
+    (dict(), "give one target"),
+    (dict(speedup=2.0, latency_ms=1.0), "give one target"),
+])
+def test_bad_targets(args, message):
+    with pytest.raises(PruneError, match=message):
+        TargetSpec(**args)
+
+
+def test_a_model_without_groups_is_refused():
+    model = nn.Sequential(GaborConv2d(3, 4, 3, padding=1))  # reads the input, writes the output: no channel can go
+    with pytest.raises(PruneError, match="no channel groups to remove .*part of the model's input"):
+        prune_to_target(model, Recipe(source=None, input_shape=SHAPE), speedup=1.2, timer=FakeTimer())
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.fixture
+def ranked_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(target_mod, "OrtTimer", FakeTimer)
+    model, recipe = ranked_model(num_classes=4)
+    save_recipe(tmp_path / "r.pt", model, recipe)
+    return tmp_path / "r.pt"
+
+
+def test_cli_prunes_to_a_speedup_and_recovers(ranked_recipe, tmp_path):
+    out = tmp_path / "p.pt"
+    result = run("prune", ranked_recipe, "--speedup", "1.33", "-o", out, "--json", tmp_path / "p.json",
+                 "--data", "fake:64:4", "--finetune-epochs", "1", "--batch-size", "32")
+    assert result.exit_code == 0, result.output
+    assert "pruning to 1.33x" in result.stdout and "met, chosen" in result.stdout and "7 weakest channel groups for 1.33x" in result.stdout
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["target"]["chosen"] == 7 and report["target"]["groups_removed"] == {"conv1 out": 7}
+    assert all(c["predicted_ms"] is not None and c["measured_ms"]["median"] > 0 for c in report["target"]["candidates"])
+    assert "accuracy_after" in report
+    model, recipe = gp.load_model(str(out))
+    assert model.conv1.out_channels == 9 and len(recipe.prune_plans) == 1
+
+
+def test_cli_unreachable_target_is_one_line_and_writes_nothing(ranked_recipe, tmp_path):
+    result = run("prune", ranked_recipe, "--speedup", "3", "-o", tmp_path / "p.pt")
+    one_line_error(result, "target 3x not reachable", "no recipe written")
+    assert "not met" in result.stdout and not (tmp_path / "p.pt").exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--speedup", "1"], ["--speedup must be above 1", "not 1.0"]),
+    (["--speedup", "0.5"], ["--speedup must be above 1"]),
+    (["--speedup", "inf"], ["--speedup must be a finite number"]),
+    (["--speedup", "nan"], ["--speedup must be a finite number"]),
+    (["--latency-ms", "0"], ["--latency-ms must be above 0"]),
+    (["--latency-ms", "-2"], ["--latency-ms must be above 0"]),
+    (["--latency-ms", "inf"], ["--latency-ms must be a finite number"]),
+    (["--speedup", "1.2", "--latency-ms", "1"], ["drop --latency-ms"]),
+    (["--speedup", "1.2", "--threshold", "0"], ["drop --threshold"]),
+    (["--latency-ms", "1", "--ratio", "0.5"], ["--latency-ms chooses the kernels itself; drop --ratio"]),
+    (["--speedup", "1.2", "--keep", "10"], ["drop --keep"]),
+])
+def test_cli_refuses_bad_targets(tmp_path, args, fragments):
+    result = run("prune", "resnet20_altered", "-o", tmp_path / "p.pt", *args)
+    one_line_error(result, *fragments)
+    assert not (tmp_path / "p.pt").exists()
