@@ -6,7 +6,7 @@ A recipe is a plain dict of strings, numbers, lists and tensors, so it loads wit
     {"format": "gaborprune.recipe", "version": 1, "gaborprune_version": "0.1.0",
      "source": {"spec", "num_classes", "kwargs"}, "input_shape": [C, H, W],
      "conversions": [{"spec": {...}, "layers": [names]}],   # replayed in order
-     "prune_plans": [{"kernels", "channels", "spec", "after_conversions"}],  # replayed after that many conversions
+     "prune_plans": [{"kernels", "channels", "spec", "folds", "after_conversions"}],  # replayed after that many conversions
      "metadata": {...},                                     # metrics, history
      "state_dict": {name: Tensor}}
 
@@ -185,7 +185,7 @@ def _validate(obj: Any, p: Path) -> None:
     Raises:
         RecipeError: one line naming the first field that is missing, of the wrong type or out of range.
     """
-    from gaborprune.prune.plan import PrunePlan
+    from gaborprune.prune.plan import PrunePlan, fold_problem
 
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -256,7 +256,7 @@ def _validate(obj: Any, p: Path) -> None:
         name = f"'prune_plans[{i}]'"
         if not isinstance(plan, dict):
             raise bad(name, f"must be a dict, not {_show(plan)}")
-        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "after_conversions"}))
+        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "folds", "after_conversions"}))
         if unknown:
             raise bad(name, f"has unknown key '{unknown[0]}'")
         after = plan.get("after_conversions", 0)
@@ -271,6 +271,9 @@ def _validate(obj: Any, p: Path) -> None:
             raise bad(f"'prune_plans[{i}].channels'", f"must map module names to {{'out': [...], 'in': [...]}} channel indices, not {_show(channels)}")
         if not isinstance(plan.get("spec", {}), dict):
             raise bad(f"'prune_plans[{i}].spec'", f"must be a dict, not {_show(plan['spec'])}")
+        problem = fold_problem(plan.get("folds", []))  # absent in plans written before folds were stored
+        if problem:
+            raise bad(f"'prune_plans[{i}].folds'", problem)
         try:
             PrunePlan.from_dict(plan)
         except GaborPruneError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,28 @@ from torch import nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
 from gaborprune.prune.select import PruneError
+
+#: What a stored fold may add to: a consumer's bias, or a BatchNorm's running mean. (Export's
+#: "bias_map" folds are for one input size and never go into a plan.)
+FOLD_ATTRS = ("bias", "running_mean")
+
+
+def fold_problem(folds: object) -> str | None:
+    """Why `folds` is not a list of plan folds ({"module": str, "attr": one of FOLD_ATTRS, "delta": [finite
+    numbers]}), as words that follow its name, or None when it is."""
+    if not isinstance(folds, (list, tuple)):
+        return f"must be a list of folds, not {type(folds).__name__}"
+    for k, f in enumerate(folds):
+        if not (isinstance(f, dict) and set(f) == {"module", "attr", "delta"}):
+            return f"has fold {k} that is not a dict of 'module', 'attr' and 'delta'"
+        if not isinstance(f["module"], str):
+            return f"has fold {k} whose module is not a name"
+        if f["attr"] not in FOLD_ATTRS:
+            return f"has fold {k} with attr {f['attr']!r}, not {' or '.join(FOLD_ATTRS)}"
+        delta = f["delta"]
+        if not (isinstance(delta, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in delta)):
+            return f"has fold {k} whose delta is not a list of finite numbers"
+    return None
 
 
 @dataclass(frozen=True)
@@ -25,21 +48,38 @@ class PrunePlan:
             convolutions, BatchNorms and linear layers. A removed output channel takes its kernels
             with it, masked or not (a live channel that only ignoring readers read).
         spec: the criterion that chose the kernels (`PruneSpec.to_dict()`), for the record.
+        folds: ({"module", "attr", "delta": [floats]}, ...): `module.<attr> += delta`, the constants of
+            removed channels added back where their readers' outputs go (`gaborprune.prune.fold`), so
+            that replaying the plan alone on the unpruned weights computes what the pruned model does.
+            Deltas are sized to the model before this plan's cuts. Plans written before folds were
+            stored have none.
     """
 
     kernels: dict[str, list[list[int]]] = field(default_factory=dict)
     channels: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
+    folds: tuple[dict, ...] = ()
+
+    def __post_init__(self):
+        problem = fold_problem(self.folds)
+        if problem:
+            raise PruneError(f"malformed prune plan (folds {problem}); the recipe may be corrupt")
 
     def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "channels": self.channels, "spec": self.spec}
+        return {"kernels": self.kernels, "channels": self.channels, "spec": self.spec,
+                "folds": [{"module": f["module"], "attr": f["attr"], "delta": list(f["delta"])} for f in self.folds]}
 
     @classmethod
     def from_dict(cls, d: dict) -> PrunePlan:
         try:
+            folds = d.get("folds", [])
+            problem = fold_problem(folds)
+            if problem:
+                raise ValueError(f"folds {problem}")
             return cls({k: [list(map(int, p)) for p in v] for k, v in d["kernels"].items()},
                        {k: {s: list(map(int, v.get(s, []))) for s in ("out", "in")} for k, v in d["channels"].items()},
-                       dict(d.get("spec") or {}))
+                       dict(d.get("spec") or {}),
+                       tuple({"module": f["module"], "attr": f["attr"], "delta": [float(v) for v in f["delta"]]} for f in folds))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PruneError(f"malformed prune plan ({e}); the recipe may be corrupt") from None
 
@@ -93,13 +133,17 @@ def slice_module(m: nn.Module, out: list[int] = (), inp: list[int] = ()) -> nn.M
 
 @torch.no_grad()
 def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Mask the plan's kernels and cut its channels out of `model`, in place. Returns `model`.
+    """Mask the plan's kernels, add its folds and cut its channels out of `model`, in place. Returns `model`.
+
+    Masking and folding touch different tensors, so their order does not matter; both come before the
+    cuts, because the folds' deltas are indexed like the uncut model.
 
     Raises:
-        PruneError: the plan names a layer the model lacks or indices out of range.
+        PruneError: the plan names a layer the model lacks, indices out of range, or a fold that does
+            not fit its target.
     """
     modules = dict(model.named_modules())
-    for name in list(plan.kernels) + list(plan.channels):
+    for name in list(plan.kernels) + list(plan.channels) + [f["module"] for f in plan.folds]:
         if name not in modules:
             raise PruneError(f"the prune plan names '{name}', which the model does not have")
     for name, pairs in plan.kernels.items():
@@ -111,6 +155,12 @@ def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
             if (idx < 0).any() or (idx >= torch.tensor(layer.mask.shape, device=idx.device)).any():
                 raise PruneError(f"the prune plan masks a kernel outside '{name}' ({tuple(layer.mask.shape)} kernels)")
             layer.mask[idx[:, 0], idx[:, 1]] = 0
+    for f in plan.folds:
+        target = getattr(modules[f["module"]], f["attr"], None)
+        if not isinstance(target, torch.Tensor) or target.shape != (len(f["delta"]),):
+            have = f"has {target.numel()} values" if isinstance(target, torch.Tensor) else "has none"
+            raise PruneError(f"the prune plan adds {len(f['delta'])} values to '{f['module']}.{f['attr']}', which {have}; the plan does not fit this model")
+        target += torch.tensor(f["delta"], dtype=target.dtype, device=target.device)
     for name, sides in plan.channels.items():
         try:
             replace_module(model, name, slice_module(modules[name], sides.get("out", []), sides.get("in", [])))

@@ -69,17 +69,13 @@ def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec())
     before = summarize(model, shape)
     shapes_before = layer_shapes(model)
     kernels = {n: torch.nonzero(~k).tolist() for n, k in keep.items()}
-    apply_plan_(model, PrunePlan(kernels=kernels))
-    masked = copy.deepcopy(model)
+    masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
 
-    analysis = analyse_channels(model, shape)
-    with torch.no_grad():
-        modules = dict(model.named_modules())
-        for fold in analysis.folds:
-            target = getattr(modules[fold.module], fold.attr)
-            target += fold.delta.to(target.device, target.dtype)
-    plan = PrunePlan(kernels, analysis.remove, spec.to_dict())
-    apply_plan_(model, PrunePlan(channels=analysis.remove))
+    analysis = analyse_channels(masked, shape)
+    # the folds go into the plan, so that the plan alone, replayed on these weights, gives this model
+    folds = tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in analysis.folds)
+    plan = PrunePlan(kernels, analysis.remove, spec.to_dict(), folds)
+    apply_plan_(model, plan)
     diff, scale = _max_abs_diff(masked, model, shape)
     if not diff <= EXACT_TOLERANCE * max(1.0, scale):
         raise PruneError(f"compaction changed the model's output by {diff:.3g} (a gaborprune bug; please report it with the model); nothing was saved")
