@@ -16,6 +16,7 @@ from gaborprune.sparsity import GROUP_WEIGHT, GaborSparsity, kernel_strength, l1
 from gaborprune.train import TrainConfig
 from test_cli import one_line_error, run
 from test_prune import SHAPE, randomize_norms
+from test_structure import scale_channels_with_their_norms_
 
 FOLDS_MACS = {"g1 out": 3 * 9 * 16 * 16 + 8 * 1 * 8 * 8,  # g1's row (3x3 on 16x16) + g2's column (1x1 on 8x8 after pooling)
               "g2 in": 3 * 9 * 16 * 16 + 8 * 1 * 8 * 8,  # the same channel
@@ -142,10 +143,7 @@ def test_weighted_penalty_is_invariant_to_the_scale_batchnorm_absorbs(monkeypatc
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         before_y, before_p = model(x), sparsity.penalty().item()
-        for bank, bn, o, k in ((model.g1, model.bn1, 5, 30.0), (model.g2, model.bn2, 2, 1e-2)):
-            bank.amplitude[o] *= k
-            bn.running_mean[o] *= k
-            bn.running_var[o] *= k * k
+        scale_channels_with_their_norms_(((model.g1, model.bn1, 5, 30.0), (model.g2, model.bn2, 2, 1e-2)))
         torch.testing.assert_close(model(x), before_y, rtol=1e-4, atol=1e-4)
     assert sparsity.penalty().item() == pytest.approx(before_p, rel=1e-5)
     with torch.no_grad():

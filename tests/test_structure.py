@@ -177,6 +177,15 @@ def test_channel_penalty_is_the_kernel_term_plus_the_group_ratios():
     torch.testing.assert_close(GaborSparsity(model, SHAPE, "channel").penalty(), expected)
 
 
+def scale_channels_with_their_norms_(changes) -> None:
+    """For each (bank, BatchNorm, output channel o, factor k): scale the channel's amplitudes by k and
+    the BatchNorm's statistics to match, which leaves the function unchanged (eps 0)."""
+    for bank, bn, o, k in changes:
+        bank.amplitude[o] *= k
+        bn.running_mean[o] *= k
+        bn.running_var[o] *= k * k
+
+
 def test_the_penalty_is_invariant_to_the_scale_batchnorm_absorbs():
     """Scale one output channel's amplitudes and its BatchNorm's statistics together: the model
     computes the same function, and the channel pressure is unchanged."""
@@ -187,10 +196,7 @@ def test_the_penalty_is_invariant_to_the_scale_batchnorm_absorbs():
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         before_y, before_p = model(x), sparsity.penalty().item()
-        for bank, bn, o, k in ((model.conv1, model.bn1, 5, 30.0), (model.conv2, model.bn2, 2, 1e-2)):
-            bank.amplitude[o] *= k
-            bn.running_mean[o] *= k
-            bn.running_var[o] *= k * k
+        scale_channels_with_their_norms_(((model.conv1, model.bn1, 5, 30.0), (model.conv2, model.bn2, 2, 1e-2)))
         torch.testing.assert_close(model(x), before_y, rtol=1e-4, atol=1e-4)  # the same function...
     assert sparsity.penalty().item() == pytest.approx(before_p, rel=1e-5)  # ...the same pressure
     with torch.no_grad():
