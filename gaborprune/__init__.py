@@ -26,6 +26,8 @@ _EXPORTS = {
     "GaborPruneError": "gaborprune.errors",
     "ExportConfig": "gaborprune.export.api",
     "export_model": "gaborprune.export.api",
+    "describe_onnx": "gaborprune.export.inspect_onnx",
+    "evaluate_onnx": "gaborprune.export.inspect_onnx",
     "lower": "gaborprune.export.lower",
     "ModelSource": "gaborprune.models",
     "PrunePlan": "gaborprune.prune",

@@ -143,7 +143,7 @@ def convert(
     _threads(threads)
     from gaborprune._io import check_outputs, write_json
     from gaborprune.convert.spec import ConversionSpec
-    from gaborprune.recipe import convert_model, save_recipe
+    from gaborprune.recipe import convert_model, is_recipe_path, save_recipe
     from gaborprune.summary import summarize
 
     options = {"first": layers, "targets": tuple(target or ()), "kernel_size": kernel_size, "init": init, "freeze": tuple(freeze or ()), "seed": seed,
@@ -180,9 +180,47 @@ def convert(
             "params_before": params_before,
             "params_after": params_after,
         }, force)
+    if weights is None and not is_recipe_path(source) and any(layer.fit_rel_error is not None for layer in report.layers):
+        # built-in, torchvision and factory sources start from seeded random weights; a recipe carries its own
+        err.print(f"[yellow]warning:[/] {escape(source)} has no --weights, so its kernels are untrained (seeded random) and the Gabor fit "
+                  "to them is meaningless; pass trained weights with --weights state_dict.pt, or convert a recipe that finetune trained", soft_wrap=True)
 
 
 # -- inspect -------------------------------------------------------------------------------------
+def _inspect_onnx(source: str, png, json_path, force: bool, model_options: dict) -> None:
+    import json
+
+    from gaborprune._io import write_json
+    from gaborprune.export.inspect_onnx import check_onnx_options, describe_onnx
+
+    check_onnx_options(source, **model_options)
+    if png:
+        raise GaborPruneError(f"--png draws a recipe's Gabor banks; '{source}' holds them baked into plain convolutions: inspect the recipe it was exported from")
+    s = describe_onnx(source)
+    table = Table(title=f"{source}: operators")
+    for col in ("op", "nodes"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for op, n in s.ops.items():
+        table.add_row(op, str(n))
+    out.print(table)
+    out.print(f"ONNX opset {s.opset}, IR version {s.ir_version}, {s.precision}, {s.nodes} nodes, {s.file_bytes / 1024:.1f} KiB, producer: {s.producer or 'not recorded'}")
+    for kind, values in (("input", s.inputs), ("output", s.outputs)):
+        for v in values:
+            out.print(f"{kind}: {v['name']} {v['shape']} {v['dtype']}")
+    out.print(f"parameters: {_count(s.params)}   MACs: {_count(s.macs)} (executed: {_count(s.macs_executed)})   FLOPs: {_count(s.flops)}   (per image; FLOPs = 2 x MACs)")
+    for key, value in s.metadata.items():
+        if key == "gaborprune.kernels_kept" and isinstance(value, dict):  # {layer: [kept, kernels]}
+            value = ", ".join(f"{layer} {k[0]}/{k[1]}" for layer, k in value.items()) if value else "no Gabor banks"
+        elif key == "gaborprune.lowering" and isinstance(value, dict):  # {layer: form}: one entry per form
+            forms: dict = {}
+            for layer, form in value.items():
+                forms.setdefault(form, []).append(layer)
+            value = "; ".join(f"{form} {', '.join(names) if len(names) <= 3 else f'({len(names)} layers)'}" for form, names in forms.items())
+        out.print(f"metadata {key}: {value if isinstance(value, str) else json.dumps(value)}")
+    if json_path:
+        write_json(json_path, {"model": source} | s.to_dict(), force)
+
+
 @_command
 def inspect(
     source: Source,
@@ -196,13 +234,16 @@ def inspect(
     force: Force = False,
     threads: Threads = None,
 ) -> None:
-    """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs."""
+    """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs; for an .onnx file, its operators, parameters, MACs, input, output and metadata."""
     _threads(threads)
     from gaborprune._io import check_outputs, write_json
-    from gaborprune.plot import plot_banks
+    from gaborprune.export.inspect_onnx import is_onnx_path
+    from gaborprune.plot import plot_recipe_banks
     from gaborprune.summary import summarize
 
     check_outputs([png, json_path], force)
+    if is_onnx_path(source):
+        return _inspect_onnx(source, png, json_path, force, {"--num-classes": num_classes, "--weights": weights, "--model-arg": model_arg, "--input-shape": input_shape})
     model, recipe = _load(source, num_classes, weights, model_arg, input_shape, trust_factory=trust_factory)
     summary = summarize(model, recipe.input_shape)
 
@@ -219,7 +260,7 @@ def inspect(
     out.print(table)
     out.print(f"parameters: {_count(summary.params)}   MACs: {_count(summary.macs)}   FLOPs: {_count(summary.flops)}   (FLOPs = 2 x MACs; conv, CADA and linear layers, removed kernels skipped)")
     if png:
-        drawn = plot_banks(model, png, force=force)
+        drawn = plot_recipe_banks(model, recipe, png, force=force)
         out.print(f"drew {', '.join(drawn)} -> {png}")
     if json_path:
         write_json(json_path, {"model": source} | summary.to_dict(), force)
@@ -245,13 +286,19 @@ def _training_context(source, data, device, num_classes, weights, model_arg, inp
 def _alive_text(r: dict) -> str:
     """'  alive: conv1 40  conv2 200  groups: conv1 out 12/16, conv2 in 9/16' from an epoch record."""
     alive = "  ".join(f"{n} {a}" for n, a in r["kernels_alive"].items())
-    groups = ", ".join(f"{label} {a}/{r['groups_total'][label]}" for label, a in r.get("groups_alive", {}).items())
+    counts = r.get("groups_alive", {})
+    if len(counts) > 4:  # --scope all: one family per layer side; the total says how the pressure goes
+        groups = f"{sum(counts.values())}/{sum(r['groups_total'][label] for label in counts)} in {len(counts)} families"
+    else:
+        groups = ", ".join(f"{label} {a}/{r['groups_total'][label]}" for label, a in counts.items())
     return (f"  alive: {alive}" if alive else "") + (f"  groups: {groups}" if groups else "")
 
 
 def _groups_report(result, structure: str) -> list[str]:
     """Which channel groups the run found (and pressed, with --structure channel), and why other bank sides have none."""
     found = ", ".join(f"{label} {n}" for label, n in result.groups_total.items()) or "none"
+    if len(result.groups_total) > 4:
+        found = f"{sum(result.groups_total.values())} in {len(result.groups_total)} families (the JSON lists them)"
     lines = [f"channel groups ({'pressed' if structure == 'channel' else 'counted only, --structure kernel'}): {found}"]
     lines += [f"  {label}: {note}" for label, note in result.groups_notes.items()]
     return lines + [f"  no group: {line}" for line in result.groups_missing]
@@ -301,7 +348,9 @@ def finetune(
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help=f"Default {_TRAIN.label_smoothing}.", show_default=False)] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help="Gabor sparsity pressure: 0 off (default), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
     structure: Annotated[Optional[str], typer.Option("--structure", metavar="channel|kernel", help="What the pressure pushes to zero: channel (default): whole channel groups too, which is what runs faster; kernel: single kernels (the seed paper's).", show_default=False)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all", help="Where channel groups are pressed: banks (default): the Gabor banks; all: every convolution too, plain ones by their BatchNorm gain.", show_default=False)] = None,
     latency_aware: Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help="Weigh each channel group by the ONNX Runtime time its removal saves, from a per-layer cost table measured before training (default off: by the MACs it saves).", show_default=False)] = None,
+    recalibrate: Annotated[Optional[bool], typer.Option("--recalibrate/--no-recalibrate", help="Re-estimate BatchNorm statistics on the training split before each evaluation (default: on with --scope all and --sparsity > 0).", show_default=False)] = None,
     latency_batch: Annotated[Optional[int], typer.Option("--latency-batch", metavar="N", help=f"Batch size the --latency-aware cost table is measured at, 1 thread (default {_TRAIN.latency_batch}).", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).", show_default=False)] = None,
     device: Device = None,
@@ -329,7 +378,7 @@ def finetune(
 
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
-                   structure=structure, latency_aware=latency_aware, latency_batch=latency_batch, seed=seed, amp=amp,
+                   structure=structure, scope=scope, latency_aware=latency_aware, latency_batch=latency_batch, recalibrate=recalibrate, seed=seed, amp=amp,
                    channels_last=channels_last, compile=compile, deterministic=deterministic)
     config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
     checkpoints = Checkpoints(output)
@@ -377,20 +426,39 @@ def eval(
     force: Force = False,
     threads: Threads = None,
 ) -> None:
-    """Top-1 / top-5 accuracy and loss on the test split of a dataset."""
+    """Top-1 / top-5 accuracy and loss on the test split of a dataset (an .onnx file: in ONNX Runtime)."""
     _threads(threads)
     from gaborprune._io import check_output, write_json
+    from gaborprune.export.inspect_onnx import is_onnx_path
     from gaborprune.train import evaluate
     from gaborprune.train.loop import check_classes
 
     check_output(json_path, force)
+    if is_onnx_path(source):
+        return _eval_onnx(source, data, batch_size, device, resize, input_shape, json_path, force, threads,
+                          {"--num-classes": num_classes, "--weights": weights, "--model-arg": model_arg})
     dist, dev, model, recipe, data_name, _, test = _training_context(source, data, device, num_classes, weights, model_arg, input_shape, resize, trust_factory=trust_factory)
     model.to(dev)
     check_classes(model, recipe, test.num_classes, data_name)
     result = evaluate(model, test.to(dev), dev, batch_size=256 if batch_size is None else batch_size)
     out.print(f"{source} on {data_name}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.samples} test images, {dev})")
     if json_path:
-        write_json(json_path, {"top1": result.top1, "top5": result.top5, "loss": result.loss, "samples": result.samples}, force)
+        write_json(json_path, {"top1": result.top1, "top5": result.top5, "loss": result.loss, "samples": result.samples, "runtime": "pytorch"}, force)
+
+
+def _eval_onnx(source: str, data: str, batch_size, device, resize, input_shape, json_path, force: bool, threads, model_options: dict) -> None:
+    from gaborprune._io import write_json
+    from gaborprune.data import DataSpec, load_data
+    from gaborprune.export.inspect_onnx import check_onnx_options, evaluate_onnx, input_chw
+
+    check_onnx_options(source, **model_options)
+    spec = DataSpec.parse(data)
+    _, test = load_data(spec, _shape(input_shape) or input_chw(source), resize=resize)
+    result = evaluate_onnx(source, test, batch_size=batch_size, threads=threads, provider=device or "auto", data_name=str(spec))
+    out.print(f"{source} on {spec}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
+              f"({result.samples} test images, onnxruntime {result.provider}, batch {result.batch_size})")
+    if json_path:
+        write_json(json_path, result.to_dict(), force)
 
 
 # -- prune ---------------------------------------------------------------------------------------
@@ -486,6 +554,8 @@ def prune(
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, or NAME=N for one layer; repeatable.", show_default=False)] = None,
     speedup: Annotated[Optional[float], typer.Option("--speedup", metavar="X", help="Remove the weakest channel groups until the pruned ONNX runs X times as fast as the unpruned one, measured with ONNX Runtime (batch 1, --threads or 1 thread).", show_default=False)] = None,
     latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", metavar="T", help="Like --speedup, until a run takes at most T milliseconds.", show_default=False)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all", help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose channel group is below --threshold (fine-tune with --scope all first).", show_default=False)] = None,
+    round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N", help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset (digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", metavar="N", help="Recover accuracy with N epochs of fine-tuning, removed kernels staying removed (needs --data).", show_default=False)] = None,
@@ -514,7 +584,13 @@ def prune(
 
     global_ratio, layer_ratio = _budgets(ratio, "--ratio", float)
     global_keep, layer_keep = _budgets(keep, "--keep", int)
-    options = dict(threshold=threshold, ratio=global_ratio, keep=global_keep)
+    if round_to is not None and scope != "all":
+        raise GaborPruneError("--round-to counts channels that --scope all removes; add --scope all or drop --round-to")
+    if scope == "all" and round_to is None:
+        from gaborprune.prune.structured import default_round_to
+
+        round_to = default_round_to()
+    options = dict(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to)
     spec = PruneSpec(**{k: v for k, v in options.items() if v is not None}, layer_ratio=layer_ratio, layer_keep=layer_keep)
     thresholds = _thresholds(sweep) if sweep is not None else None
     target = None
@@ -537,7 +613,9 @@ def prune(
         raise GaborPruneError(f"{'--sweep' if sweep is not None else '--finetune-epochs'} needs --data SPEC to measure accuracy")
     if finetune_epochs is not None and finetune_epochs < 1:
         raise GaborPruneError(f"--finetune-epochs must be at least 1, not {finetune_epochs}")
-    recovery = dict(epochs=finetune_epochs, lr=0.01 if lr is None else lr, batch_size=batch_size, seed=seed)
+    # channels cut all over the network leave BatchNorm statistics that recovery alone follows too slowly
+    recovery = dict(epochs=finetune_epochs, lr=0.01 if lr is None else lr, batch_size=batch_size, seed=seed,
+                    recalibrate=True if spec.scope == "all" else None)
     config = TrainConfig(**{k: v for k, v in recovery.items() if v is not None})
     check_outputs([json_path, png] + ([] if dry_run else [output]), force)
 
@@ -558,7 +636,7 @@ def prune(
             return accuracy(m)
 
         if thresholds is not None:
-            _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else accuracy, png, json_path, source, force)
+            _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else accuracy, accuracy(model), png, json_path, source, force)
             return
         before = accuracy(model) if data_spec is not None else None
         if target is not None:
@@ -598,10 +676,11 @@ def prune(
         teardown()
 
 
-def _prune_sweep(model, recipe, thresholds, accuracy, png, json_path, source, force) -> None:
+def _prune_sweep(model, recipe, thresholds, accuracy, unpruned, png, json_path, source, force) -> None:
     from gaborprune._io import write_json
     from gaborprune.plot import plot_sweep
     from gaborprune.prune import sweep
+    from gaborprune.summary import summarize
 
     with err.status(f"pruning at {len(thresholds)} thresholds..."):
         points = sweep(model, recipe, thresholds, accuracy)
@@ -612,7 +691,7 @@ def _prune_sweep(model, recipe, thresholds, accuracy, png, json_path, source, fo
         table.add_row(f"{p.threshold:g}", f"{p.kernels_kept}/{p.kernels_total}", f"{p.kernels_kept / p.kernels_total:.1%}",
                       _count(p.params), _count(p.macs), f"{p.accuracy:.2f}%")
     out.print(table)
-    plot_sweep(points, png, title=source, force=force)
+    plot_sweep(points, png, unpruned_accuracy=unpruned, unpruned_macs=summarize(model.cpu(), recipe.input_shape).macs, title=source, force=force)
     out.print(f"plot -> {png}")
     if json_path:
         from dataclasses import asdict
@@ -809,7 +888,7 @@ def bench(
     profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration), and the share spent in the converted layers.")] = False,
     torch_eager: Annotated[bool, typer.Option("--torch", help="Also time PyTorch eager (models given as recipes / sources).")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Write a Markdown report.", show_default=False)] = None,
-    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency (95% CI) per configuration, with the speedups.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration (bars: p25-p75 of the runs), with the speedups.", show_default=False)] = None,
     json_path: JsonOut = None,
     trust_factory: TrustFactory = False,
     force: Force = False,
@@ -938,7 +1017,7 @@ def demo(
                   f"[{c['speedup_low']:.3f}, {c['speedup_high']:.3f}] {c['verdict']}, executed-MAC ratio {c['mac_ratio']:.3f}{eff}")
     if report.note:
         out.print(f"note: {report.note}")
-    out.print(f"report: {out_dir / 'report.md'}  (and report.json, banks-*.png, latency.png)")
+    out.print(f"report: {out_dir / 'report.md'}  (and report.json, banks-*.png, latency.png, summary.png)")
 
 
 # -- reproduce -----------------------------------------------------------------------------------
@@ -982,6 +1061,26 @@ def reproduce(
                                on_stage=lambda s: out.print(s), on_epoch=_brief_epoch, force=force)
     out.print(report.markdown())
     out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("gaborprune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from gaborprune import __version__ as number
+    out.print(f"gaborprune {number}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Print gaborprune's version and exit.")] = False,
+) -> None:
+    pass  # no docstring: the app's help stays the --help text
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from gaborprune.convert.spec import ConversionSpec
 from gaborprune.data import load_data
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import bench, load_onnx
-from gaborprune.plot import plot_banks, plot_latency
+from gaborprune.plot import bank_views, plot_banks, plot_latency, plot_summary
 from gaborprune.prune import PruneSpec, prune_model
 from gaborprune.recipe import convert_model, load_model, save_recipe
 from gaborprune.summary import summarize
@@ -52,7 +52,7 @@ class DemoConfig:
 
 
 FILES = ("baseline.pt", "finetuned.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "baseline-int8.onnx", "pruned-int8.onnx", "banks-converted.png", "banks-before-pruning.png",
-         "banks-after-pruning.png", "latency.png", "report.md", "report.json")  # everything `run_demo` writes into its folder
+         "banks-after-pruning.png", "latency.png", "summary.png", "report.md", "report.json")  # everything `run_demo` writes into its folder
 
 
 @dataclass
@@ -121,13 +121,14 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     gabor, grecipe = copy.deepcopy(model), copy.deepcopy(recipe)
     convert_model(gabor, grecipe, ConversionSpec(first=config.layers))
     stage("converted (fit, before fine-tuning)", gabor, t0)
-    plot_banks(gabor, out / "banks-converted.png", force=force)
+    plot_banks([("converted", bank_views(gabor, recipe.input_shape))], out / "banks-converted.png", force=force)
 
     t0 = time.perf_counter()
     on_stage(f"3/6 fine-tuning with sparsity {config.sparsity} ({config.finetune_epochs} epochs)")
     train_for(gabor, grecipe, config.finetune_epochs, config.sparsity)
     stage(f"fine-tuned, sparsity {config.sparsity}", gabor, t0)
-    plot_banks(gabor, out / "banks-before-pruning.png", force=force)
+    tuned = bank_views(gabor, recipe.input_shape, threshold=config.threshold)  # weak: what the prune will remove
+    plot_banks([("fine-tuned", tuned)], out / "banks-before-pruning.png", force=force)
     save_recipe(out / "finetuned.pt", gabor, grecipe, force=force)  # to try other thresholds on: gaborprune prune finetuned.pt --sweep ...
 
     t0 = time.perf_counter()
@@ -139,7 +140,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     train_for(gabor, grecipe, config.recovery_epochs, lr=config.lr / 5)
     stage("recovered", gabor, t0)
     report.kernels = {n: [m.kernels_alive, total[n]] for n, m in gabor.named_modules() if isinstance(m, GaborConv2d)}
-    plot_banks(gabor, out / "banks-after-pruning.png", force=force)
+    plot_banks([("fine-tuned", tuned), ("pruned", bank_views(gabor, recipe.input_shape, grecipe.prune_plans, threshold=config.threshold))],
+               out / "banks-after-pruning.png", force=force)
     save_recipe(out / "pruned.pt", gabor, grecipe, force=force)
 
     on_stage("5/6 exporting both networks to ONNX, float and int8, and checking them against PyTorch")
@@ -161,8 +163,10 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     report.files = {k: str(out / f) for k, f in (
         ("baseline_recipe", "baseline.pt"), ("finetuned_recipe", "finetuned.pt"), ("pruned_recipe", "pruned.pt"), ("baseline_onnx", "baseline.onnx"),
         ("pruned_onnx", "pruned.onnx"), ("baseline_int8_onnx", "baseline-int8.onnx"), ("pruned_int8_onnx", "pruned-int8.onnx"), ("banks_converted", "banks-converted.png"), ("banks_before", "banks-before-pruning.png"),
-        ("banks_after", "banks-after-pruning.png"), ("latency_png", "latency.png"), ("report_md", "report.md"), ("report_json", "report.json"))}
-    write_json(out / "report.json", report.to_dict(), force)
+        ("banks_after", "banks-after-pruning.png"), ("latency_png", "latency.png"), ("summary_png", "summary.png"), ("report_md", "report.md"), ("report_json", "report.json"))}
+    data = report.to_dict()
+    write_json(out / "report.json", data, force)
+    plot_summary(data, out / "summary.png", force=force)  # drawn from what report.json holds
     text = markdown(report)
     write_text(out / "report.md", text, force)
     return report
@@ -229,5 +233,5 @@ def markdown(report: DemoReport) -> str:
     env = report.latency.get("environment", {})
     lines += ["", f"Machine: {env.get('cpu')}, {env.get('cores')} cores, 1-minute load {env.get('load_average') or 0:.2f} when timing began; "
                   f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}; {env.get('date')}. Timings depend on the machine.",
-              "", "Pictures: `banks-converted.png`, `banks-before-pruning.png`, `banks-after-pruning.png`, `latency.png`.", ""]
+              "", "Pictures: `banks-converted.png`, `banks-before-pruning.png`, `banks-after-pruning.png` (before and after, side by side), `latency.png`, `summary.png` (baseline against pruned).", ""]
     return "\n".join(lines)

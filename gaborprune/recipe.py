@@ -6,7 +6,7 @@ A recipe is a plain dict of strings, numbers, lists and tensors, so it loads wit
     {"format": "gaborprune.recipe", "version": 1, "gaborprune_version": "0.1.0",
      "source": {"spec", "num_classes", "kwargs"}, "input_shape": [C, H, W],
      "conversions": [{"spec": {...}, "layers": [names]}],   # replayed in order
-     "prune_plans": [{"kernels", "channels", "spec", "folds", "after_conversions"}],  # replayed after that many conversions
+     "prune_plans": [{"kernels", "channels", "spec", "folds", "constants", "after_conversions"}],  # replayed after that many conversions
      "metadata": {...},                                     # metrics, history
      "state_dict": {name: Tensor}}
 
@@ -256,7 +256,7 @@ def _validate(obj: Any, p: Path) -> None:
         name = f"'prune_plans[{i}]'"
         if not isinstance(plan, dict):
             raise bad(name, f"must be a dict, not {_show(plan)}")
-        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "folds", "after_conversions"}))
+        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "folds", "constants", "after_conversions"}))
         if unknown:
             raise bad(name, f"has unknown key '{unknown[0]}'")
         after = plan.get("after_conversions", 0)

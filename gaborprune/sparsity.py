@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
 from gaborprune.probe import probe
-from gaborprune.train.config import STRUCTURES
+from gaborprune.train.config import SCOPES, STRUCTURES
 
 #: A kernel is alive while its strength is at least this fraction of the strongest in its layer.
 DEFAULT_THRESHOLD = 0.05
@@ -162,27 +162,41 @@ class GaborSparsity:
             otherwise; `weighed_by` names the source (equal, macs, latency).
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None, scope: str = "banks") -> None:
         if structure is not None and structure not in STRUCTURES:
             raise GaborPruneError(f"unknown --structure '{structure}'; known: {', '.join(STRUCTURES)}")
+        if scope not in SCOPES:
+            raise GaborPruneError(f"unknown --scope '{scope}'; known: {', '.join(SCOPES)}")
+        if scope == "all" and structure != "channel":
+            raise GaborPruneError("--scope all presses channel groups of every convolution; it needs --structure channel")
         modules = dict(model.named_modules())
         norms = following_norms(model, input_shape)
-        self.structure = structure
+        self.structure, self.scope = structure, scope
         self.layers = {n: m for n, m in modules.items() if isinstance(m, GaborConv2d)}
         self.norms = {n: modules[norms[n]] if n in norms else None for n in self.layers}
         self.groups = self._analyse(model, input_shape) if structure is not None else None
+        # scope "all": the plain convolutions in groups, whose strengths the group terms read too
+        self.plain = {}
+        for g in self.groups.groups if self.groups is not None else []:
+            for name, _ in g.members:
+                if name not in self.layers:
+                    self.plain[name] = modules[name]
+                    self.norms[name] = modules[self.groups.norms[name]] if name in self.groups.norms else None
         self.families: dict[str, _Family] = self._families() if self.groups is not None else {}
         self.weighed_by = "equal"  # what the group weights come from: equal, macs or latency
         if structure == "channel" and self.groups.groups:
             self.weigh(self.groups.saved_macs(), "macs")
 
     def __bool__(self) -> bool:
-        return bool(self.layers)
+        return bool(self.layers) or bool(self.plain)
 
     def _analyse(self, model: nn.Module, input_shape: tuple[int, int, int]):
         from gaborprune.prune.groups import GroupAnalysis, channel_groups  # the prune package imports this module
 
-        return channel_groups(model, input_shape) if self.layers else GroupAnalysis()
+        return channel_groups(model, input_shape, self.scope) if self.layers or self.scope == "all" else GroupAnalysis()
+
+    def _conv(self, name: str) -> nn.Module:
+        return self.layers[name] if name in self.layers else self.plain[name]
 
     def _families(self) -> dict[str, _Family]:
         members: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # label -> bank -> (flat indices, groups)
@@ -191,7 +205,7 @@ class GaborSparsity:
             k = sizes.get(g.label, 0)
             sizes[g.label] = k + 1
             for bank, kernels in g.members:
-                width = self.layers[bank].mask.shape[1]
+                width = self._conv(bank).weight.shape[1] if bank in self.plain else self.layers[bank].mask.shape[1]
                 flat, group = members.setdefault(g.label, {}).setdefault(bank, ([], []))
                 flat += [o * width + i for o, i in kernels]
                 group += [k] * len(kernels)
@@ -199,7 +213,7 @@ class GaborSparsity:
         for label, banks in members.items():
             parts = []
             for bank, (flat, group) in banks.items():
-                device = self.layers[bank].mask.device
+                device = next(self._conv(bank).parameters()).device
                 parts.append((bank, torch.tensor(flat, device=device), torch.tensor(group, device=device)))
             families[label] = _Family(sizes[label], parts)
         return families
@@ -238,6 +252,8 @@ class GaborSparsity:
             weight, m.last_weight = m.last_weight, None
             strengths[n] = kernel_strength(m, self.norms[n], weight)
             total = total + l1_l2_ratio(strengths[n])
+        for n, m in self.plain.items():  # no kernel term: kernels inside a plain layer are not time
+            strengths[n] = kernel_strength(m, self.norms[n])
         if self.structure == "channel":
             for family in self.families.values():
                 total = total + GROUP_WEIGHT * family.ratio(strengths)
@@ -273,12 +289,26 @@ class GaborSparsity:
         return {n: m.mask.numel() for n, m in self.layers.items()}
 
     def groups_alive(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
-        """Groups per label with a kernel alive (at `threshold`, as `alive`): `prune --threshold`
-        removes every kernel of a dead group. Empty without a channel analysis."""
+        """Groups per label that are alive at `threshold`. Scope "banks": with a kernel alive (as
+        `alive`), so `prune --threshold` removes every kernel of a dead group. Scope "all": with a
+        strength G (module doc) of at least `threshold` x the strongest of its family, the rule
+        `prune --scope all` removes groups by. Empty without a channel analysis."""
         if not self.families:
             return {}
+        if self.scope == "all":
+            return {label: int((g >= threshold).sum()) for label, g in self.relative_group_strengths().items()}
         r = self.relative_strengths()
         return {label: int((f.strongest(r) >= threshold).sum()) for label, f in self.families.items()}
+
+    @torch.no_grad()
+    def relative_group_strengths(self) -> dict[str, Tensor]:
+        """{label: G / the family's strongest G}, Tensor[groups] in [0, 1], on the CPU."""
+        strengths = {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
+        out = {}
+        for label, f in self.families.items():
+            g = f.strength(strengths).cpu()
+            out[label] = g / g.max().clamp_min(1e-30)
+        return out
 
     def groups_total(self) -> dict[str, int]:
         """{label: groups}, e.g. {'conv1 out': 16, 'conv2 in': 16}."""

@@ -249,6 +249,12 @@ class BenchResult:
         return self.latency.interval
 
     @property
+    def quartiles(self) -> tuple[float, float]:
+        """(p25, p75) in ms: the spread of the runs around the median (a point when no samples were kept)."""
+        s = self.latency.samples
+        return (float(np.percentile(s, 25)), float(np.percentile(s, 75))) if s else (self.latency.p50, self.latency.p50)
+
+    @property
     def stable(self) -> bool:
         return self.latency.tail <= TAIL_LIMIT
 
@@ -263,7 +269,8 @@ class BenchResult:
     def to_dict(self) -> dict:
         lat, ci = self.latency, self.interval
         return {"model": self.model, "runtime": self.runtime, "precision": self.precision, "batch_size": self.batch_size,
-                "threads": self.threads, "p50_ms": lat.p50, "p50_low_ms": ci.low, "p50_high_ms": ci.high, "p90_ms": lat.p90,
+                "threads": self.threads, "p50_ms": lat.p50, "p50_low_ms": ci.low, "p50_high_ms": ci.high,
+                "p25_ms": self.quartiles[0], "p75_ms": self.quartiles[1], "p90_ms": lat.p90,
                 "p99_ms": lat.p99, "mean_ms": lat.mean, "std_ms": lat.std, "p90_over_p50": lat.tail, "runs": lat.runs,
                 "rounds": self.rounds, "converged": self.converged, "stable": self.stable, "note": self.note,
                 "throughput": self.throughput}

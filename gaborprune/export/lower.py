@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
@@ -122,7 +123,7 @@ class SplitConv(nn.Module):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (MapBias, SplitConv, CADAConv2d)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (MapBias, SplitConv, CADAConv2d, Dropped, ChannelConstant)) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module, step: str) -> tuple[fx.Graph, dict[str, int]]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.summary import alive_kernels
 
 _ELEMENTWISE_MODULES = (
@@ -55,7 +56,7 @@ SHAPE_ONLY_METHODS = {"size", "dim"}
 class Role:
     """What a graph node does to channels (dim 1 of its output)."""
 
-    kind: str  # aligned | cat | flatten | depthwise | conv | linear | input | opaque
+    kind: str  # aligned | cat | flatten | depthwise | conv | linear | constant | input | opaque
     inputs: tuple = ()  # tensor input nodes (cat: (node, offset) pairs)
     hw: int = 1  # flatten: spatial positions per channel
     zero_only: bool = False  # aligned: keeps only constants equal to 0 (zero-padded average pooling)
@@ -75,7 +76,7 @@ class Component:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, GaborConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (GaborConv2d, Dropped, ChannelConstant)) or super().is_leaf_module(m, qualname)
 
 
 class _Recorder(fx.Interpreter):
@@ -90,7 +91,8 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, Tensor) and out.dim() >= 2:
             self.shapes[n] = tuple(out.shape)
-            self.values[n] = out[0].reshape(out.shape[1], -1)[:, 0].detach().double().clone()  # before any in-place op
+            first = out[0].reshape(out.shape[1], -1)[:, 0] if out.shape[1] else out.new_zeros(0)
+            self.values[n] = first.detach().double().clone()  # before any in-place op
         return out
 
 
@@ -105,6 +107,17 @@ def zero_padded(conv: nn.Module) -> bool:
 
 def node_name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
+
+
+def direct_norms(graph: ChannelGraph) -> dict[str, str]:
+    """{convolution: the BatchNorm2d that is its only reader}, for every convolution in the graph."""
+    pairs = {}
+    for n in graph.gm.graph.nodes:
+        if graph.roles[n].kind == "conv" and len(n.users) == 1:
+            (u,) = n.users
+            if u.op == "call_module" and isinstance(graph.modules[u.target], nn.BatchNorm2d) and graph.roles[u].kind == "aligned":
+                pairs[n.target] = u.target
+    return pairs
 
 
 def trace_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> ChannelGraph:
@@ -154,6 +167,8 @@ class ChannelGraph:
             has_params = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
             if has_params and self.calls[n.target] > 1:
                 return Role("opaque", why="a module called more than once")
+            if isinstance(m, (Dropped, ChannelConstant)):
+                return Role("constant")  # reads nothing; a removed branch's constant, or no channels at all
             if isinstance(m, (nn.Conv2d, GaborConv2d)):
                 if m.groups == 1:
                     return Role("conv", tuple(ins))
@@ -226,6 +241,8 @@ class ChannelGraph:
             return {c * role.hw + s for c in self.const[role.inputs[0]] for s in range(role.hw)}
         if role.kind in ("conv", "depthwise"):
             return self._conv_const(n, role.inputs[0])
+        if role.kind == "constant":
+            return set(range(self.shapes[n][1]))
         return set()
 
     def _conv_const(self, n: fx.Node, src: fx.Node) -> set[int]:
@@ -274,13 +291,13 @@ class ChannelGraph:
                 visit((role.inputs[0], i // role.hw))
             elif role.kind == "input":
                 comp.reasons.append("part of the model's input")
-            elif role.kind != "conv":
+            elif role.kind not in ("conv", "constant"):
                 comp.reasons.append(f"produced by '{node_name(n)}', {role.why}")
             for u in n.users:
                 urole = self.roles[u]
                 if u.op == "output":
                     comp.reasons.append(f"part of the model's output (through '{node_name(n)}')")
-                elif u.op == "call_method" and u.target in SHAPE_ONLY_METHODS:
+                elif u.op == "call_method" and u.target in SHAPE_ONLY_METHODS or urole.kind == "constant":
                     continue
                 elif urole.kind in ("aligned", "depthwise"):
                     visit((u, i))

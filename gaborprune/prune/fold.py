@@ -23,9 +23,12 @@ class Fold:
     delta: Tensor  # Tensor[C] (bias_map: Tensor[C, H, W])
 
 
-def fold(graph: ChannelGraph, consumer: fx.Node, src: fx.Node, i: int, *, bias_maps: bool = False) -> list[Fold] | str:
+def fold(graph: ChannelGraph, consumer: fx.Node, src: fx.Node, i: int, *, bias_maps: bool = False, interior: bool = False) -> list[Fold] | str:
     """How to keep `consumer`'s output unchanged when channel i of `src`, a constant, stops
-    reaching it: folds (none when the constant adds nothing), or the reason it cannot be done exactly."""
+    reaching it: folds (none when the constant adds nothing), or the reason it cannot be done exactly.
+
+    `interior`: a zero-padded convolution is folded as if unpadded, exact away from its borders (what
+    `prune --scope all` accepts when it removes a channel; see `gaborprune.prune.structured`)."""
     c = float(graph.values[src][i])
     if c == 0:
         return []
@@ -37,7 +40,7 @@ def fold(graph: ChannelGraph, consumer: fx.Node, src: fx.Node, i: int, *, bias_m
         plane[0, i] = c
         delta = F.conv2d(plane, m.weight.detach().double(), None, m.stride, m.padding, m.dilation)[0]
         return [Fold(consumer.target, "bias_map", delta)] if delta.any() else []  # a zero map would cost an Add, for nothing
-    elif zero_padded(m):
+    elif zero_padded(m) and not interior:
         return (f"it feeds a non-zero constant into '{consumer.target}', a zero-padded convolution "
                 "that sees it inside and 0 at the borders, so it cannot be folded")
     else:
@@ -62,7 +65,7 @@ def absorb(graph: ChannelGraph, node: fx.Node, delta: Tensor) -> list[Fold] | No
     for u in node.users:
         role = graph.roles[u]
         m = graph.modules.get(u.target) if u.op == "call_module" else None
-        if u.op == "call_method" and u.target in SHAPE_ONLY_METHODS:
+        if u.op == "call_method" and u.target in SHAPE_ONLY_METHODS or role.kind == "constant":
             continue
         if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and role.kind == "aligned":
             folds.append(Fold(u.target, "running_mean", -delta))  # BN(y - d) with mean - d == BN(y)

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.prune.dataflow import ChannelGraph, Component, node_name, trace_channels
+from gaborprune.prune.dataflow import ChannelGraph, Component, direct_norms, node_name, trace_channels
 from gaborprune.prune.fold import Fold, fold
 from gaborprune.summary import alive_kernels
 
@@ -57,6 +57,7 @@ class KeptChannel:
 class ChannelAnalysis:
     remove: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # module -> {"out": [...], "in": [...]}
     folds: list[Fold] = field(default_factory=list)
+    constants: dict[str, str | None] = field(default_factory=dict)  # convolution losing every input -> its direct BatchNorm (PrunePlan.constants)
     kept: list[KeptChannel] = field(default_factory=list)
     note: str | None = None  # why no channel could be analysed at all
 
@@ -65,7 +66,7 @@ def _indices(flags: Tensor) -> list[int]:
     return [int(i) for i in torch.nonzero(flags).flatten()]
 
 
-def _verdict(graph: ChannelGraph, comp: Component, dead_out: bool, bias_maps: bool) -> tuple[list[Fold], list[str]]:
+def _verdict(graph: ChannelGraph, comp: Component, dead_out: bool, bias_maps: bool, interior: bool = False) -> tuple[list[Fold], list[str]]:
     """The folds that removing `comp` needs, and the reasons it cannot be removed (none: it can).
 
     `dead_out`: the component holds a dead output channel, so values that are not constant reach it
@@ -77,7 +78,7 @@ def _verdict(graph: ChannelGraph, comp: Component, dead_out: bool, bias_maps: bo
         if i not in graph.const[src]:
             users.append(u)
             continue
-        f = fold(graph, u, src, i, bias_maps=bias_maps)
+        f = fold(graph, u, src, i, bias_maps=bias_maps, interior=interior)
         if isinstance(f, str):
             failed.append(f)
         else:
@@ -93,7 +94,8 @@ def _verdict(graph: ChannelGraph, comp: Component, dead_out: bool, bias_maps: bo
     return folds, reasons
 
 
-def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bias_maps: bool = False) -> ChannelAnalysis:
+def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bias_maps: bool = False, plain: bool = False,
+                     interior: bool = False) -> ChannelAnalysis:
     """Which channels can be removed, and how (see the module doc).
 
     Args:
@@ -101,10 +103,17 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bia
             convolution (all-zero rows and columns) are candidates, and a constant entering a
             zero-padded convolution is folded as a "bias_map" Fold, the exact [C, H, W] map it adds
             to that convolution's output.
+        plain: the dead channels and columns of plain convolutions are candidates too (`prune
+            --scope all`, which zeroes them), not only those of Gabor banks.
+        interior: fold a constant entering a zero-padded convolution as if it were unpadded (exact
+            away from the borders; `gaborprune.fold.fold`), instead of keeping the channel.
+
+    A convolution that loses every input channel becomes a constant (`ChannelAnalysis.constants`), a
+    module that loses every output channel is dropped (`gaborprune.prune.standins`).
 
     Never mutates `model`. Returns the module slices, the constant folds, and the dead channels kept.
     """
-    kinds = (nn.Conv2d, GaborConv2d) if bias_maps else GaborConv2d
+    kinds = (nn.Conv2d, GaborConv2d) if bias_maps or plain else GaborConv2d
     dead: dict[tuple[str, str], list[int]] = {}  # (layer, "out" | "in") -> channels
     for name, m in model.named_modules():
         if isinstance(m, kinds):
@@ -142,19 +151,22 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bia
             done |= comp.positions
             starts = {(node_name(n), i, "out") for n, i in comp.positions if n.op == "call_module" and i in dead.get((n.target, "out"), ())}
             starts |= {(u.target, i, "in") for u, _, i in comp.readers if i in dead.get((u.target, "in"), ())}
-            folds, reasons = _verdict(graph, comp, any(s == "out" for *_, s in starts), bias_maps)
+            folds, reasons = _verdict(graph, comp, any(s == "out" for *_, s in starts), bias_maps, interior)
             if reasons:
                 analysis.kept += [KeptChannel(name, i, reasons[0], s) for name, i, s in starts]
                 continue
             analysis.folds += folds
             for n, i in comp.positions:
-                if graph.roles[n].kind == "conv" or n.op == "call_module" and isinstance(graph.modules[n.target], nn.BatchNorm2d):
+                if graph.roles[n].kind in ("conv", "constant") or n.op == "call_module" and isinstance(graph.modules[n.target], nn.BatchNorm2d):
                     remove[n.target]["out"].add(i)
                 elif graph.roles[n].kind == "depthwise":
                     remove[n.target]["out"].add(i)
                     remove[n.target]["in"].add(i)
             for u, _, i in comp.readers:
                 remove[u.target]["in"].add(i)
+    norms = direct_norms(graph)
+    analysis.constants = {n: norms.get(n) for n, sides in remove.items()
+                          if isinstance(graph.modules[n], (nn.Conv2d, GaborConv2d)) and len(sides["in"]) == graph.modules[n].in_channels}
     order = {name: k for k, name in enumerate(graph.modules)}
     analysis.remove = {m: {k: sorted(v) for k, v in remove[m].items() if v} for m in sorted(remove, key=order.__getitem__)}
     analysis.kept.sort(key=lambda k: (k.layer, k.side != "out", k.channel))

@@ -18,6 +18,12 @@ touches the model's input or output or an op the analysis does not know, gives n
 side; `GroupAnalysis.missing` says why. Groups are structural: they do not depend on the weights or
 masks, so the analysis runs once, at the start of training.
 
+With `scope="all"` plain convolutions count like banks: an out group may have plain producers, each
+followed directly by a BatchNorm (its gain is what the pressure measures, and zeroing that channel
+of the BatchNorm, gain and shift, makes the channel exactly 0), and an in group may have plain
+(ungrouped) convolution readers. A linear reader still gives no in group; its columns go with the
+out group. Every plain convolution of the model then gets its sides analysed, not only the banks.
+
 Each group also records the work its channel's removal drops (`ChannelGroup.saves`): the rows of
 every convolution that writes the channel, the columns of every convolution or linear layer that
 reads it, and the channel of every depthwise convolution on the way, plain layers included. The out
@@ -35,7 +41,9 @@ import torch.fx as fx
 from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.prune.dataflow import ChannelGraph, Component, node_name, trace_channels, zero_padded
+from gaborprune.errors import GaborPruneError
+from gaborprune.train.config import SCOPES
+from gaborprune.prune.dataflow import ChannelGraph, Component, direct_norms, node_name, trace_channels, zero_padded
 
 _TIE = "(through an addition, product, concatenation or depthwise convolution)"
 
@@ -50,12 +58,14 @@ class ChannelGroup:
         note: a condition on the dead channel's constant, "" when none.
         saves: ((layer, side, index), ...): the work the channel's removal drops (see the module doc);
             side is "out" (a row), "in" (a column or a linear layer's input feature) or "depthwise".
+        unit: the component's number: the out and in group of one channel share it.
     """
 
     kind: str
     members: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
     note: str = ""
     saves: tuple[tuple[str, str, int], ...] = field(default=(), compare=False)
+    unit: int = field(default=-1, compare=False)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -93,6 +103,7 @@ class GroupAnalysis:
     note: str | None = None  # why no channel could be analysed at all
     unit_macs: dict[tuple[str, str], int] = field(default_factory=dict)  # (layer, side) -> MACs per image of one row/column/channel
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # layer -> (input, output) per image
+    norms: dict[str, str] = field(default_factory=dict)  # convolution -> the BatchNorm that directly reads it
 
     def saved_macs(self) -> list[int]:
         """The MACs per image that removing each group (in `groups` order) drops, counted densely."""
@@ -129,8 +140,9 @@ def _kind(module: nn.Module) -> str:
 class _Verdicts:
     """The out and in verdicts of each component, each worked out once."""
 
-    def __init__(self, graph: ChannelGraph, banks: list[str]) -> None:
+    def __init__(self, graph: ChannelGraph, banks: list[str], norms: dict[str, str] | None = None) -> None:
         self.graph, self.order = graph, {n: k for k, n in enumerate(banks)}
+        self.norms = norms  # scope "all": plain convolutions with a BatchNorm count as banks; None: banks only
         self.seen: dict[tuple[fx.Node, int], int] = {}
         self.verdicts: list[dict[str, ChannelGroup | str]] = []
         self.unit_macs: dict[tuple[str, str], int] = {}
@@ -141,7 +153,8 @@ class _Verdicts:
             comp = self.graph.component(start)
             for pos in comp.positions:
                 self.seen[pos] = len(self.verdicts)
-            self.verdicts.append({"out": self._out(comp), "in": self._in(comp)})
+            unit = len(self.verdicts)
+            self.verdicts.append({"out": self._out(comp, unit), "in": self._in(comp, unit)})
         return self.verdicts[self.seen[start]]
 
     def _saves(self, comp: Component) -> tuple[tuple[str, str, int], ...]:
@@ -157,13 +170,23 @@ class _Verdicts:
     def _members(self, pairs: dict[str, set[tuple[int, int]]]) -> tuple:
         return tuple((n, tuple(sorted(pairs[n]))) for n in sorted(pairs, key=self.order.__getitem__))
 
-    def _out(self, comp: Component) -> ChannelGroup | str:
+    def _pressable(self, node: fx.Node, side: str) -> bool:
+        """Whether the pressure can reach this convolution's side: a bank, or with scope "all" a plain
+        convolution (as a producer, one that a BatchNorm directly reads)."""
+        m = self.graph.modules[node.target]
+        if isinstance(m, GaborConv2d):
+            return True
+        return self.norms is not None and isinstance(m, nn.Conv2d) and (side == "in" or node.target in self.norms)
+
+    def _out(self, comp: Component, unit: int) -> ChannelGroup | str:
         g = self.graph
         if comp.reasons:
             return comp.reasons[0]
         producers = sorted(((n, i) for n, i in comp.positions if g.roles[n].kind == "conv"), key=lambda p: (g.order[p[0]], p[1]))
-        plain = [n for n, _ in producers if not isinstance(g.modules[n.target], GaborConv2d)]
+        plain = [n for n, _ in producers if not self._pressable(n, "out")]
         if plain:
+            if self.norms is not None and isinstance(g.modules[plain[0].target], nn.Conv2d):
+                return f"tied to output channels of plain convolution '{node_name(plain[0])}', which no BatchNorm directly follows {_TIE}"
             return f"tied to output channels of {_kind(g.modules[plain[0].target])} '{node_name(plain[0])}' {_TIE}"
         rows: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for n, o in producers:
@@ -173,28 +196,34 @@ class _Verdicts:
         padded = sorted((n for n in padded if zero_padded(g.modules[n.target])), key=g.order.__getitem__)
         note = (f"the dead channel goes only when its constant is 0 at zero-padded '{node_name(padded[0])}' "
                 "(e.g. a BatchNorm shift <= 0 before a ReLU)") if padded else ""
-        return ChannelGroup("out", self._members(rows), note, self._saves(comp))
+        if self.norms is not None and all(n.target in self.norms for n, _ in producers):
+            note = ""  # scope "all" zeroes the producers' BatchNorm channels: the constant is 0
+        return ChannelGroup("out", self._members(rows), note, self._saves(comp), unit)
 
-    def _in(self, comp: Component) -> ChannelGroup | str:
+    def _in(self, comp: Component, unit: int) -> ChannelGroup | str:
         g = self.graph
         if comp.reasons:
             return comp.reasons[0]
         readers = sorted({(u, i) for u, _, i in comp.readers}, key=lambda r: (g.order[r[0]], r[1]))
-        plain = [u for u, _ in readers if not isinstance(g.modules[u.target], GaborConv2d)]
+        plain = [u for u, _ in readers if g.roles[u].kind != "conv" or not self._pressable(u, "in")]
         if plain:
             return f"also read by {_kind(g.modules[plain[0].target])} '{node_name(plain[0])}'"
         cols: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for u, i in readers:
             cols[u.target] |= {(o, i) for o in range(g.modules[u.target].out_channels)}
-        return ChannelGroup("in", self._members(cols), saves=self._saves(comp))
+        return ChannelGroup("in", self._members(cols), saves=self._saves(comp), unit=unit)
 
 
-def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> GroupAnalysis:
-    """The channel groups of the model's Gabor banks, and the bank sides that have none (with why).
+def channel_groups(model: nn.Module, input_shape: tuple[int, int, int], scope: str = "banks") -> GroupAnalysis:
+    """The channel groups of the model's Gabor banks (`scope="banks"`) or of all its ungrouped
+    convolutions (`scope="all"`, see the module doc), and the sides that have none (with why).
 
     Never mutates `model`. A model whose graph torch.fx cannot trace has no groups (`note` says why).
     """
-    banks = [n for n, m in model.named_modules() if isinstance(m, GaborConv2d)]
+    if scope not in SCOPES:
+        raise GaborPruneError(f"unknown scope '{scope}'; known: {', '.join(SCOPES)}")
+    kinds = GaborConv2d if scope == "banks" else (GaborConv2d, nn.Conv2d)
+    banks = [n for n, m in model.named_modules() if isinstance(m, kinds) and (m.groups == 1 or isinstance(m, GaborConv2d))]
     if not banks:
         return GroupAnalysis()
     try:
@@ -203,8 +232,9 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> Group
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         return GroupAnalysis(note=f"torch.fx could not trace the model ({detail}); no channel groups, only the kernel pressure")
     nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_module"}
-    verdicts = _Verdicts(graph, banks)
-    analysis = GroupAnalysis()
+    norms = direct_norms(graph)
+    verdicts = _Verdicts(graph, banks, norms if scope == "all" else None)
+    analysis = GroupAnalysis(norms=norms)
     found: dict[int, ChannelGroup] = {}  # id() -> group, each group once
     for name in banks:
         m = graph.modules[name]

@@ -11,6 +11,7 @@ from torch import nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
 from gaborprune.prune.select import PruneError
+from gaborprune.prune.standins import ChannelConstant, Dropped, folded_constant
 
 #: What a stored fold may add to: a consumer's bias, or a BatchNorm's running mean. (Export's
 #: "bias_map" folds are for one input size and never go into a plan.)
@@ -53,21 +54,29 @@ class PrunePlan:
             that replaying the plan alone on the unpruned weights computes what the pruned model does.
             Deltas are sized to the model before this plan's cuts. Plans written before folds were
             stored have none.
+        constants: {convolution: BatchNorm or None}: convolutions that lose every input channel (a
+            residual branch removed whole) and become a constant per output channel
+            (`gaborprune.prune.standins`), with the BatchNorm that directly follows them folded in.
+            A module that loses every output channel becomes `Dropped`.
     """
 
     kernels: dict[str, list[list[int]]] = field(default_factory=dict)
     channels: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
     folds: tuple[dict, ...] = ()
+    constants: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self):
         problem = fold_problem(self.folds)
         if problem:
             raise PruneError(f"malformed prune plan (folds {problem}); the recipe may be corrupt")
+        if not (isinstance(self.constants, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in self.constants.items())):
+            raise PruneError("malformed prune plan (constants must map convolution names to a BatchNorm name or null); the recipe may be corrupt")
 
     def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "channels": self.channels, "spec": self.spec,
-                "folds": [{"module": f["module"], "attr": f["attr"], "delta": list(f["delta"])} for f in self.folds]}
+        d = {"kernels": self.kernels, "channels": self.channels, "spec": self.spec,
+             "folds": [{"module": f["module"], "attr": f["attr"], "delta": list(f["delta"])} for f in self.folds]}
+        return d | ({"constants": dict(self.constants)} if self.constants else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> PrunePlan:
@@ -79,7 +88,8 @@ class PrunePlan:
             return cls({k: [list(map(int, p)) for p in v] for k, v in d["kernels"].items()},
                        {k: {s: list(map(int, v.get(s, []))) for s in ("out", "in")} for k, v in d["channels"].items()},
                        dict(d.get("spec") or {}),
-                       tuple({"module": f["module"], "attr": f["attr"], "delta": [float(v) for v in f["delta"]]} for f in folds))
+                       tuple({"module": f["module"], "attr": f["attr"], "delta": [float(v) for v in f["delta"]]} for f in folds),
+                       dict(d.get("constants") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PruneError(f"malformed prune plan ({e}); the recipe may be corrupt") from None
 
@@ -115,6 +125,8 @@ def slice_module(m: nn.Module, out: list[int] = (), inp: list[int] = ()) -> nn.M
     elif isinstance(m, nn.BatchNorm2d) and not inp:
         keep_out, keep_in, slice_in = _keep(m.num_features, out, "channel"), None, False
         new = nn.BatchNorm2d(len(keep_out), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
+    elif isinstance(m, ChannelConstant) and not inp:
+        return ChannelConstant(m.was, m.value.detach().flatten()[_keep(m.out_channels, out, "channel").to(m.value.device)]).train(m.training)
     elif isinstance(m, nn.Linear) and not out:
         keep_out, keep_in, slice_in = None, _keep(m.in_features, inp, "input feature"), True
         new = nn.Linear(len(keep_in), m.out_features, m.bias is not None, **factory)
@@ -161,9 +173,35 @@ def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
             have = f"has {target.numel()} values" if isinstance(target, torch.Tensor) else "has none"
             raise PruneError(f"the prune plan adds {len(f['delta'])} values to '{f['module']}.{f['attr']}', which {have}; the plan does not fit this model")
         target += torch.tensor(f["delta"], dtype=target.dtype, device=target.device)
+    for name, norm in plan.constants.items():
+        if name not in modules or norm is not None and not isinstance(modules.get(norm), nn.BatchNorm2d):
+            raise PruneError(f"the prune plan turns '{name}' (and BatchNorm '{norm}') into a constant, which the model does not fit")
+    folded = {norm for norm in plan.constants.values() if norm is not None}
     for name, sides in plan.channels.items():
+        if name in folded:
+            continue
         try:
-            replace_module(model, name, slice_module(modules[name], sides.get("out", []), sides.get("in", [])))
+            replace_module(model, name, _cut(modules, name, sides.get("out", []), sides.get("in", []), plan.constants))
         except PruneError as e:
             raise PruneError(f"'{name}': {e}") from None
+    for norm in folded:
+        replace_module(model, norm, nn.Identity())
     return model
+
+
+def _cut(modules: dict[str, nn.Module], name: str, out: list[int], inp: list[int], constants: dict[str, str | None]) -> nn.Module:
+    """`slice_module`, or a stand-in when the cut takes a whole side (see `PrunePlan.constants`)."""
+    m = modules[name]
+    if isinstance(m, (nn.Conv2d, GaborConv2d, nn.BatchNorm2d)):
+        size = m.num_features if isinstance(m, nn.BatchNorm2d) else m.out_channels
+        if set(out) >= set(range(size)):
+            kind = "gabor" if isinstance(m, GaborConv2d) else "conv" if isinstance(m, nn.Conv2d) else "norm"
+            return Dropped(kind, size if isinstance(m, nn.BatchNorm2d) else m.in_channels)
+    if name in constants:
+        if not (isinstance(m, (nn.Conv2d, GaborConv2d)) and set(inp) >= set(range(m.in_channels))):
+            raise PruneError("the plan makes it a constant but does not remove all its input channels")
+        norm = modules[constants[name]] if constants[name] is not None else None
+        value = folded_constant(m, norm)
+        keep = _keep(m.out_channels, out, "output channel").to(value.device)
+        return ChannelConstant("gabor" if isinstance(m, GaborConv2d) else "conv", value[keep]).train(m.training)
+    return slice_module(m, out, inp)

@@ -10,6 +10,7 @@ from gaborprune.convert.layer import GaborConv2d
 from gaborprune.prune.graph import KeptChannel
 from gaborprune.prune.plan import PrunePlan
 from gaborprune.prune.select import PruneSpec
+from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.summary import ModelSummary, alive_kernels
 
 
@@ -30,6 +31,8 @@ def layer_shapes(model: nn.Module) -> dict[str, LayerShape]:
             shapes[name] = LayerShape(kind, m.in_channels, m.out_channels, int(alive_kernels(m).sum()))
         elif isinstance(m, nn.Linear):
             shapes[name] = LayerShape("linear", m.in_features, m.out_features, m.in_features * m.out_features)
+        elif isinstance(m, (Dropped, ChannelConstant)) and m.was != "norm":  # a convolution removed whole
+            shapes[name] = LayerShape(m.was, m.in_channels, m.out_channels, 0)
     return shapes
 
 

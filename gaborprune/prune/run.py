@@ -13,6 +13,7 @@ from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
 from gaborprune.prune.select import PruneError, PruneSpec, select_kernels
+from gaborprune.prune.structured import analysis_norms, clear_removed_, dead_units, zero_units_
 from gaborprune.recipe import Recipe
 from gaborprune.summary import summarize
 
@@ -51,6 +52,15 @@ def _warnings(changes: list[LayerChange], before, total_macs: int) -> list[str]:
     return notes
 
 
+def _loses_all_outputs(model: nn.Module, name: str, sides: dict[str, list[int]]) -> bool:
+    m = model.get_submodule(name)
+    return hasattr(m, "out_channels") and len(set(sides.get("out", []))) == m.out_channels
+
+
+def _as_data(folds) -> tuple[dict, ...]:
+    return tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in folds)
+
+
 def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
     """Prune the Gabor banks of `model` in place and record the plan in `recipe`.
 
@@ -70,11 +80,30 @@ def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec())
     shapes_before = layer_shapes(model)
     kernels = {n: torch.nonzero(~k).tolist() for n, k in keep.items()}
     masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
+    zeroed, folds = [], []
+    if spec.scope == "all":
+        zeroed, _ = dead_units(masked, shape, spec.threshold, spec.round_to)
+        norms = analysis_norms(masked, shape)
+        masks = zero_units_(masked, zeroed, norms)
+        interior = analyse_channels(masked, shape, plain=True, interior=True)
+        folds = interior.folds  # the removed channels' constants, exact away from zero-padded readers' borders
+        apply_plan_(masked, PrunePlan(folds=_as_data(folds)))
+        for bank, pairs in clear_removed_(masked, interior.remove).items():
+            masks[bank] |= pairs
+        for bank, pairs in masks.items():
+            kernels[bank] = [list(p) for p in sorted(set(map(tuple, kernels.get(bank, []))) | pairs)]
 
-    analysis = analyse_channels(masked, shape)
+    analysis = analyse_channels(masked, shape, plain=spec.scope == "all")
+    whole = {n for n, sides in analysis.remove.items() if n in analysis.constants or _loses_all_outputs(masked, n, sides)}
+    analysis.kept = [k for k in analysis.kept if k.layer not in whole]  # a layer removed whole keeps nothing
+    for u in zeroed:  # every zeroed channel must go, or the plan would not replay what was done
+        g = u.groups[u.side]
+        layer, kernels_of = g.members[0]
+        index = kernels_of[0][0] if g.kind == "out" else kernels_of[0][1]
+        if index not in analysis.remove.get(layer, {}).get(g.kind, []):
+            raise PruneError(f"channel {index} ({g.kind}) of '{layer}' was zeroed but cannot be removed (a gaborprune bug; please report it with the model)")
     # the folds go into the plan, so that the plan alone, replayed on these weights, gives this model
-    folds = tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in analysis.folds)
-    plan = PrunePlan(kernels, analysis.remove, spec.to_dict(), folds)
+    plan = PrunePlan(kernels, analysis.remove, spec.to_dict(), _as_data(folds + analysis.folds), analysis.constants)
     apply_plan_(model, plan)
     diff, scale = _max_abs_diff(masked, model, shape)
     if not diff <= EXACT_TOLERANCE * max(1.0, scale):

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gaborprune._validate import is_int
 from gaborprune.errors import GaborPruneError
 from gaborprune.sparsity import DEFAULT_THRESHOLD, GaborSparsity
+from gaborprune.train.config import SCOPES
 
 
 class PruneError(GaborPruneError):
@@ -30,6 +32,11 @@ class PruneSpec:
         keep: keep this many kernels across all layers without a budget of their own.
         layer_ratio: {layer: fraction of that layer's kernels to remove}.
         layer_keep: {layer: kernels that layer keeps}.
+        scope: "banks" (default): kernels of the Gabor banks, and the channels that leaves empty or
+            unread; "all": also whole channels of every convolution whose channel group is weaker than
+            `threshold` x its family's strongest (`gaborprune.prune.structured`).
+        round_to: with scope "all", each layer (or residual stream) keeps a multiple of this many
+            channels; None or 1: any count.
 
     Kernels removed before (masked) count as removed: budgets are fractions of a layer's full size.
     """
@@ -39,8 +46,16 @@ class PruneSpec:
     keep: int | None = None
     layer_ratio: dict[str, float] = field(default_factory=dict)
     layer_keep: dict[str, int] = field(default_factory=dict)
+    scope: str = "banks"
+    round_to: int | None = None
 
     def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise PruneError(f"unknown --scope '{self.scope}'; known: {', '.join(SCOPES)}")
+        if self.round_to is not None and not (is_int(self.round_to) and 1 <= self.round_to <= 1024):
+            raise PruneError(f"--round-to must be a channel count from 1 to 1024, not {self.round_to!r}")
+        if self.scope == "all" and (self.ratio is not None or self.keep is not None or self.layer_ratio or self.layer_keep):
+            raise PruneError("--scope all removes channel groups by --threshold; --ratio and --keep count kernels of the Gabor banks (use --scope banks)")
         if not 0 <= self.threshold < 1:
             raise PruneError(f"--threshold must be in [0, 1) (a fraction of the layer's strongest kernel), not {self.threshold}")
         if self.ratio is not None and self.keep is not None:
@@ -56,8 +71,9 @@ class PruneSpec:
             raise PruneError(f"layer '{both[0]}' has both a --ratio and a --keep; give one")
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
-                "layer_ratio": dict(self.layer_ratio), "layer_keep": dict(self.layer_keep)}
+        d = {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
+             "layer_ratio": dict(self.layer_ratio), "layer_keep": dict(self.layer_keep)}
+        return d | ({"scope": self.scope, "round_to": self.round_to} if self.scope != "banks" else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneSpec:
@@ -77,6 +93,8 @@ class PruneSpec:
             parts.append(f"{rest}keep {self.keep} (strongest across layers)")
         else:
             parts.append(f"{rest}threshold {self.threshold:g}")
+        if self.scope == "all":
+            parts.append(f"channels of every convolution{f' (multiples of {self.round_to})' if self.round_to and self.round_to > 1 else ''}")
         return ", ".join(parts)
 
 
@@ -100,6 +118,8 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
             remove every kernel of a layer.
     """
     sparsity = GaborSparsity(model, input_shape)
+    if not sparsity and spec.scope == "all":
+        return {}
     if not sparsity:
         raise PruneError("the model has no Gabor banks to prune; convert some layers first "
                          "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with --sparsity, then prune")

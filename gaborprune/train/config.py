@@ -10,6 +10,8 @@ from gaborprune.errors import GaborPruneError
 OPTIMIZERS = ("sgd", "adamw")
 #: What the sparsity pressure pushes to zero (`gaborprune.sparsity`): channel groups and kernels, or kernels only.
 STRUCTURES = ("channel", "kernel")
+#: Where it presses channel groups: the Gabor banks, or every convolution (`gaborprune.prune.groups`).
+SCOPES = ("banks", "all")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,13 @@ class TrainConfig:
         latency_aware: weigh each channel group by the ONNX Runtime time its removal saves, from a
             per-layer cost table measured before training (`gaborprune.export.costs`), instead of
             by the MACs it saves. Needs structure "channel" (the kernel pressure has no groups).
+        scope: "banks" (default): the channel groups of the Gabor banks; "all": of every
+            convolution, plain ones measured by their BatchNorm gain (needs structure "channel").
+        recalibrate: re-estimate the BatchNorm running statistics on the training split before each
+            evaluation (`gaborprune.train.loop.recalibrate_norms_`). None (default): exactly when the
+            pressure reaches plain layers (scope "all" with sparsity > 0), whose channels it shrinks
+            faster than the running averages follow: on resnet20 a run's test accuracy read 89%
+            with the stale statistics and 97% with fresh ones.
         latency_batch: the batch size that cost table is measured at (1 thread).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         channels_last: memory format; None means on for CUDA, off for CPU.
@@ -47,8 +56,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     sparsity: float = 0.0
     structure: str = "channel"
+    scope: str = "banks"
     latency_aware: bool = False
     latency_batch: int = 1
+    recalibrate: bool | None = None
     seed: int = 0
     amp: bool = True
     channels_last: bool | None = None
@@ -71,6 +82,10 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {self.label_smoothing}"),
             (self.sparsity >= 0, f"--sparsity must be >= 0 (0 disables), not {self.sparsity}"),
             (self.structure in STRUCTURES, f"unknown --structure '{self.structure}'; known: {', '.join(STRUCTURES)}"),
+            (self.scope in SCOPES, f"unknown --scope '{self.scope}'; known: {', '.join(SCOPES)}"),
+            (not (self.scope == "all" and self.structure == "kernel"),
+             "--scope all presses channel groups of every convolution, which --structure kernel does not press; use --structure channel"),
+            (self.recalibrate in (None, True, False), f"--recalibrate must be true, false or unset, not {self.recalibrate!r}"),
             (isinstance(self.latency_aware, bool), f"--latency-aware must be true or false, not {self.latency_aware!r}"),
             (not (self.latency_aware and self.structure == "kernel"),
              "--latency-aware weighs channel groups, which --structure kernel does not press; use --structure channel or drop --latency-aware"),
@@ -78,6 +93,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise GaborPruneError(message)
+
+    @property
+    def recalibrates(self) -> bool:
+        """Whether BatchNorm statistics are re-estimated before each evaluation (see `recalibrate`)."""
+        return self.recalibrate if self.recalibrate is not None else self.scope == "all" and self.sparsity > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

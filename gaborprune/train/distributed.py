@@ -29,6 +29,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over all processes, in place (nothing in a single process)."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+                t.div_(self.world)
+
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """auto: CUDA when available, else CPU. Raises GaborPruneError for cuda without a GPU."""

@@ -114,6 +114,32 @@ def evaluate(model: nn.Module, data, device: torch.device, *, batch_size: int = 
     return EvalResult(100 * correct1 / count, 100 * correct5 / count, loss_sum / count, int(count))
 
 
+@torch.no_grad()
+def recalibrate_norms_(model: nn.Module, data, batch_size: int, device: torch.device, *, dist: Dist = Dist(),
+                       channels_last: bool = False) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over one pass of `data`
+    (this rank's shard; averaged over processes), without augmentation and without gradients.
+    Nothing else changes; the model's train/eval mode is restored."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    was_training = model.training
+    model.train()
+    try:
+        for x, _ in data.batches(batch_size, train=False, rank=dist.rank, world=dist.world):
+            if len(x) > 1:  # BatchNorm cannot train on a batch of one
+                model(_to(x, device, channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    dist.average_([t for m in norms for t in (m.running_mean, m.running_var)])
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights and Gabor amplitudes only."""
     decay, no_decay = [], []
@@ -201,7 +227,7 @@ def finetune(
         # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
         raise TrainingError(f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
                             f"give --batch-size {len(train_data)} or less")
-    sparsity = GaborSparsity(model, recipe.input_shape, config.structure)  # the channel groups, found once, weighed by MACs
+    sparsity = GaborSparsity(model, recipe.input_shape, config.structure, config.scope)  # the channel groups, found once, weighed by MACs
     cost_table = {}
     if config.latency_aware and config.sparsity and sparsity.groups.groups:
         from gaborprune.export.costs import measure
@@ -284,6 +310,8 @@ def finetune(
                 where = f"; the last good checkpoint is '{checkpoints.last}'" if checkpoints else ""
                 raise TrainingError(f"the loss became non-finite in epoch {epoch + 1}{where}; lower --lr or --sparsity")
             ips = train_seen / elapsed
+            if config.recalibrates:
+                recalibrate_norms_(model, train_data, per_rank, device, dist=dist, channels_last=channels_last)
             result = evaluate(model, test_data, device, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
             alive = sparsity.alive()
             record = {
