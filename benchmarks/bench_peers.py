@@ -9,9 +9,14 @@ On digits (or any `--data`), with one seed:
    - gaborprune: the layers `--targets` converted to Gabor banks (least-squares fit), fine-tuned with the
      channel-structured sparsity pressure (`--sparsity`, `--sparsity-epochs`), pruned at `--threshold`,
      recovered, exported with `--lowering auto`;
-   - Torch-Pruning global: `MetaPruner` with `MagnitudeImportance(p=2)`, global ranking over every
-     channel group but the classifier's, its pruning ratio bisected until the MACs reach
-     `--peer-mac-ratio` of the unpruned model's, once per `--round-to` setting;
+   - gaborprune-all (`--scope all`): no conversion; every convolution's channel groups and residual
+     branches pressed (`--all-sparsity`, `--all-epochs`), pruned at `--all-threshold` with channel
+     counts rounded to the CPU's block, recovered with BatchNorm recalibration;
+     gaborprune-all+gabor: the same after converting `--targets` to Gabor banks;
+   - Torch-Pruning global: `MetaPruner` with `MagnitudeImportance(p=2)` (tp-global) or
+     `BNScaleImportance` (tp-bn), global ranking over every channel group but the classifier's, its
+     pruning ratio bisected until the MACs reach `--peer-mac-ratio` of the unpruned model's (`auto`:
+     the ratio gaborprune-all reached), once per `--round-to` setting;
    - Torch-Pruning restricted: the same, but only the channel groups of the `--targets` layers (every
      other convolution ignored), at `--restricted-mac-ratio` (default: the MAC ratio gaborprune reached,
      so both spend the same arithmetic in the same layers).
@@ -53,6 +58,7 @@ from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import bench, load_onnx
 from gaborprune.models import ModelSource
 from gaborprune.prune import PruneSpec, prune_model
+from gaborprune.prune.structured import default_round_to
 from gaborprune.recipe import Recipe
 from gaborprune.summary import summarize
 from gaborprune.train import TrainConfig, evaluate, finetune
@@ -60,6 +66,7 @@ from gaborprune.train import TrainConfig, evaluate, finetune
 EXTRA = "install the benchmark extra: pip install -e '.[peers]'"
 #: The layers gaborprune converts by default: the altered stem's two Gabor layers, or ResNet-20's first two convolutions.
 TARGETS = {"resnet20_altered": "conv1,conv2", "resnet20": "conv1,layer1.0.conv1"}
+METHODS = ("gaborprune", "gaborprune-all", "gaborprune-all+gabor", "tp-global", "tp-bn", "tp-restricted")
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +84,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sparsity-epochs", type=int, default=None, help="gaborprune's fine-tuning with sparsity (default: --epochs)")
     parser.add_argument("--threshold", type=float, default=0.05, help="gaborprune's prune threshold")
     parser.add_argument("--recovery-epochs", type=int, default=2, help="every method's recovery, at lr/5")
-    parser.add_argument("--peer-mac-ratio", type=float, default=0.8, help="Torch-Pruning global: MACs kept, of the unpruned model's")
+    parser.add_argument("--methods", default="gaborprune,tp-global,tp-restricted",
+                        help="comma-separated: gaborprune, gaborprune-all, gaborprune-all+gabor, tp-global, tp-bn, tp-restricted")
+    parser.add_argument("--all-sparsity", type=float, default=0.3, help="gaborprune --scope all: sparsity strength")
+    parser.add_argument("--all-epochs", type=int, default=12, help="gaborprune --scope all: fine-tuning epochs with the pressure")
+    parser.add_argument("--all-threshold", type=float, default=0.3, help="gaborprune --scope all: prune threshold")
+    parser.add_argument("--peer-mac-ratio", default="0.8", help="Torch-Pruning global: MACs kept, of the unpruned model's ('auto': gaborprune-all's)")
     parser.add_argument("--restricted-mac-ratio", type=float, default=None,
                         help="Torch-Pruning restricted: MACs kept (default: the ratio gaborprune reached)")
     parser.add_argument("--round-to", default="none,16", help="Torch-Pruning round_to settings, comma-separated ('none' or N)")
@@ -94,6 +106,10 @@ def parse_args() -> argparse.Namespace:
     if args.targets == ("",):
         parser.error(f"give --targets for model '{args.model}' (the layers gaborprune converts)")
     args.round_to = [None if r.strip().lower() == "none" else int(r) for r in args.round_to.split(",")]
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method '{unknown[0]}'; known: {', '.join(METHODS)}")
     args.sparsity_epochs = args.epochs if args.sparsity_epochs is None else args.sparsity_epochs
     args.max_seconds = 4.0 * args.runs if args.max_seconds is None else args.max_seconds
     return args
@@ -141,8 +157,8 @@ class Run:
         return {"epochs": epochs, "lr": lr, **extra, "final_accuracy": result.final_accuracy,
                 "seconds": round(time.perf_counter() - t0, 1), "groups_total": result.groups_total, "groups_alive": result.groups_alive}
 
-    def recover(self, model: nn.Module, recipe: Recipe) -> dict:
-        return self.finetune(model, recipe, self.args.recovery_epochs, self.args.lr / 5)
+    def recover(self, model: nn.Module, recipe: Recipe, **extra) -> dict:
+        return self.finetune(model, recipe, self.args.recovery_epochs, self.args.lr / 5, **extra)
 
     def macs(self, model: nn.Module) -> int:
         return summarize(model, self.shape).macs
@@ -166,9 +182,26 @@ def gaborprune_method(run: Run, trained: nn.Module) -> tuple[nn.Module, Recipe, 
     return model, recipe, info
 
 
-def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | None, restricted: bool) -> tuple[nn.Module, dict]:
-    """Torch-Pruning global magnitude pruning, its ratio bisected so the MACs come closest to `target`
-    (a fraction of the unpruned model's) from below; `restricted` prunes only the target layers' groups."""
+def gaborprune_all(run: Run, trained: nn.Module, gabor: bool) -> tuple[nn.Module, Recipe, dict]:
+    """`--scope all`: every convolution's channel groups and branches pressed, pruned, recovered
+    (with BatchNorm recalibration, as `prune --scope all --finetune-epochs` does)."""
+    args = run.args
+    model, recipe = copy.deepcopy(trained), copy.deepcopy(run.recipe)
+    if gabor:
+        gp.convert_model(model, recipe, gp.ConversionSpec(targets=args.targets))
+    info = {"sparse_finetune": run.finetune(model, recipe, args.all_epochs, args.lr, sparsity=args.all_sparsity, scope="all")}
+    report = prune_model(model, recipe, PruneSpec(threshold=args.all_threshold, scope="all", round_to=default_round_to()))
+    info["prune"] = report.to_dict()
+    info["branches_removed"] = sorted(report.plan.constants)
+    info["recovery"] = run.recover(model, recipe, recalibrate=True)
+    return model, recipe, info
+
+
+def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | None, restricted: bool,
+             importance: str = "magnitude") -> tuple[nn.Module, dict]:
+    """Torch-Pruning global pruning (L2 magnitude, or BatchNorm scale), its ratio bisected so the MACs
+    come closest to `target` (a fraction of the unpruned model's) from below; `restricted` prunes only
+    the target layers' groups."""
     base = run.macs(trained)
     example = torch.randn(1, *run.shape)
 
@@ -179,7 +212,8 @@ def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | No
         else:
             ignored = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]]
         try:
-            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2), global_pruning=True,
+            score = tp.importance.MagnitudeImportance(p=2) if importance == "magnitude" else tp.importance.BNScaleImportance()
+            pruner = tp.pruner.MetaPruner(model, example, importance=score, global_pruning=True,
                                           pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
             pruner.step()
             if any(isinstance(m, nn.Conv2d) and min(m.in_channels, m.out_channels) == 0 for m in model.modules()):
@@ -211,7 +245,7 @@ def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | No
     model, mac_ratio = pruned_at(ratio) if ratio > 0 else (copy.deepcopy(trained), 1.0)
     channels = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     return model, {"pruning_ratio": ratio, "mac_ratio": mac_ratio, "target": target, "round_to": round_to,
-                   "restricted": restricted, "note": note, "out_channels": channels}
+                   "restricted": restricted, "importance": importance, "note": note, "out_channels": channels}
 
 
 def export_both(run: Run, name: str, model: nn.Module, recipe: Recipe, lowering: str) -> dict:
@@ -259,17 +293,33 @@ def main() -> None:
     unpruned, urecipe = copy.deepcopy(trained), copy.deepcopy(run.recipe)
     methods.append(("unpruned", unpruned, urecipe, "dense", {"recovery": run.recover(unpruned, urecipe)}))
 
-    t0 = time.perf_counter()
-    g_model, g_recipe, g_info = gaborprune_method(run, trained)
-    g_ratio = run.macs(g_model) / base_macs
-    methods.append(("gaborprune", g_model, g_recipe, "auto", g_info))
-    print(f"gaborprune: kernels kept {g_info['kernels_kept']}, MAC ratio {g_ratio:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    g_ratio, all_ratio = None, None
+    if "gaborprune" in args.methods:
+        t0 = time.perf_counter()
+        g_model, g_recipe, g_info = gaborprune_method(run, trained)
+        g_ratio = run.macs(g_model) / base_macs
+        methods.append(("gaborprune", g_model, g_recipe, "auto", g_info))
+        print(f"gaborprune: kernels kept {g_info['kernels_kept']}, MAC ratio {g_ratio:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for name, gabor in (("gaborprune-all", False), ("gaborprune-all+gabor", True)):
+        if name in args.methods:
+            t0 = time.perf_counter()
+            model, recipe, info = gaborprune_all(run, trained, gabor)
+            ratio = run.macs(model) / base_macs
+            all_ratio = ratio if all_ratio is None else all_ratio
+            methods.append((name, model, recipe, "auto", info))
+            print(f"{name}: MAC ratio {ratio:.3f}, branches removed {info['branches_removed']} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    peer_target = all_ratio if args.peer_mac_ratio == "auto" else float(args.peer_mac_ratio)
+    if peer_target is None:
+        sys.exit("--peer-mac-ratio auto needs gaborprune-all or gaborprune-all+gabor among --methods")
     restricted_target = g_ratio if args.restricted_mac_ratio is None else args.restricted_mac_ratio
-    for restricted, target in ((False, args.peer_mac_ratio), (True, restricted_target)):
+    peers = [(m, False, peer_target, "magnitude" if m == "tp-global" else "bn") for m in ("tp-global", "tp-bn") if m in args.methods]
+    if "tp-restricted" in args.methods and restricted_target is not None:
+        peers.append(("tp-restricted", True, restricted_target, "magnitude"))
+    for base_name, restricted, target, importance in peers:
         for round_to in args.round_to:
-            name = f"tp-{'restricted' if restricted else 'global'}" + (f"-r{round_to}" if round_to else "")
-            model, info = tp_prune(tp, run, trained, target, round_to, restricted)
+            name = base_name + (f"-r{round_to}" if round_to else "")
+            model, info = tp_prune(tp, run, trained, target, round_to, restricted, importance)
             if info["mac_ratio"] >= 1:
                 print(f"{name}: nothing pruned (target MAC ratio {target:.3f}{'; ' + info['note'] if info['note'] else ''}); skipped", flush=True)
                 continue
@@ -302,7 +352,8 @@ def main() -> None:
           f"1-minute load {report.environment.get('load_average') or float('nan'):.2f} at the start of timing, {args.runs} runs per round, "
           f"max {args.max_seconds:g} s; float compared with unpruned float, int8 with unpruned int8")
     print(f"trained {args.model} {args.model_args} {args.epochs} epochs on {args.data}; every method then {args.recovery_epochs} "
-          f"recovery epochs at lr {args.lr / 5:g}; gaborprune also {args.sparsity_epochs} epochs at sparsity {args.sparsity} first\n")
+          f"recovery epochs at lr {args.lr / 5:g}; gaborprune also {args.sparsity_epochs} epochs at sparsity {args.sparsity} first, "
+          f"gaborprune-all {args.all_epochs} epochs at sparsity {args.all_sparsity} (--scope all), threshold {args.all_threshold}\n")
     print("| method | precision | top-1 (ORT) | MACs | MAC ratio | executed MAC ratio | params (ONNX) | KiB | p50 ms b1 | speedup b1 | p50 ms b32 | speedup b32 | notes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
     for row in rows:

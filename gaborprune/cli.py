@@ -600,6 +600,9 @@ def prune(
             first = "--speedup" if speedup is not None else "--latency-ms"
             raise GaborPruneError(f"{first} chooses the kernels itself; drop {given[0] if given else '--latency-ms'} (give one of --speedup, --latency-ms, or --threshold/--ratio/--keep)")
         target = TargetSpec(speedup, latency_ms)
+        if scope == "all":
+            raise GaborPruneError("--speedup and --latency-ms search the Gabor banks' channel groups; with --scope all prune by --threshold "
+                                  "(--sweep T1,T2,... --data SPEC shows accuracy and MACs at each)")
     if thresholds is not None:
         bad = [t for t in thresholds if not 0 <= t < 1]
         if bad:
@@ -636,7 +639,7 @@ def prune(
             return accuracy(m)
 
         if thresholds is not None:
-            _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else accuracy, accuracy(model), png, json_path, source, force)
+            _prune_sweep(model, recipe, thresholds, recover if finetune_epochs else lambda m, r: accuracy(m), accuracy(model), spec, png, json_path, source, force)
             return
         before = accuracy(model) if data_spec is not None else None
         if target is not None:
@@ -676,19 +679,19 @@ def prune(
         teardown()
 
 
-def _prune_sweep(model, recipe, thresholds, accuracy, unpruned, png, json_path, source, force) -> None:
+def _prune_sweep(model, recipe, thresholds, accuracy, unpruned, spec, png, json_path, source, force) -> None:
     from gaborprune._io import write_json
     from gaborprune.plot import plot_sweep
     from gaborprune.prune import sweep
     from gaborprune.summary import summarize
 
     with err.status(f"pruning at {len(thresholds)} thresholds..."):
-        points = sweep(model, recipe, thresholds, accuracy)
+        points = sweep(model, recipe, thresholds, accuracy, spec)
     table = Table(title=f"{source}: accuracy vs kernels kept")
     for col in ("threshold", "kernels kept", "kept", "parameters", "MACs", "top-1"):
         table.add_column(col, justify="right")
     for p in points:
-        table.add_row(f"{p.threshold:g}", f"{p.kernels_kept}/{p.kernels_total}", f"{p.kernels_kept / p.kernels_total:.1%}",
+        table.add_row(f"{p.threshold:g}", f"{p.kernels_kept}/{p.kernels_total}", f"{p.kernels_kept / p.kernels_total:.1%}" if p.kernels_total else "-",
                       _count(p.params), _count(p.macs), f"{p.accuracy:.2f}%")
     out.print(table)
     plot_sweep(points, png, unpruned_accuracy=unpruned, unpruned_macs=summarize(model.cpu(), recipe.input_shape).macs, title=source, force=force)

@@ -351,7 +351,8 @@ def sweep_figure(points, *, unpruned_accuracy: float | None = None, unpruned_mac
         the matplotlib Figure.
     """
     plt = _pyplot()
-    kept = [100 * p.kernels_kept / p.kernels_total for p in points]
+    banks = all(p.kernels_total for p in points)  # else a model without banks, pruned with --scope all
+    kept = [100 * p.kernels_kept / p.kernels_total if banks else p.params / 1e3 for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
     lines = ax.plot(kept, [p.accuracy for p in points], "o-", color="C0", label="top-1 after pruning")
     span = (max(kept) - min(kept)) or 1.0
@@ -360,14 +361,14 @@ def sweep_figure(points, *, unpruned_accuracy: float | None = None, unpruned_mac
         # a label about 15% of the axis wide: those of close points stack upwards instead of overlapping
         level = level + 1 if last is not None and x - last < 0.15 * span else 0
         last = x
-        ax.annotate(f"T={p.threshold:g}: {p.kernels_kept}/{p.kernels_total}", (x, p.accuracy), textcoords="offset points",
+        ax.annotate(f"T={p.threshold:g}: {p.kernels_kept}/{p.kernels_total}" if banks else f"T={p.threshold:g}", (x, p.accuracy), textcoords="offset points",
                     xytext=(0, 6 + 10 * level), ha="left" if x - min(kept) < 0.1 * span else "right" if max(kept) - x < 0.1 * span else "center",
                     va="bottom", fontsize=7, zorder=5,
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if level else None)
     if unpruned_accuracy is not None:
         lines.append(ax.axhline(unpruned_accuracy, color="C0", ls="--", lw=1, label=f"top-1 unpruned ({unpruned_accuracy:.2f}%)"))
-    ax.set_xlabel("Gabor kernels kept (%)")
+    ax.set_xlabel("Gabor kernels kept (%)" if banks else "parameters after pruning (thousands)")
     ax.set_ylabel("top-1 accuracy (%)", color="C0")
     ax.margins(x=0.12, y=0.25)
     right = ax.twinx()
@@ -378,7 +379,8 @@ def sweep_figure(points, *, unpruned_accuracy: float | None = None, unpruned_mac
     ax.set_zorder(right.get_zorder() + 1)  # the accuracy line and its labels over the MACs
     ax.patch.set_visible(False)
     right.set_ylim(0, max([p.macs for p in points] + [unpruned_macs or 0]) / 1e6 * 1.15)
-    ax.set_title(f"{title}: accuracy and MACs vs kernels kept" if title else "accuracy and MACs vs kernels kept", fontsize=10)
+    what = "kernels kept" if banks else "parameters"
+    ax.set_title(f"{title}: accuracy and MACs vs {what}" if title else f"accuracy and MACs vs {what}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.legend(handles=lines, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig

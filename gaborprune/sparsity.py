@@ -41,7 +41,19 @@ columns, depthwise channels on the way), or with `finetune --latency-aware` the 
 it saves (`gaborprune.export.costs`). This differs from equal weights only across families: the
 groups of one family drop like rows and columns of the same layers. On resnet20_altered conv1's
 rows and conv2's columns are the same 16 channels, so all weigh 1 there.
-The weights are constants, so both terms inherit the invariance of s. The kernel
+With scope "all" (`finetune --scope all`) plain convolutions join in: their strength is the same
+s (the share formula with their BatchNorm gain; no kernel term, since kernels inside a plain layer
+are not time), so a plain row's G is its BatchNorm gain |bn.weight[o]|. And a *branch term* pushes
+whole residual branches to zero: with B_j the root mean square of G over the channels inside
+branch j (the groups `GroupAnalysis.branches` names; the mean, so that wide and narrow branches
+compare),
+
+    P += BRANCH_WEIGHT * R(B)                   over all branches of the model,
+
+unweighted: on small networks each convolution costs about the same time whatever its width
+(notes/latency-probe.md), so every branch saves about the same. A branch whose B falls below the
+prune threshold x the strongest goes whole (`gaborprune.prune.structured`).
+The weights are constants, so all terms inherit the invariance of s. The kernel
 term has weight 1 and each family GROUP_WEIGHT = 2: in the latency probe's prototype
 (notes/latency-probe.md, resnet20_altered on digits, --sparsity 0.1) that killed 9 of conv2's 16
 input columns at 99.73% test accuracy (the kernel term alone: 3, at 99.18%; weight 4: 13, at 98.35%).
@@ -66,6 +78,8 @@ from gaborprune.train.config import SCOPES, STRUCTURES
 DEFAULT_THRESHOLD = 0.05
 #: The weight of each family's group term against the kernel term (see the module doc).
 GROUP_WEIGHT = 2.0
+#: The weight of the branch term (scope "all", see the module doc).
+BRANCH_WEIGHT = 2.0
 
 
 def following_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
@@ -183,6 +197,7 @@ class GaborSparsity:
                     self.plain[name] = modules[name]
                     self.norms[name] = modules[self.groups.norms[name]] if name in self.groups.norms else None
         self.families: dict[str, _Family] = self._families() if self.groups is not None else {}
+        self.branches = [b for b in (self.groups.branches if self.groups is not None else []) if b in self.families]
         self.weighed_by = "equal"  # what the group weights come from: equal, macs or latency
         if structure == "channel" and self.groups.groups:
             self.weigh(self.groups.saved_macs(), "macs")
@@ -257,7 +272,22 @@ class GaborSparsity:
         if self.structure == "channel":
             for family in self.families.values():
                 total = total + GROUP_WEIGHT * family.ratio(strengths)
+            if len(self.branches) > 1:
+                total = total + BRANCH_WEIGHT * l1_l2_ratio(torch.stack([self._branch(b, strengths) for b in self.branches]))
         return total
+
+    def _branch(self, label: str, strengths: dict[str, Tensor]) -> Tensor:
+        """B: the root mean square of G over the branch's channels (differentiable)."""
+        f = self.families[label]
+        return f.strength(strengths).norm() / math.sqrt(f.size)
+
+    @torch.no_grad()
+    def relative_branch_strengths(self) -> dict[str, float]:
+        """{branch label: B / the strongest branch's} (scope "all"; {} without branches)."""
+        strengths = {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
+        norms = {b: float(self._branch(b, strengths)) for b in self.branches}
+        top = max(norms.values(), default=0.0)
+        return {b: v / top if top > 0 else 0.0 for b, v in norms.items()}
 
     @contextlib.contextmanager
     def track_forward(self) -> Iterator[None]:

@@ -23,6 +23,8 @@ followed directly by a BatchNorm (its gain is what the pressure measures, and ze
 of the BatchNorm, gain and shift, makes the channel exactly 0), and an in group may have plain
 (ungrouped) convolution readers. A linear reader still gives no in group; its columns go with the
 out group. Every plain convolution of the model then gets its sides analysed, not only the banks.
+`GroupAnalysis.branches` names the out groups that are the inside of a residual branch (one
+reader, whose output is added to the stream): when all of one label go, the branch goes whole.
 
 Each group also records the work its channel's removal drops (`ChannelGroup.saves`): the rows of
 every convolution that writes the channel, the columns of every convolution or linear layer that
@@ -34,9 +36,11 @@ and in groups of one component save the same work. `GroupAnalysis.saved_macs` co
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -104,6 +108,7 @@ class GroupAnalysis:
     unit_macs: dict[tuple[str, str], int] = field(default_factory=dict)  # (layer, side) -> MACs per image of one row/column/channel
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # layer -> (input, output) per image
     norms: dict[str, str] = field(default_factory=dict)  # convolution -> the BatchNorm that directly reads it
+    branches: list[str] = field(default_factory=list)  # out-group labels that are the inside of a residual branch
 
     def saved_macs(self) -> list[int]:
         """The MACs per image that removing each group (in `groups` order) drops, counted densely."""
@@ -257,4 +262,32 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int], scope: s
             analysis.missing += [NoGroup(name, side, tuple(cs), reason) for reason, cs in why.items()]
     analysis.groups = list(found.values())
     analysis.unit_macs, analysis.shapes = verdicts.unit_macs, verdicts.shapes
+    if scope == "all":
+        analysis.branches = _branches(graph, nodes, norms, analysis.groups)
     return analysis
+
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _branches(graph: ChannelGraph, nodes: dict, norms: dict[str, str], groups: list[ChannelGroup]) -> list[str]:
+    """The out-group labels whose channels are the inside of a residual branch: read by one
+    convolution only, whose output (through its direct BatchNorm) goes only into an addition with
+    a tensor of the full shape. When all of them go, the branch is a constant added to the stream."""
+    readers: dict[str, set[str]] = defaultdict(set)
+    for g in groups:
+        if g.kind == "out":
+            readers[g.label] |= {layer for layer, side, _ in g.saves if side == "in"}
+    inside = []
+    for label, names in readers.items():
+        if len(names) != 1:
+            continue
+        (reader,) = names
+        end = nodes.get(norms.get(reader, reader))
+        if end is None or graph.roles[nodes[reader]].kind != "conv" or len(end.users) != 1:
+            continue
+        (add,) = end.users
+        others = [a for a in add.all_input_nodes if a is not end]
+        if add.target in _ADD and len(others) == 1 and graph.shapes.get(others[0]) == graph.shapes.get(end):
+            inside.append(label)
+    return inside

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,13 +134,15 @@ class SweepPoint:
     accuracy: float  # top-1 percent
 
 
-def sweep(model: nn.Module, recipe: Recipe, thresholds: list[float], accuracy: Callable[[nn.Module], float]) -> list[SweepPoint]:
-    """Prune a copy of `model` at each threshold and measure `accuracy(pruned copy)`. `model` is untouched."""
+def sweep(model: nn.Module, recipe: Recipe, thresholds: list[float], accuracy: Callable[[nn.Module, Recipe], float],
+          spec: PruneSpec = PruneSpec()) -> list[SweepPoint]:
+    """Prune a copy of `model` at each threshold (the rest of `spec` as given: scope, rounding) and
+    measure `accuracy(pruned copy, its recipe)`, which may fine-tune the copy first. `model` is untouched."""
     points = []
     for t in thresholds:
         m, r = copy.deepcopy(model), copy.deepcopy(recipe)
-        report = prune_model(m, r, PruneSpec(threshold=t))
+        report = prune_model(m, r, dataclasses.replace(spec, threshold=t))
         gabor = report.gabor_layers
         points.append(SweepPoint(t, sum(c.kernels_after for c in gabor), sum(c.kernels_before for c in gabor),
-                                 report.after.params, report.after.macs, accuracy(m)))
+                                 report.after.params, report.after.macs, accuracy(m, r)))
     return points

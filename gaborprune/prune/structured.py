@@ -13,8 +13,11 @@ layer's output channels, or a residual stream's) are counted together. With `rou
 a multiple of it (the strongest dead units are revived), because ONNX Runtime's blocked convolutions
 run on channel blocks and a count off the block can cost more time than it saves
 (docs/benchmarks.md). A set may lose all its channels only when it is the inside of a residual
-branch, whose one reader's output is added to the stream: the branch then becomes a constant
-(`gaborprune.prune.standins`) and its convolutions are gone. Any other set keeps at least one block.
+branch, whose one reader's output is added to the stream (`GroupAnalysis.branches`): the branch
+then becomes a constant (`gaborprune.prune.standins`) and its convolutions are gone. That happens
+when its units are all dead, or when the branch as a whole is weaker than `threshold` x the
+strongest branch (||G|| over its channels; the branch term of the pressure pushes whole branches
+down). Any other set keeps at least one block.
 
 A dead unit goes by that side. By its out side: the rows that write it are zeroed (Gabor
 kernels masked, plain rows set to 0) with the producers' BatchNorm gains, so the channel holds its
@@ -28,7 +31,6 @@ the plan, and compaction after it is exact.
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -40,9 +42,6 @@ from gaborprune.prune.dataflow import direct_norms, trace_channels
 from gaborprune.prune.groups import ChannelGroup
 from gaborprune.prune.select import PruneError
 from gaborprune.prune.standins import ChannelConstant
-
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-
 
 @dataclass(frozen=True)
 class Unit:
@@ -82,28 +81,6 @@ def units(sparsity) -> list[Unit]:
             for s in sides.values()]
 
 
-def _branch_sets(model: nn.Module, input_shape: tuple[int, int, int], sets: dict[str, list[Unit]]) -> set[str]:
-    """The sets that are the inside of a residual branch: read by one convolution whose output
-    (through its direct BatchNorm) goes only into an addition with a tensor of the full shape."""
-    graph = trace_channels(model, input_shape)
-    nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_module"}
-    norms = direct_norms(graph)
-    inside = set()
-    for label, members in sets.items():
-        readers = {layer for u in members for layer, side, _ in u.groups.get("out", u.groups.get("in")).saves if side == "in"}
-        if len(readers) != 1:
-            continue
-        (reader,) = readers
-        end = nodes.get(norms.get(reader, reader))
-        if end is None or graph.roles[nodes[reader]].kind != "conv" or len(end.users) != 1:
-            continue
-        (add,) = end.users
-        others = [a for a in add.all_input_nodes if a is not end]
-        if add.target in _ADD and len(others) == 1 and graph.shapes.get(others[0]) == graph.shapes.get(end):
-            inside.add(label)
-    return inside
-
-
 def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float, round_to: int | None) -> tuple[list[Unit], dict]:
     """The units `prune --scope all` removes (see the module doc), and {set: [kept, total]}."""
     from gaborprune.sparsity import GaborSparsity
@@ -116,12 +93,13 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
     sets: dict[str, list[Unit]] = defaultdict(list)
     for u in found:
         sets[u.set].append(u)
-    branches = _branch_sets(model, input_shape, sets)
+    branches = set(sparsity.groups.branches)
+    whole = sparsity.relative_branch_strengths()
     step = round_to or 1
     dead, counts = [], {}
     for label, members in sets.items():
         ranked = sorted(members, key=lambda u: -u.strength)  # strongest first; sorted is stable
-        alive = sum(u.strength >= threshold for u in members)
+        alive = sum(u.strength >= threshold for u in members) if whole.get(label, 1.0) >= threshold else 0
         if alive % step:
             alive = min(len(members), alive + step - alive % step)
         if alive == 0 and label not in branches:

@@ -1,0 +1,214 @@
+"""`--scope all`: channel groups of every convolution, their pressure, and pruning whole channels and
+whole residual branches exactly (Step 9)."""
+
+import collections
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import gaborprune as gp
+from gaborprune.data import DataSpec, load_data
+from gaborprune.export.api import ExportConfig, export_model
+from gaborprune.prune import PruneSpec, prune_model
+from gaborprune.prune.groups import channel_groups
+from gaborprune.prune.plan import PrunePlan, apply_plan_
+from gaborprune.prune.standins import ChannelConstant, Dropped
+from gaborprune.prune.structured import dead_units
+from gaborprune.recipe import save_recipe
+from gaborprune.sparsity import GaborSparsity, kernel_strength
+from gaborprune.train.loop import recalibrate_norms_
+from test_cli import one_line_error, run
+from test_prune import randomize_norms
+
+SHAPE = (3, 16, 16)
+
+
+def resnet20():
+    torch.manual_seed(0)
+    model, recipe = gp.load_model("resnet20", input_shape=SHAPE)
+    return randomize_norms(model).eval(), recipe
+
+
+@torch.no_grad()
+def silence_(model: nn.Module, norm: str, channels) -> None:
+    """Make channels of a BatchNorm's output exactly 0: gain and shift 0."""
+    bn = model.get_submodule(norm)
+    bn.weight[list(channels)] = 0
+    bn.bias[list(channels)] = 0
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_groups_of_every_convolution_in_a_resnet():
+    model, recipe = resnet20()
+    analysis = channel_groups(model, SHAPE, "all")
+    counts = analysis.counts()
+    # the stage-1 stream: the stem and each block's second conv write it (one group per channel, across all four)
+    assert counts["conv1+layer1.0.conv2+layer1.1.conv2+layer1.2.conv2 out"] == 16
+    assert counts["layer1.0.conv1 out"] == 16 and counts["layer3.2.conv1 out"] == 64  # each branch's inside
+    assert analysis.branches == [f"layer{s}.{b}.conv1 out" for s in (1, 2, 3) for b in range(3)]
+    missing = {m.describe() for m in analysis.missing}
+    assert "layer3.2.conv1 in (64 channels): also read by linear layer 'fc'" in missing  # the classifier stays
+    assert not channel_groups(model, SHAPE, "banks").groups  # no Gabor bank: nothing with the old scope
+
+
+def test_a_plain_groups_strength_is_its_batchnorm_gain_and_invariant_to_the_scale_it_absorbs():
+    model, _ = resnet20()
+    sparsity = GaborSparsity(model, SHAPE, "channel", "all")
+    family = sparsity.families["layer1.0.conv1 out"]
+    s = {n: kernel_strength(m, sparsity.norms[n]) for n, m in {**sparsity.layers, **sparsity.plain}.items()}
+    torch.testing.assert_close(family.strength(s), model.layer1[0].bn1.weight.abs(), rtol=1e-5, atol=1e-6)
+    before = sparsity.penalty().item()
+    with torch.no_grad():  # a conv row scaled: BatchNorm divides it out (its statistics scale too)
+        model.layer1[0].conv1.weight[3] *= 40.0
+        model.layer1[0].bn1.running_mean[3] *= 40.0
+        model.layer1[0].bn1.running_var[3] *= 1600.0
+    assert sparsity.penalty().item() == pytest.approx(before, rel=1e-5)
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[3] *= 0.1
+    assert sparsity.penalty().item() != pytest.approx(before, rel=1e-3)
+
+
+def test_a_dead_branch_goes_whole_and_the_output_does_not_change():
+    """All channels inside layer1.1 hold exactly 0: the branch becomes its constant, two convolutions go."""
+    model, recipe = resnet20()
+    silence_(model, "layer1.1.bn1", range(16))
+    x = torch.randn(3, *SHAPE)
+    before = outputs(model, x)
+    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    block = model.layer1[1]
+    assert isinstance(block.conv1, Dropped) and isinstance(block.bn1, Dropped)
+    assert isinstance(block.conv2, ChannelConstant) and isinstance(block.bn2, nn.Identity)
+    assert report.plan.constants == {"layer1.1.conv2": "layer1.1.bn2"}
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)  # the oracle: the unpruned model
+    assert report.after.macs < report.before.macs
+    assert not any(k.layer.startswith("layer1.1.") for k in report.kept)  # nothing "kept" of a layer removed whole
+
+
+def test_dead_channels_go_in_multiples_of_round_to_and_the_output_does_not_change():
+    model, recipe = resnet20()
+    silence_(model, "layer3.0.bn1", range(40))  # 40 of 64 dead; round to 16 keeps 32
+    x = torch.randn(3, *SHAPE)
+    before = outputs(model, x)
+    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=16))
+    assert model.layer3[0].conv1.out_channels == 32 and model.layer3[0].conv2.in_channels == 32
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
+    dead, counts = dead_units(*resnet20_silenced(), 0.01, 1)
+    assert counts["layer3.0.conv1 out"] == [24, 64]
+
+
+def resnet20_silenced():
+    model, _ = resnet20()
+    silence_(model, "layer3.0.bn1", range(40))
+    return model, SHAPE
+
+
+def test_a_stream_channel_goes_from_every_block_of_the_stage():
+    """Channel 5 of the stage-3 stream: every writer's BatchNorm silenced; it goes from all of them
+    and from the classifier's input."""
+    model, recipe = resnet20()
+    for norm in ("layer3.0.bn2", "layer3.0.shortcut.1", "layer3.1.bn2", "layer3.2.bn2"):
+        silence_(model, norm, [5])
+    x = torch.randn(3, *SHAPE)
+    before = outputs(model, x)
+    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert model.fc.in_features == 63 and model.layer3[2].conv2.out_channels == 63 and model.layer3[1].conv1.in_channels == 63
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weak_channel_keeps_its_constant_where_the_reader_has_no_border():
+    """A channel with gain 0 but shift 0.7 read only by 1x1 convolutions: its constant is folded, exactly."""
+    model, recipe = resnet20()
+    with torch.no_grad():
+        bn = model.layer2[0].bn2
+        bn.weight[3], bn.bias[3] = 0.0, 0.7
+    # the stage-2 stream channel 3 is written by layer2.x.bn2 and the shortcut; silence the other writers' gains only
+    with torch.no_grad():
+        for norm in ("layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"):
+            model.get_submodule(norm).weight[3] = 0.0
+    x = torch.randn(3, *SHAPE)
+    before = outputs(model, x)
+    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert model.layer2[2].conv2.out_channels == 31
+    assert report.plan.folds  # the constant went somewhere
+    # 3x3 readers see it inside and 0 at their one-pixel border: the difference is confined there, and small
+    diff = (outputs(model, x) - before).abs().max()
+    assert diff < 0.2 * before.abs().max()
+
+
+def test_the_plan_alone_replays_on_the_unpruned_weights_and_in_a_fresh_interpreter(tmp_path):
+    model, recipe = resnet20()
+    silence_(model, "layer1.1.bn1", range(16))
+    silence_(model, "layer2.2.bn1", range(20))
+    unpruned = {k: v.clone() for k, v in model.state_dict().items()}
+    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    x = torch.randn(3, *SHAPE)
+    fresh, _ = gp.load_model("resnet20", input_shape=SHAPE)
+    fresh.load_state_dict(unpruned)
+    apply_plan_(fresh, PrunePlan.from_dict(report.plan.to_dict()))
+    torch.testing.assert_close(outputs(fresh, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+    save_recipe(tmp_path / "p.pt", model, recipe)
+    torch.save({"x": x, "y": outputs(model, x)}, tmp_path / "io.pt")
+    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
+            "print(float((m.eval()(io['x']) - io['y']).abs().max()), type(m.layer1[1].conv2).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    diff, kind = done.stdout.split()
+    assert float(diff) == 0.0 and kind == "ChannelConstant"
+
+
+def test_a_removed_branch_exports_without_its_convolutions(tmp_path):
+    model, recipe = resnet20()
+    silence_(model, "layer1.1.bn1", range(16))
+    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    report = export_model(model, recipe, tmp_path / "m.onnx", ExportConfig(lowering="dense"))  # parity-checked
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node)
+    assert ops["Conv"] == 21 - 2 and not {"Slice", "ConstantOfShape", "BatchNormalization"} & set(ops)
+    assert report.max_abs_diff < 1e-4
+
+
+def test_a_second_prune_after_a_branch_went():
+    """The stand-ins read nothing and carry constants: the stream around them can still be cut."""
+    model, recipe = resnet20()
+    silence_(model, "layer1.1.bn1", range(16))
+    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    for norm in ("bn1", "layer1.0.bn2", "layer1.2.bn2"):
+        silence_(model, norm, [2])
+    with torch.no_grad():
+        model.layer1[1].conv2.value[0, 2] = 0.0  # the removed branch's constant for that channel
+    x = torch.randn(3, *SHAPE)
+    before = outputs(model, x)
+    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert model.conv1.out_channels == 15 and model.layer1[1].conv2.out_channels == 15
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_recalibration_gives_the_statistics_of_the_whole_split():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    data = load_data(DataSpec.parse("fake:40:3"), SHAPE)[0]
+    seen = []
+    hook = model[0].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    recalibrate_norms_(model, data, 16, torch.device("cpu"))
+    hook.remove()
+    y = torch.cat(seen)  # the BatchNorm's inputs over the whole split
+    torch.testing.assert_close(model[1].running_mean, y.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.1 and not model.training
+
+
+def test_scope_options_give_one_line_errors(tmp_path):
+    for args, words in [
+        (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "all", "--structure", "kernel", "-o", str(tmp_path / "a.pt")], "--structure channel"),
+        (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "every", "-o", str(tmp_path / "b.pt")], "every"),
+        (["prune", "resnet20", "--input-shape", "3,16,16", "--round-to", "16", "-o", str(tmp_path / "c.pt")], "--scope all"),
+        (["prune", "resnet20", "--input-shape", "3,16,16", "--scope", "all", "--ratio", "0.5", "-o", str(tmp_path / "d.pt")], "--threshold"),
+    ]:
+        one_line_error(run(*args), words)
+    assert not list(tmp_path.iterdir())
