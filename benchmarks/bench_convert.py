@@ -16,7 +16,7 @@ Each case is fitted to two kinds of target weights:
   a stand-in for trained first layers, which are Gabor-like. Here a good fit recovers the Gabor and
   its error is close to the noise level.
 
-What is timed is the whole `gaborprune.convert_model(model, recipe, spec)` call (layer selection by a
+What is timed is the whole `gaborprune.gaborize_(model, spec, input_shape)` call (layer selection by a
 forward pass in execution order, building the banks, the least-squares fit, the recipe record) on a
 fresh copy of the model each repetition; building the model is not timed. Timings are repeated
 `--repeats` times, the two targets alternating, and the median and minimum are reported. The fit
@@ -104,9 +104,9 @@ def main() -> None:
         last: dict[str, tuple] = {}
         for _ in range(args.repeats):
             for target in TARGETS:  # alternate, so drift of a shared machine hits both
-                model, rec = copy.deepcopy(models[target]), copy.deepcopy(recipe)
+                model = copy.deepcopy(models[target])
                 start = time.perf_counter()
-                report = gaborprune.convert_model(model, rec, spec)
+                report = gaborprune.gaborize_(model, spec, recipe.input_shape)
                 times[target].append(time.perf_counter() - start)
                 last[target] = (model, report)
         for target in TARGETS:

@@ -57,11 +57,11 @@ from gaborprune.data import load_data
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import bench, load_onnx
 from gaborprune.models import ModelSource
-from gaborprune.prune import PruneSpec, prune_model
+from gaborprune.prune import PruneSpec, prune_model_
 from gaborprune.prune.structured import default_round_to
 from gaborprune.recipe import Recipe
 from gaborprune.summary import summarize
-from gaborprune.train import TrainConfig, evaluate, finetune
+from gaborprune.train import TrainConfig, evaluate, finetune_
 
 EXTRA = "install the benchmark extra: pip install -e '.[peers]'"
 #: The layers gaborprune converts by default: the altered stem's two Gabor layers, or ResNet-20's first two convolutions.
@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--targets", help="comma-separated layers gaborprune converts and the restricted peer prunes "
                         f"(default: {'; '.join(f'{k}: {v}' for k, v in TARGETS.items())})")
     parser.add_argument("--data", default="digits")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier size of a torchvision model (e.g. 10 for fake:N:10)")
     parser.add_argument("--epochs", type=int, default=6, help="training of the shared network")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -94,6 +95,7 @@ def parse_args() -> argparse.Namespace:
                         help="Torch-Pruning restricted: MACs kept (default: the ratio gaborprune reached)")
     parser.add_argument("--round-to", default="none,16", help="Torch-Pruning round_to settings, comma-separated ('none' or N)")
     parser.add_argument("--runs", type=int, default=50, help="bench runs per round")
+    parser.add_argument("--batch-sizes", default="1,32", help="ONNX Runtime batch sizes timed, comma-separated")
     parser.add_argument("--max-seconds", type=float, default=None, help="bench time budget (default: 4 s per --runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="training device (timing is always ONNX Runtime on the CPU)")
@@ -107,6 +109,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"give --targets for model '{args.model}' (the layers gaborprune converts)")
     args.round_to = [None if r.strip().lower() == "none" else int(r) for r in args.round_to.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",")]
+    args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method '{unknown[0]}'; known: {', '.join(METHODS)}")
@@ -144,7 +147,7 @@ class Run:
         self.args = args
         self.device = torch.device(args.device)
         torch.manual_seed(args.seed)
-        self.model, self.recipe = gp.load_model(args.model, model_args=args.model_args)
+        self.model, self.recipe = gp.load_model(args.model, model_args=args.model_args, num_classes=args.num_classes)
         self.shape = self.recipe.input_shape
         self.train, self.test = load_data(args.data, self.shape)
         self.batch_size = min(args.batch_size, len(self.train))  # a toy split smaller than a batch still trains
@@ -152,7 +155,7 @@ class Run:
     def finetune(self, model: nn.Module, recipe: Recipe, epochs: int, lr: float, **extra) -> dict:
         config = TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=lr, seed=self.args.seed, **extra)
         t0 = time.perf_counter()
-        result = finetune(model, recipe, self.train, self.test, config, device=self.device, data_name=self.args.data)
+        result = finetune_(model, recipe, self.train, self.test, config, device=self.device, data_name=self.args.data)
         model.cpu()
         return {"epochs": epochs, "lr": lr, **extra, "final_accuracy": result.final_accuracy,
                 "seconds": round(time.perf_counter() - t0, 1), "groups_total": result.groups_total, "groups_alive": result.groups_alive}
@@ -167,15 +170,16 @@ class Run:
 def gaborprune_method(run: Run, trained: nn.Module) -> tuple[nn.Module, Recipe, dict]:
     """Convert the targets to Gabor banks, fine-tune with channel-structured sparsity, prune, recover."""
     args = run.args
-    model, recipe = copy.deepcopy(trained), copy.deepcopy(run.recipe)
-    gp.convert_model(model, recipe, gp.ConversionSpec(targets=args.targets))
+    model, recipe = copy.deepcopy(trained), run.recipe
+    recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(targets=args.targets), recipe.input_shape).step)
     extra = {"sparsity": args.sparsity}
     if "structure" in TrainConfig.__dataclass_fields__:
         extra["structure"] = "channel"
     else:
         print("note: this TrainConfig has no `structure`; gaborprune fine-tunes with its default (kernel) pressure", flush=True)
     info = {"sparse_finetune": run.finetune(model, recipe, args.sparsity_epochs, args.lr, **extra)}
-    report = prune_model(model, recipe, PruneSpec(threshold=args.threshold))
+    report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=args.threshold))
+    recipe = recipe.with_step(report.step)
     info["kernels_kept"] = {n: [m.kernels_alive, m.mask.numel()] for n, m in model.named_modules() if isinstance(m, gp.GaborConv2d)}
     info["prune"] = report.to_dict()
     info["recovery"] = run.recover(model, recipe)
@@ -186,11 +190,12 @@ def gaborprune_all(run: Run, trained: nn.Module, gabor: bool) -> tuple[nn.Module
     """`--scope all`: every convolution's channel groups and branches pressed, pruned, recovered
     (with BatchNorm recalibration, as `prune --scope all --finetune-epochs` does)."""
     args = run.args
-    model, recipe = copy.deepcopy(trained), copy.deepcopy(run.recipe)
+    model, recipe = copy.deepcopy(trained), run.recipe
     if gabor:
-        gp.convert_model(model, recipe, gp.ConversionSpec(targets=args.targets))
+        recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(targets=args.targets), recipe.input_shape).step)
     info = {"sparse_finetune": run.finetune(model, recipe, args.all_epochs, args.lr, sparsity=args.all_sparsity, scope="all")}
-    report = prune_model(model, recipe, PruneSpec(threshold=args.all_threshold, scope="all", round_to=default_round_to()))
+    report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=args.all_threshold, scope="all", round_to=default_round_to()))
+    recipe = recipe.with_step(report.step)
     info["prune"] = report.to_dict()
     info["branches_removed"] = sorted(report.plan.constants)
     info["recovery"] = run.recover(model, recipe, recalibrate=True)
@@ -255,7 +260,7 @@ def export_both(run: Run, name: str, model: nn.Module, recipe: Recipe, lowering:
     for precision, quantize in (("float", False), ("int8", True)):
         path = out / f"{name}-{precision}.onnx"
         config = ExportConfig(dynamic_batch=True, threads=1, lowering=lowering, quantize=quantize)
-        report = export_model(model, recipe, path, config, data=(run.train, run.test), force=True)
+        report = export_model(model, recipe.input_shape, path, config, recipe=recipe, data=(run.train, run.test), force=True)
         files[precision] = {"path": str(path), "file_bytes": report.file_bytes, "params": report.params, "macs_onnx": report.macs,
                             "macs_executed": report.macs_executed, "accuracy": report.accuracy["int8" if quantize else "onnx"],
                             "lowering": report.lowering, "lowering_note": report.lowering_note, "note": report.note}
@@ -343,7 +348,7 @@ def main() -> None:
               for r in rows for p in ("float", "int8")}
     baselines = [loaded["unpruned", "float"], loaded["unpruned", "int8"]]
     others = [m for (method, _), m in loaded.items() if method != "unpruned"]
-    report = bench(others, baseline=baselines, batch_sizes=(1, 32), threads=(1,), runs=args.runs, max_seconds=args.max_seconds)
+    report = bench(others, baseline=baselines, batch_sizes=args.batch_sizes, threads=(1,), runs=args.runs, max_seconds=args.max_seconds)
     results = {(r.model, r.batch_size): r for r in report.results}
     comparisons = {(c.model, c.batch_size): c for c in report.comparisons}
 
@@ -354,14 +359,15 @@ def main() -> None:
     print(f"trained {args.model} {args.model_args} {args.epochs} epochs on {args.data}; every method then {args.recovery_epochs} "
           f"recovery epochs at lr {args.lr / 5:g}; gaborprune also {args.sparsity_epochs} epochs at sparsity {args.sparsity} first, "
           f"gaborprune-all {args.all_epochs} epochs at sparsity {args.all_sparsity} (--scope all), threshold {args.all_threshold}\n")
-    print("| method | precision | top-1 (ORT) | MACs | MAC ratio | executed MAC ratio | params (ONNX) | KiB | p50 ms b1 | speedup b1 | p50 ms b32 | speedup b32 | notes |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
+    timed = "".join(f" p50 ms b{b} | speedup b{b} |" for b in args.batch_sizes)
+    print(f"| method | precision | top-1 (ORT) | MACs | MAC ratio | executed MAC ratio | params (ONNX) | KiB |{timed} notes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + "---:|---|" * len(args.batch_sizes) + "---|")
     for row in rows:
         for precision in ("float", "int8"):
             f = row["files"][precision]
             bench_name = loaded[row["method"], precision].name
             cells, notes = [], []
-            for b in (1, 32):
+            for b in args.batch_sizes:
                 r, c = results.get((bench_name, b)), comparisons.get((bench_name, b))
                 cells += [f"{r.latency.p50:.3f}" if r else "n/a", speedup_cell(c)]
                 notes += [f"b{b}: {n}" for n in (r.note if r else "", c.note if c else "") if n]
@@ -370,11 +376,10 @@ def main() -> None:
             base_exec = rows[0]["files"][precision]["macs_executed"]
             notes += [n for n in (row["info"].get("note"),) if n]
             print(f"| {row['method']} | {precision} | {f['accuracy']:.2f}% | {row['macs']:,} | {row['mac_ratio']:.3f} | "
-                  f"{f['macs_executed'] / base_exec:.3f} | {f['params']:,} | {f['file_bytes'] / 1024:.0f} | {cells[0]} | {cells[1]} | "
-                  f"{cells[2]} | {cells[3]} | {'; '.join(notes)} |")
+                  f"{f['macs_executed'] / base_exec:.3f} | {f['params']:,} | {f['file_bytes'] / 1024:.0f} | {' | '.join(cells)} | {'; '.join(notes)} |")
         row["bench"] = {f"b{b}": {p: {"result": (r.to_dict() if (r := results.get((loaded[row['method'], p].name, b))) else None),
                                       "comparison": (c.to_dict() if (c := comparisons.get((loaded[row['method'], p].name, b))) else None)}
-                                  for p in ("float", "int8")} for b in (1, 32)}
+                                  for p in ("float", "int8")} for b in args.batch_sizes}
     for w in report.warnings:
         print(f"\nwarning: {w}")
     for row in rows:

@@ -4,7 +4,7 @@ exactly, and how far the compacted model is from the masked one.
 For each model, the first convolution becomes a (randomly initialised) Gabor bank, every BatchNorm
 gets random statistics, and a quarter of the bank's output channels are made dead (BN gain 0),
 half of them emitting 0 after the activation (BN shift -1) and half a non-zero constant (shift +0.5).
-Then `gaborprune.prune_model(model, recipe, PruneSpec(threshold=1e-6))` removes exactly those
+Then `gaborprune.prune_model_(model, input_shape, PruneSpec(threshold=1e-6))` removes exactly those
 channels' kernels. What is timed is the whole call (kernel selection, the torch.fx channel analysis,
 folding, surgery, the before/after summaries and the exactness check) on a fresh copy each
 repetition; the median and minimum of `--repeats` are reported.
@@ -43,7 +43,7 @@ def prepare(spec: str, shape):
     torch.manual_seed(0)
     model, recipe = gp.load_model(spec, input_shape=shape)
     if not any(isinstance(m, gp.GaborConv2d) for m in model.modules()):
-        gp.convert_model(model, recipe, gp.ConversionSpec(first=1, init="random"))
+        recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(first=1, init="random"), recipe.input_shape).step)
     g = torch.Generator().manual_seed(0)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
@@ -74,14 +74,14 @@ def main() -> None:
         model, recipe, dead = prepare(spec, shape)
         times = []
         for _ in range(args.repeats):
-            m, r = copy.deepcopy(model), copy.deepcopy(recipe)
+            m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = gp.prune_model(m, r, gp.PruneSpec(threshold=1e-6))
+            report = gp.prune_model_(m, recipe.input_shape, gp.PruneSpec(threshold=1e-6))
             times.append(time.perf_counter() - t0)
         stem = report.gabor_layers[0]
         reasons = sorted({k.reason.split(",")[0].split(" (")[0] for k in report.kept})
         rows.append({
-            "model": spec, "input": list(r.input_shape), "stem": stem.name, "channels": stem.channels_before, "dead": dead,
+            "model": spec, "input": list(recipe.input_shape), "stem": stem.name, "channels": stem.channels_before, "dead": dead,
             "removed": stem.channels_before - stem.channels_after, "kept": len(report.kept), "kept_because": reasons,
             "modules_cut": len(report.plan.channels), "macs_before": report.before.macs, "macs_after": report.after.macs,
             "max_abs_diff": report.max_abs_diff, "median_s": statistics.median(times), "min_s": min(times),

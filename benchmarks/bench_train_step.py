@@ -2,7 +2,7 @@
 
 A step is forward + cross-entropy + backward + SGD step (momentum 0.9, weight decay 5e-4) on a fixed
 random batch of Tensor[B, 3, 32, 32] with random labels, on the CPU or (`--device cuda`) on the GPU as
-`finetune` runs there: channels_last, bf16 autocast (`--no-amp`: float32), the batch already on the
+`finetune_` runs there: channels_last, bf16 autocast (`--no-amp`: float32), the batch already on the
 device, the clock read after `torch.cuda.synchronize()`. Variants:
 
 - built-in `resnet20`: plain, ConversionSpec(first=1) (the stem) and ConversionSpec(first=3);
@@ -10,7 +10,7 @@ device, the clock read after `torch.cuda.synchronize()`. Variants:
 
 With `--sparsity S` each Gabor step also adds S x the sparsity penalty, and each Gabor variant runs
 twice: with the penalty computing every bank's kernels again, and reusing the forward pass's kernels
-(`GaborSparsity.track_forward`, what `finetune` does).
+(`GaborSparsity.track_forward`, what `finetune_` does).
 
 The banks start from `init="random"`: step time does not depend on the values, and it skips the
 fit (timed by bench_convert.py). After `--warmup` untimed steps per variant, the variants of one model
@@ -54,7 +54,7 @@ TARGET_RATIO = 1.10
 def make_variant(model_name: str, first: int, device: torch.device) -> torch.nn.Module:
     model, recipe = gaborprune.load_model(model_name)
     if first:
-        gaborprune.convert_model(model, recipe, gaborprune.ConversionSpec(first=first, init="random"))
+        gaborprune.gaborize_(model, gaborprune.ConversionSpec(first=first, init="random"), recipe.input_shape)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ import torch
 import gaborprune as gp
 from gaborprune._threads import machine_note
 from gaborprune.data import load_data
-from gaborprune.train import TrainConfig, finetune
+from gaborprune.train import TrainConfig, finetune_
 
 
 def main() -> None:
@@ -36,11 +36,11 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model, recipe = gp.load_model(args.model)
         if not any(isinstance(m, gp.GaborConv2d) for m in model.modules()):
-            gp.convert_model(model, recipe, gp.ConversionSpec(first=1))
+            recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(first=1), recipe.input_shape).step)
         train, test = load_data("digits", recipe.input_shape)
         config = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, sparsity=strength, seed=args.seed)
         t0 = time.perf_counter()
-        result = finetune(model, recipe, train, test, config, device=torch.device("cpu"), data_name="digits")
+        result = finetune_(model, recipe, train, test, config, device=torch.device("cpu"), data_name="digits")
         rows.append({"sparsity": strength, "kernels_alive": result.kernels_alive, "kernels_total": result.kernels_total,
                      "final_accuracy": result.final_accuracy, "seconds": time.perf_counter() - t0})
         print(f"sparsity {strength:g}: alive {result.kernels_alive} of {result.kernels_total}, "

@@ -137,9 +137,19 @@ SPEEDUP = Run("gaborprune prune out/r20a.pt --speedup 1.1 --dry-run --threads 1"
 UNREACHABLE = Run("gaborprune prune out/r20a.pt --speedup 3 --dry-run --threads 1", (FINETUNE,), exit_code=1)
 LATENCY_AWARE = Run("gaborprune finetune resnet20_altered --data digits --epochs 1 --batch-size 64 --sparsity 0.1 --latency-aware "
                     "-o out/r20a-la.pt --threads 1")
-# 'sh -c'-free: shlex keeps the quoted regex one argument, as a shell would.
+# No shell runs the lines: shlex splits them as a shell would, so the quoted regex stays one argument.
 CONVERT = Run(r"gaborprune convert resnet20 --target conv1 --target 're:layer1\.0\.conv.' -o out/r20.pt --threads 1")
 DEMO = Run("gaborprune demo --out out/demo --threads 1")
+# --scope all: a plain ResNet-20, its channels and residual branches pressed, pruned, exported, timed
+R20 = Run("gaborprune finetune resnet20 --data digits --epochs 6 --batch-size 64 -o out/r20-plain.pt --threads 1")
+R20_ALL = Run("gaborprune finetune out/r20-plain.pt --data digits --epochs 12 --batch-size 64 --sparsity 0.3 --scope all "
+              "-o out/r20-all.pt --threads 1", (R20,))
+R20_PRUNE = Run("gaborprune prune out/r20-all.pt --scope all --threshold 0.6 --data digits --finetune-epochs 2 --batch-size 64 "
+                "-o out/r20-all-pruned.pt --threads 1", (R20_ALL,))
+R20_EXPORT = Run("gaborprune export out/r20-all-pruned.pt -o out/r20-all-pruned.onnx --dynamic-batch --threads 1", (R20_PRUNE,))
+R20_EXPORT_UNPRUNED = Run("gaborprune export out/r20-plain.pt -o out/r20-plain.onnx --dynamic-batch --threads 1", (R20,))
+R20_BENCH = Run("gaborprune bench out/r20-all-pruned.onnx --baseline out/r20-plain.onnx --batch-size 1,32 --threads 1 --max-seconds 30",
+                (R20_EXPORT, R20_EXPORT_UNPRUNED))
 
 EPOCHS = elide(r"^epoch ", 1, 2)
 DEEP_LAYERS = elide(r"^│ layer[23]\.", 1, 1)
@@ -154,6 +164,8 @@ CAPTURES: list[Capture] = [
     Capture("eval", README, (EVAL, EVAL_ONNX)),
     Capture("prune", README, (PRUNE,)),
     Capture("prune-ratio", README, (DRY_RUN,)),
+    Capture("prune-scope-all", README, (R20_ALL, R20_PRUNE), (EPOCHS,)),
+    Capture("bench-scope-all", README, (R20_BENCH,)),
     Capture("prune-speedup", README, (SPEEDUP,)),
     Capture("prune-unreachable", README, (UNREACHABLE,)),
     Capture("export", README, (EXPORT,)),
@@ -193,7 +205,7 @@ def registry_problems() -> list[str]:
         problems += [f"{doc}: marker '{n}' has no entry in docs/capture.py" for n in found if n not in names]
         problems += [f"{doc}: entry '{c.name}' has no marker here" for c in CAPTURES if c.doc == doc and c.name not in found]
     problems += [f"'{c.name}': {c.doc} is not a documented file" for c in CAPTURES if c.doc not in (README, GUIDE)]
-    problems += [f"'{run.line}' takes --threads: add --threads 1" for run in all_runs() if _takes_threads(run.line) and "--threads" not in shlex.split(run.line)]
+    problems += [f"'{run.line}' takes --threads: give --threads 1" for run in all_runs() if _takes_threads(run.line) and not _one_thread(run.line)]
     return problems
 
 
@@ -209,6 +221,11 @@ def all_runs() -> list[Run]:
         for run in c.runs:
             visit(run)
     return list(seen.values())
+
+
+def _one_thread(line: str) -> bool:
+    words = shlex.split(line)
+    return any(a == "--threads" and b == "1" for a, b in zip(words, words[1:]))
 
 
 def _takes_threads(line: str) -> bool:

@@ -2,9 +2,11 @@
 
     import gaborprune as gp
     model, recipe = gp.load_model("resnet20")
-    report = gp.convert_model(model, recipe, gp.ConversionSpec(first=2))
+    report = gp.gaborize_(model, gp.ConversionSpec(first=2), recipe.input_shape)   # verbs ending in _ change the model
+    recipe = recipe.with_step(report.step)                                        # the recipe records it
     gp.save_recipe("resnet20-gabor.pt", model, recipe)
-    gp.prune_model(model, recipe, gp.PruneSpec(threshold=0.05))   # after fine-tuning with sparsity
+    report = gp.prune_model_(model, recipe.input_shape, gp.PruneSpec(threshold=0.05))   # after fine-tuning with sparsity
+    recipe = recipe.with_step(report.step)
 
 Names are imported on first use, so `gaborprune --help` does not wait for torch.
 """
@@ -19,11 +21,14 @@ _EXPORTS = {
     "GABOR_PARAMS": "gaborprune.convert",
     "ConversionReport": "gaborprune.convert",
     "ConversionSpec": "gaborprune.convert",
+    "ConversionStep": "gaborprune.convert",
     "GaborConv2d": "gaborprune.convert",
     "fit_gabor": "gaborprune.convert",
     "gabor_kernel": "gaborprune.convert",
     "gaborize_": "gaborprune.convert",
     "GaborPruneError": "gaborprune.errors",
+    "PruneError": "gaborprune.errors",
+    "RecipeError": "gaborprune.errors",
     "ExportConfig": "gaborprune.export.api",
     "export_model": "gaborprune.export.api",
     "describe_onnx": "gaborprune.export.inspect_onnx",
@@ -33,18 +38,21 @@ _EXPORTS = {
     "PrunePlan": "gaborprune.prune",
     "PruneReport": "gaborprune.prune",
     "PruneSpec": "gaborprune.prune",
+    "PruneStep": "gaborprune.prune",
     "apply_plan_": "gaborprune.prune",
-    "prune_model": "gaborprune.prune",
+    "prune_model_": "gaborprune.prune",
     "TargetSpec": "gaborprune.prune",
-    "prune_to_target": "gaborprune.prune",
+    "prune_to_target_": "gaborprune.prune",
     "Recipe": "gaborprune.recipe",
-    "convert_model": "gaborprune.recipe",
     "load_model": "gaborprune.recipe",
     "read_recipe": "gaborprune.recipe",
     "save_recipe": "gaborprune.recipe",
     "ModelSummary": "gaborprune.summary",
     "summarize": "gaborprune.summary",
     "set_threads": "gaborprune._threads",
+    "FinetuneStep": "gaborprune.train.config",
+    "TrainConfig": "gaborprune.train.config",
+    "finetune_": "gaborprune.train.loop",
 }
 
 __all__ = ["__version__", *_EXPORTS]

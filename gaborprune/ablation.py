@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from gaborprune._io import check_outputs, write_json, write_text
-from gaborprune.convert.spec import ConversionSpec
+from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import DataSpec, load_data
 from gaborprune.errors import GaborPruneError
-from gaborprune.recipe import convert_model, load_model, save_recipe
+from gaborprune.recipe import load_model, save_recipe
 from gaborprune.summary import summarize
-from gaborprune.train import TrainConfig, evaluate, finetune
+from gaborprune.train import TrainConfig, evaluate, finetune_
 
 MIXERS = r"re:stages\.\d+\.blocks\.\d+\.mixer"
 DOWNS = r"re:stages\.\d+\.down\.0"
@@ -178,7 +178,7 @@ class AblationReport:
                 "latency_threads": self.latency_threads,
                 "rows": [asdict(r) | {"mean": r.mean, "std": r.std} for r in self.rows], "findings": self.verdicts()}
 
-    def markdown(self) -> str:
+    def to_markdown(self) -> str:
         t = self.scale.train
         shape = "x".join(map(str, self.scale.input_shape))
         ref = self.row("dw3") or self.rows[0]
@@ -207,6 +207,8 @@ class AblationReport:
             comp = "; ".join(f"{c['a']} - {c['b']}: {c['diff']:+.2f} (noise {c['noise']:.2f})" for c in v["comparisons"]) or "-"
             lines.append(f"| {v['claim']} | {comp} | {v['verdict']} |")
         return "\n".join(lines) + "\n"
+
+    markdown = to_markdown  # the name before every report's was `to_markdown`
 
 
 def verdict(kind: str, comparisons: list[dict]) -> str:
@@ -264,8 +266,9 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
             model, recipe = load_model("cada_net", num_classes=train.num_classes, model_args={"widths": list(scale.widths)},
                                        input_shape=scale.input_shape)
             for conversion in setting.specs():
-                convert_model(model, recipe, replace(conversion, seed=seed))
-            finetune(model, recipe, train, test, replace(scale.train, seed=seed), device=device, data_name=str(spec), on_epoch=on_epoch)
+                recipe = recipe.with_step(gaborize_(model, replace(conversion, seed=seed), recipe.input_shape).step)
+            result = finetune_(model, recipe, train, test, replace(scale.train, seed=seed), device=device, data_name=str(spec), on_epoch=on_epoch)
+            recipe = recipe.with_step(result.step)
             accuracies.append(evaluate(model, test.to(device), device).top1)
             model.cpu()
             if out is not None:
@@ -278,7 +281,7 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
     if out is not None:
         _time_exports(report, models, out, latency_runs, on_stage, force)
         write_json(out / "results.json", report.to_dict(), force)
-        text = report.markdown()
+        text = report.to_markdown()
         write_text(out / "results.md", text, force)
     return report
 
@@ -291,7 +294,7 @@ def _time_exports(report: AblationReport, models: dict, out: Path, runs: int, on
     config = ExportConfig(threads=report.latency_threads)
     for name, (model, recipe) in models.items():
         on_stage(f"{name}: exporting to ONNX")
-        export_model(model, recipe, out / f"{name}.onnx", config, force=force)
+        export_model(model, recipe.input_shape, out / f"{name}.onnx", config, recipe=recipe, force=force)
     on_stage(f"timing {len(models)} ONNX models side by side ({runs} runs each)")
     sessions = [session(out / f"{name}.onnx", threads=report.latency_threads) for name in models]
     x = np.random.default_rng(0).standard_normal((1, *report.scale.input_shape), dtype=np.float32)

@@ -16,15 +16,16 @@ import torch
 
 from gaborprune._io import check_outputs, write_json, write_text
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.convert.spec import ConversionSpec
+from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import load_data
-from gaborprune.export.api import ExportConfig, export_model
-from gaborprune.export.bench import bench, load_onnx
+from gaborprune.errors import GaborPruneError
+from gaborprune.export.api import ExportConfig, ExportReport, export_model
+from gaborprune.export.bench import BenchReport, Comparison, bench, load_onnx
 from gaborprune.plot import bank_views, plot_banks, plot_latency, plot_summary
-from gaborprune.prune import PruneSpec, prune_model
-from gaborprune.recipe import convert_model, load_model, save_recipe
+from gaborprune.prune import PruneSpec, prune_model_
+from gaborprune.recipe import load_model, save_recipe
 from gaborprune.summary import summarize
-from gaborprune.train import TrainConfig, evaluate, finetune
+from gaborprune.train import TrainConfig, evaluate, finetune_
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,19 @@ class DemoConfig:
     seed: int = 0
 
 
-FILES = ("baseline.pt", "finetuned.pt", "pruned.pt", "baseline.onnx", "pruned.onnx", "baseline-int8.onnx", "pruned-int8.onnx", "banks-converted.png", "banks-before-pruning.png",
-         "banks-after-pruning.png", "latency.png", "summary.png", "report.md", "report.json")  # everything `run_demo` writes into its folder
+#: Everything `run_demo` writes into its folder: {the report's name for it: file name}.
+FILES = {"baseline_recipe": "baseline.pt", "finetuned_recipe": "finetuned.pt", "pruned_recipe": "pruned.pt", "baseline_onnx": "baseline.onnx",
+         "pruned_onnx": "pruned.onnx", "baseline_int8_onnx": "baseline-int8.onnx", "pruned_int8_onnx": "pruned-int8.onnx",
+         "banks_converted": "banks-converted.png", "banks_before": "banks-before-pruning.png", "banks_after": "banks-after-pruning.png",
+         "latency_png": "latency.png", "summary_png": "summary.png", "report_md": "report.md", "report_json": "report.json"}
+
+
+def check_demo_outputs(out: Path, force: bool) -> None:
+    """Refuse a folder that already holds a demo's file unless `force` (before any training)."""
+    taken = [n for n in FILES.values() if (out / n).exists()]
+    if taken and not force:
+        raise GaborPruneError(f"'{out}' already holds a demo ({taken[0]}, ...); pass --force to overwrite it or choose --out")
+    check_outputs([out / name for name in FILES.values()], force)
 
 
 @dataclass
@@ -69,8 +81,8 @@ class DemoReport:
     config: DemoConfig
     stages: list[Stage] = field(default_factory=list)
     kernels: dict[str, list[int]] = field(default_factory=dict)  # {layer: [kept, total]}
-    onnx: dict = field(default_factory=dict)  # {"pruned": export report, "baseline": export report}
-    latency: dict = field(default_factory=dict)  # bench report
+    onnx: dict[str, ExportReport] = field(default_factory=dict)  # {"baseline", "pruned", "baseline-int8", "pruned-int8": its export}
+    latency: BenchReport | None = None  # the pruned files timed against the baseline files
     files: dict[str, str] = field(default_factory=dict)
     note: str = ""  # why the pruned model is not faster, when it is not
 
@@ -82,7 +94,11 @@ class DemoReport:
 
     def to_dict(self) -> dict:
         return {"config": asdict(self.config), "stages": [asdict(s) for s in self.stages], "kernels": self.kernels,
-                "kernels_removed": self.removed, "onnx": self.onnx, "latency": self.latency, "files": self.files, "note": self.note}
+                "kernels_removed": self.removed, "onnx": {k: e.to_dict() for k, e in self.onnx.items()},
+                "latency": self.latency.to_dict() if self.latency is not None else {}, "files": self.files, "note": self.note}
+
+    def to_markdown(self) -> str:
+        return markdown(self)
 
 
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torch.device = torch.device("cpu"),
@@ -92,7 +108,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     import time
 
     out = Path(out)
-    check_outputs([out / name for name in FILES], force)  # before any training
+    check_demo_outputs(out, force)
     report = DemoReport(config)
     torch.manual_seed(config.seed)
     model, recipe = load_model(config.model, model_args=dict(config.model_args))
@@ -105,27 +121,28 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
         report.stages.append(Stage(name, acc, s.params, s.macs, round(time.perf_counter() - t0, 1)))
         m.cpu()
 
-    def train_for(m, r, epochs: int, sparsity: float = 0.0, lr: float = config.lr) -> None:
-        cfg = TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=lr, sparsity=sparsity, seed=config.seed)
-        finetune(m, r, train, test, cfg, device=device, data_name=config.data, on_epoch=on_epoch)
+    def train_for(m, r, epochs: int, sparsity: float = 0.0, lr: float = config.lr, recalibrate: bool | None = None):
+        cfg = TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=lr, sparsity=sparsity, seed=config.seed, recalibrate=recalibrate)
+        result = finetune_(m, r, train, test, cfg, device=device, data_name=config.data, on_epoch=on_epoch)
         m.cpu()
+        return r.with_step(result.step)
 
     t0 = time.perf_counter()
     on_stage(f"1/6 training {config.model} on {config.data} ({config.train_epochs} epochs)")
-    train_for(model, recipe, config.train_epochs)
+    recipe = train_for(model, recipe, config.train_epochs)
     stage(f"{config.model} (unconverted)", model, t0)
     save_recipe(out / "baseline.pt", model, recipe, force=force)
 
     t0 = time.perf_counter()
     on_stage(f"2/6 converting the first {config.layers} convolutions to Gabor banks (least-squares fit)")
-    gabor, grecipe = copy.deepcopy(model), copy.deepcopy(recipe)
-    convert_model(gabor, grecipe, ConversionSpec(first=config.layers))
+    gabor = copy.deepcopy(model)
+    grecipe = recipe.with_step(gaborize_(gabor, ConversionSpec(first=config.layers), recipe.input_shape).step)
     stage("converted (fit, before fine-tuning)", gabor, t0)
     plot_banks([("converted", bank_views(gabor, recipe.input_shape))], out / "banks-converted.png", force=force)
 
     t0 = time.perf_counter()
     on_stage(f"3/6 fine-tuning with sparsity {config.sparsity} ({config.finetune_epochs} epochs)")
-    train_for(gabor, grecipe, config.finetune_epochs, config.sparsity)
+    grecipe = train_for(gabor, grecipe, config.finetune_epochs, config.sparsity)
     stage(f"fine-tuned, sparsity {config.sparsity}", gabor, t0)
     tuned = bank_views(gabor, recipe.input_shape, threshold=config.threshold)  # weak: what the prune will remove
     plot_banks([("fine-tuned", tuned)], out / "banks-before-pruning.png", force=force)
@@ -134,13 +151,14 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     t0 = time.perf_counter()
     on_stage(f"4/6 pruning (threshold {config.threshold}) and recovering ({config.recovery_epochs} epochs)")
     total = {n: m.mask.numel() for n, m in gabor.named_modules() if isinstance(m, GaborConv2d)}
-    prune_model(gabor, grecipe, PruneSpec(threshold=config.threshold))
+    grecipe = grecipe.with_step(prune_model_(gabor, recipe.input_shape, PruneSpec(threshold=config.threshold)).step)
     stage("pruned and compacted", gabor, t0)
     t0 = time.perf_counter()
-    train_for(gabor, grecipe, config.recovery_epochs, lr=config.lr / 5)
+    # recalibrated: the pruned channels change what later BatchNorms see, faster than their running averages follow
+    grecipe = train_for(gabor, grecipe, config.recovery_epochs, lr=config.lr / 5, recalibrate=True)
     stage("recovered", gabor, t0)
     report.kernels = {n: [m.kernels_alive, total[n]] for n, m in gabor.named_modules() if isinstance(m, GaborConv2d)}
-    plot_banks([("fine-tuned", tuned), ("pruned", bank_views(gabor, recipe.input_shape, grecipe.prune_plans, threshold=config.threshold))],
+    plot_banks([("fine-tuned", tuned), ("pruned", bank_views(gabor, recipe.input_shape, [s.plan.to_dict() for s in grecipe.prunes], threshold=config.threshold))],
                out / "banks-after-pruning.png", force=force)
     save_recipe(out / "pruned.pt", gabor, grecipe, force=force)
 
@@ -149,21 +167,18 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     for name, m, r in (("baseline", model, recipe), ("pruned", gabor, grecipe)):
         for suffix, int8 in (("", False), ("-int8", True)):  # int8 files of their own: the pruned one's form is chosen on int8 timings
             cfg = ExportConfig(dynamic_batch=True, threads=1, lowering="dense" if name == "baseline" else "auto", quantize=int8)
-            exports[name + suffix] = export_model(m, r, out / f"{name}{suffix}.onnx", cfg, data=(train, test), force=force)
-            report.onnx[name + suffix] = exports[name + suffix].to_dict()
+            exports[name + suffix] = export_model(m, r.input_shape, out / f"{name}{suffix}.onnx", cfg, recipe=r, data=(train, test), force=force)
+            report.onnx[name + suffix] = exports[name + suffix]
 
     on_stage(f"6/6 timing both, float and int8, in ONNX Runtime (batch {', '.join(map(str, config.bench_batches))}, 1 thread, interleaved)")
     result = bench([load_onnx(out / f"pruned{s}.onnx", f"pruned{s}") for s in ("", "-int8")],
                    baseline=[load_onnx(out / f"baseline{s}.onnx", f"baseline{s}") for s in ("", "-int8")],
                    batch_sizes=config.bench_batches, runs=config.bench_runs, max_seconds=config.bench_seconds)
-    report.latency = result.to_dict()
+    report.latency = result
     report.note = exports["pruned"].note or _not_faster(result)
     plot_latency(result, out / "latency.png", force=force)
 
-    report.files = {k: str(out / f) for k, f in (
-        ("baseline_recipe", "baseline.pt"), ("finetuned_recipe", "finetuned.pt"), ("pruned_recipe", "pruned.pt"), ("baseline_onnx", "baseline.onnx"),
-        ("pruned_onnx", "pruned.onnx"), ("baseline_int8_onnx", "baseline-int8.onnx"), ("pruned_int8_onnx", "pruned-int8.onnx"), ("banks_converted", "banks-converted.png"), ("banks_before", "banks-before-pruning.png"),
-        ("banks_after", "banks-after-pruning.png"), ("latency_png", "latency.png"), ("summary_png", "summary.png"), ("report_md", "report.md"), ("report_json", "report.json"))}
+    report.files = {k: str(out / f) for k, f in FILES.items()}
     data = report.to_dict()
     write_json(out / "report.json", data, force)
     plot_summary(data, out / "summary.png", force=force)  # drawn from what report.json holds
@@ -185,19 +200,18 @@ def _not_faster(result) -> str:
     return "; ".join(notes)
 
 
-def file_figures(export: dict) -> tuple[float, float]:
+def file_figures(export: ExportReport) -> tuple[float, float]:
     """(ONNX Runtime top-1, max |diff| vs PyTorch) of the file an export report describes: an int8
     export's own figures, not those of the float graph it was quantised from."""
-    q = export.get("quantization")
-    accuracy = export.get("accuracy", {})
-    top1 = accuracy.get("int8" if q else "onnx", float("nan"))
-    return top1, (q or export).get("max_abs_diff", float("nan"))
+    q = export.quantization
+    top1 = export.accuracy.get("int8" if q else "onnx", float("nan"))
+    return top1, q["max_abs_diff"] if q else export.max_abs_diff
 
 
-def _speedup(c: dict) -> str:
-    if c.get("speedup") is None:
-        return c.get("verdict", "")
-    return f"{c['speedup']:.3f}x [{c['speedup_low']:.3f}, {c['speedup_high']:.3f}] {c['verdict']}"
+def _speedup(c: Comparison) -> str:
+    if c.speedup is None:
+        return c.verdict
+    return f"{c.speedup:.3f}x [{c.speedup_low:.3f}, {c.speedup_high:.3f}] {c.verdict}"
 
 
 def markdown(report: DemoReport) -> str:
@@ -215,22 +229,22 @@ def markdown(report: DemoReport) -> str:
     lines += ["", f"Kernels removed over the converted layers: {report.removed:.0%}.", "",
               "| ONNX file | size | parameters | MACs executed | top-1 (ONNX Runtime) | max abs diff vs PyTorch |", "|---|---:|---:|---:|---:|---:|"]
     for name in ("baseline", "pruned", "baseline-int8", "pruned-int8"):
-        e = report.onnx.get(name, {})
+        e = report.onnx[name]
         top1, diff = file_figures(e)
-        lines.append(f"| {name}.onnx | {e.get('file_bytes', 0) / 1024:.0f} KiB | {e.get('params', 0):,} | {e.get('macs_executed', 0):,} | "
+        lines.append(f"| {name}.onnx | {e.file_bytes / 1024:.0f} KiB | {e.params:,} | {e.macs_executed:,} | "
                      f"{top1:.2f}% | {diff:.1e} |")
     lines += ["", "Latency (ONNX Runtime, 1 thread, interleaved; median per batch with its 95% interval):", "",
               "| model | precision | batch | median ms | 95% interval |", "|---|---|---:|---:|---|"]
-    for r in report.latency.get("results", []):
-        lines.append(f"| {r['model']} | {r['precision']} | {r['batch_size']} | {r['p50_ms']:.3f} | [{r['p50_low_ms']:.3f}, {r['p50_high_ms']:.3f}] |")
+    for r in report.latency.results:
+        lines.append(f"| {r.model} | {r.precision} | {r.batch_size} | {r.latency.p50:.3f} | [{r.interval.low:.3f}, {r.interval.high:.3f}] |")
     lines += ["", "| pruned against unpruned | batch | speedup [95% interval] | executed-MAC ratio | efficiency |", "|---|---:|---|---:|---:|"]
-    for comp in report.latency.get("comparisons", []):
-        eff = comp.get("efficiency")
-        lines.append(f"| {comp['precision']} | {comp['batch_size']} | {_speedup(comp)} | {comp['mac_ratio']:.3f} | "
+    for comp in report.latency.comparisons:
+        eff = comp.efficiency
+        lines.append(f"| {comp.precision} | {comp.batch_size} | {_speedup(comp)} | {comp.mac_ratio:.3f} | "
                      f"{'n/a' if eff is None else f'{eff:.2f}'} |")
     if report.note:
         lines += ["", f"**Note:** {report.note}."]
-    env = report.latency.get("environment", {})
+    env = report.latency.environment
     lines += ["", f"Machine: {env.get('cpu')}, {env.get('cores')} cores, 1-minute load {env.get('load_average') or 0:.2f} when timing began; "
                   f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}; {env.get('date')}. Timings depend on the machine.",
               "", "Pictures: `banks-converted.png`, `banks-before-pruning.png`, `banks-after-pruning.png` (before and after, side by side), `latency.png`, `summary.png` (baseline against pruned).", ""]

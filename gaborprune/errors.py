@@ -1,4 +1,8 @@
-"""The package's exceptions. The CLI turns each into one red line and exit code 1."""
+"""The package's exceptions. The CLI turns each into one red line and exit code 1.
+
+Messages name the library's arguments in backquotes (`batch_size`); the CLI shows its flags
+instead (`gaborprune._flags.cli_message`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,14 @@ class RecipeError(GaborPruneError):
 
 class ConversionError(GaborPruneError):
     """A conversion spec that is invalid or matches nothing convertible."""
+
+
+class PruneError(GaborPruneError):
+    """A prune request that cannot be carried out (bad criterion, no Gabor banks, a layer cut off)."""
+
+
+class TrainingError(GaborPruneError):
+    """Training cannot go on (non-finite loss, wrong classes, ...)."""
 
 
 class OutputExistsError(GaborPruneError):

@@ -1,17 +1,31 @@
 """Recipes: the project's checkpoint format.
 
-A recipe is a plain dict of strings, numbers, lists and tensors, so it loads with
-`torch.load(weights_only=True)` and nothing in it can run code:
+A recipe is an immutable record: a model source, an input shape, and the steps made on the model in
+order (conversions, fine-tuning runs, prunes), each with its spec or plan. Verbs never see it: they
+take a model and an input shape and return a report whose `step` the caller appends,
 
-    {"format": "gaborprune.recipe", "version": 1, "gaborprune_version": "0.1.0",
+    report = gaborize_(model, spec, recipe.input_shape)
+    recipe = recipe.with_step(report.step)
+
+so this module depends on `convert/`, `prune/` and `train.config`, and none of them on it.
+
+On disk a recipe is a plain dict of strings, numbers, lists and tensors, so it loads with
+`torch.load(weights_only=True)` and nothing in it can run code (format version 2):
+
+    {"format": "gaborprune.recipe", "version": 2, "gaborprune_version": "0.1.0",
      "source": {"spec", "num_classes", "kwargs"}, "input_shape": [C, H, W],
-     "conversions": [{"spec": {...}, "layers": [names]}],   # replayed in order
-     "prune_plans": [{"kernels", "channels", "spec", "folds", "constants", "after_conversions"}],  # replayed after that many conversions
-     "metadata": {...},                                     # metrics, history
+     "steps": [{"kind": "convert", "spec": {...}, "layers": [names]},
+               {"kind": "finetune", "config": {...}, "data", "epochs_done", "best_accuracy", "history": [...]},
+               {"kind": "prune", "plan": {"kernels", "channels", "spec", "folds", "constants"}}],   # replayed in order
+     "metadata": {...},                                     # free-form: the CLI's prune reports, notes
      "state_dict": {name: Tensor}}
 
-The architecture is rebuilt by replay (build the source, re-apply each conversion and the prune
-plan), then the state_dict is loaded strictly. Every field is validated before anything is built.
+The architecture is rebuilt by replay (build the source, replay each step: conversions and prunes
+change it, fine-tuning does not), then the state_dict is loaded strictly. Every field is validated
+before anything is built.
+
+Format 1 (`conversions`, `prune_plans` with `after_conversions`, the last fine-tuning record in
+`metadata["finetune"]`) is read and upgraded: see `_steps_of_v1`.
 
 Recipes are data, and only data: a built-in or `torchvision:` source rebuilds by name, but a
 `package.module:factory` source would import and call code that whoever wrote the file chose, so
@@ -21,9 +35,12 @@ listed in GABORPRUNE_TRUSTED_MODULES).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,27 +51,80 @@ from torch import nn
 from gaborprune import __version__
 from gaborprune._io import safe_torch_load, save_torch
 from gaborprune._validate import is_int
-from gaborprune.convert.spec import ConversionReport, ConversionSpec, gaborize_
+from gaborprune.convert.spec import ConversionReport, ConversionSpec, ConversionStep, gaborize_
 from gaborprune.errors import GaborPruneError, ModelSourceError, RecipeError
 from gaborprune.models import TRUST_ENV, ModelSource, fit_state_dict, load_state_dict_file, non_finite, portable_state_dict, trusted_factory
+from gaborprune.prune.plan import PrunePlan, PruneStep, fold_problem
+from gaborprune.train.config import LEGACY_SETTINGS, FinetuneStep, TrainConfig
 
 FORMAT = "gaborprune.recipe"
-VERSION = 1
+VERSION = 2
 _MAX_SIDE, _MAX_INPUT = 16384, 2**26  # a stored input shape beyond these is corruption, not a model
 # what replaying validated data can still raise (a layer name the model lacks, a plan that does not fit)
 _REPLAY_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, ArithmeticError)
 
+Step = ConversionStep | PruneStep | FinetuneStep
+#: {kind: step class}: what a recipe's steps can be.
+STEPS: dict[str, type] = {cls.kind: cls for cls in (ConversionStep, PruneStep, FinetuneStep)}
+_STEP_KEYS = {"convert": {"kind", "spec", "layers"}, "prune": {"kind", "plan"},
+              "finetune": {"kind", "config", "data", "epochs_done", "best_accuracy", "history"}}
+_PLAN_KEYS = {"kernels", "channels", "spec", "folds", "constants"}
 
-@dataclass
+
+@dataclass(frozen=True)
 class Recipe:
-    """Everything needed to rebuild a model except its weights."""
+    """Everything needed to rebuild a model except its weights: where it came from and what was done to it.
+
+    Attributes:
+        source: how to build the architecture from nothing.
+        input_shape: (C, H, W) of one input.
+        steps: the conversions, fine-tuning runs and prunes, in the order they were made.
+        metadata: free-form plain data (JSON-like) saved with the recipe.
+        origin: the file it was read from, for messages (not compared, not saved).
+    """
 
     source: ModelSource
     input_shape: tuple[int, int, int]
-    conversions: list[dict[str, Any]] = field(default_factory=list)
-    prune_plans: list[dict[str, Any]] = field(default_factory=list)
+    steps: tuple[Step, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
-    origin: str | None = field(default=None, compare=False, repr=False)  # the file it was read from, for messages
+    origin: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "steps", tuple(self.steps))
+        for step in self.steps:
+            _check_step(step)
+
+    def with_step(self, step: Step) -> Recipe:
+        """This recipe with `step` made after its others (a report's `step`: `ConversionReport`,
+        `PruneReport`, `TrainResult`, `TargetReport`)."""
+        return dataclasses.replace(self, steps=(*self.steps, _check_step(step)))
+
+    def with_metadata(self, **entries: Any) -> Recipe:
+        """This recipe with `entries` added to (or replacing keys of) its metadata."""
+        return dataclasses.replace(self, metadata=self.metadata | entries)
+
+    @property
+    def conversions(self) -> tuple[ConversionStep, ...]:
+        return tuple(s for s in self.steps if isinstance(s, ConversionStep))
+
+    @property
+    def prunes(self) -> tuple[PruneStep, ...]:
+        return tuple(s for s in self.steps if isinstance(s, PruneStep))
+
+    @property
+    def finetunes(self) -> tuple[FinetuneStep, ...]:
+        return tuple(s for s in self.steps if isinstance(s, FinetuneStep))
+
+    @property
+    def prune_plans(self) -> list[dict[str, Any]]:
+        """Deprecated (plot.py and demo.py while they move): the prune plans as dicts; use `prunes`."""
+        return [s.plan.to_dict() for s in self.prunes]
+
+    def _append_(self, step: Step) -> None:
+        """Append in place: only for the deprecated aliases (`convert_model`, `prune_model`,
+        `finetune`), and goes with them."""
+        object.__setattr__(self, "steps", (*self.steps, _check_step(step)))
 
     def build(self, *, trust_factory: bool = False) -> nn.Module:
         """The architecture by replay, with fresh (not trained) weights.
@@ -68,8 +138,6 @@ class Recipe:
             RecipeError: an untrusted factory source (refused before any import), or a step that
                 does not replay on the model.
         """
-        from gaborprune.prune.plan import PrunePlan, apply_plan_
-
         where = f"recipe '{self.origin}'" if self.origin else "the recipe"
         spec = self.source.spec
         if self.source.kind == "factory" and not (trust_factory or trusted_factory(spec)):
@@ -77,46 +145,83 @@ class Recipe:
                 f"{where} names the model factory '{spec}', which rebuilding would import and call (code chosen by whoever wrote the file); "
                 f"refused. If you trust it, pass --trust-factory (trust_factory=True in the API) or set {TRUST_ENV}={spec.partition(':')[0]}"
             )
-        step = "its model source"
+        label = "its model source"
         try:
             model = self.source.build()
-            plans = sorted(enumerate(self.prune_plans), key=lambda ip: ip[1].get("after_conversions", 0))  # stable: keeps their order
-            for k, record in enumerate([*self.conversions, None]):
-                while plans and plans[0][1].get("after_conversions", 0) <= k:
-                    i, plan = plans.pop(0)
-                    step = f"prune_plans[{i}]"
-                    apply_plan_(model, PrunePlan.from_dict(plan))
-                if record is not None:
-                    step = f"conversions[{k}]"
-                    gaborize_(model, ConversionSpec.from_dict(record["spec"]), layers=record["layers"], init="none")
+            for i, step in enumerate(self.steps):
+                label = f"steps[{i}] ({step.kind})"
+                step.replay_(model)
         except GaborPruneError as e:  # already one clear line; say where it came from, keep its type
-            raise type(e)(f"{where}, {step}: {e}") from None
+            raise type(e)(f"{where}, {label}: {e}") from None
         except _REPLAY_ERRORS as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise RecipeError(f"{where}: {step} does not replay on its model ({type(e).__name__}: {detail}); the file may be corrupt") from None
+            raise RecipeError(f"{where}: {label} does not replay on its model ({type(e).__name__}: {detail}); the file may be corrupt") from None
         return model
 
-    def record(self, report: ConversionReport) -> None:
-        """Append a conversion that was just applied to the model."""
-        self.conversions.append({"spec": report.spec.to_dict(), "layers": report.layer_names})
-
     def to_dict(self) -> dict[str, Any]:
+        """The file's contents without the state_dict (format `VERSION`)."""
         return {
             "format": FORMAT,
             "version": VERSION,
             "gaborprune_version": __version__,
             "source": self.source.to_dict(),
             "input_shape": list(self.input_shape),
-            "conversions": self.conversions,
-            "prune_plans": self.prune_plans,
-            "metadata": self.metadata,
+            "steps": [s.to_dict() for s in self.steps],
+            "metadata": dict(self.metadata),
         }
+
+    @classmethod
+    def from_payload(cls, obj: dict[str, Any], origin: str | None = None) -> Recipe:
+        """The recipe of a validated file's contents (`read_payload`), format 1 upgraded."""
+        metadata = dict(obj.get("metadata") or {})
+        if obj["version"] == 1:
+            steps = _steps_of_v1(obj, metadata)
+        else:
+            steps = [STEPS[d["kind"]].from_dict(d) for d in obj["steps"]]
+        return cls(ModelSource.from_dict(obj["source"]), tuple(obj["input_shape"]), tuple(steps), metadata, origin=origin)
+
+
+def _check_step(step: Any) -> Step:
+    if not isinstance(step, tuple(STEPS.values())):
+        raise RecipeError(f"a recipe step must be a {', '.join(c.__name__ for c in STEPS.values())} (a report's `step`), not {type(step).__name__}")
+    return step
+
+
+def _steps_of_v1(obj: dict[str, Any], metadata: dict[str, Any]) -> list[Step]:
+    """Format 1's steps in the order they were made; what becomes a step leaves `metadata` (the caller's copy).
+
+    Each prune plan goes before the conversion it preceded (its `after_conversions`; plans with the
+    same count keep their order). Format 1 kept only the last fine-tuning run, in
+    `metadata["finetune"]`, and not when it ran: it becomes a step after the last conversion and
+    before the prunes that followed it, where the pipeline (convert, fine-tune, prune) runs it. A
+    record that is not a valid run stays in the metadata.
+    """
+    conversions = [ConversionStep.from_dict(c) for c in obj["conversions"]]
+    plans = sorted(obj.get("prune_plans") or [], key=lambda p: p.get("after_conversions", 0))
+    record = metadata.get("finetune")
+    tuned = None
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        record = record | {"config": LEGACY_SETTINGS | record["config"]}
+        if _finetune_problem(record) is None:
+            tuned = FinetuneStep.from_dict(record)
+            del metadata["finetune"]
+    steps: list[Step] = []
+    for k in range(len(conversions) + 1):
+        if k == len(conversions) and tuned is not None:
+            steps.append(tuned)
+        steps += [PruneStep(PrunePlan.from_dict(p)) for p in plans if p.get("after_conversions", 0) == k]
+        if k < len(conversions):
+            steps.append(conversions[k])
+    return steps
 
 
 def convert_model(model: nn.Module, recipe: Recipe, spec: ConversionSpec) -> ConversionReport:
-    """Convert the layers `spec` selects to Gabor banks in place and record it in `recipe`."""
+    """Deprecated, for cli.py and demo.py while they move: `gaborize_(model, spec, recipe.input_shape)`,
+    with its step appended to `recipe` in place (new code appends it with `recipe.with_step`)."""
+    warnings.warn("convert_model(model, recipe, spec) is deprecated; use gaborize_(model, spec, input_shape) and recipe.with_step(report.step)",
+                  DeprecationWarning, stacklevel=2)
     report = gaborize_(model, spec, recipe.input_shape)
-    recipe.record(report)
+    recipe._append_(report.step)
     return report
 
 
@@ -180,16 +285,14 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _validate(obj: Any, p: Path) -> None:
-    """Check a loaded recipe's whole schema, before anything is built from it.
+    """Check a loaded recipe's whole schema (format 1 or 2), before anything is built from it.
 
     Raises:
         RecipeError: one line naming the first field that is missing, of the wrong type or out of range.
     """
-    from gaborprune.prune.plan import PrunePlan, fold_problem
-
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise RecipeError(f"'{p}' is a plain state_dict, not a recipe; pass it as --weights with its model name")
+            raise RecipeError(f"'{p}' is a plain state_dict, not a recipe; pass it as `weights` with its model name")
         raise RecipeError(f"'{p}' is not a gaborprune recipe")
 
     def bad(name: str, problem: str) -> RecipeError:
@@ -198,7 +301,8 @@ def _validate(obj: Any, p: Path) -> None:
     version = obj.get("version")
     if is_int(version) and version > VERSION:
         raise RecipeError(f"recipe '{p}' has format version {version}, newer than this gaborprune reads ({VERSION}); upgrade gaborprune")
-    missing = [k for k in ("version", "source", "input_shape", "conversions", "state_dict") if k not in obj]
+    record = "conversions" if is_int(version) and version == 1 else "steps"
+    missing = [k for k in ("version", "source", "input_shape", record, "state_dict") if k not in obj]
     if missing:
         raise RecipeError(f"recipe '{p}' is incomplete (missing {', '.join(missing)}); it may be corrupt")
     if not is_int(version) or version < 1:
@@ -225,59 +329,33 @@ def _validate(obj: Any, p: Path) -> None:
             and shape[0] * shape[1] * shape[2] <= _MAX_INPUT):
         raise bad("'input_shape'", f"must be [C, H, W], three positive integers of at most {_MAX_SIDE} and {_MAX_INPUT} in all, not {_show(shape)}")
 
-    conversions = obj["conversions"]
-    if not isinstance(conversions, list):
-        raise bad("'conversions'", f"must be a list, not {_show(conversions)}")
-    hints = typing.get_type_hints(ConversionSpec)
-    for i, record in enumerate(conversions):
-        name = f"'conversions[{i}]'"
-        if not isinstance(record, dict) or set(record) != {"spec", "layers"}:
-            raise bad(name, f"must be a dict with 'spec' and 'layers', not {_show(record)}")
-        spec, layers = record["spec"], record["layers"]
-        if not isinstance(spec, dict):
-            raise bad(f"'conversions[{i}].spec'", f"must be a dict, not {_show(spec)}")
-        unknown = sorted(map(str, set(spec) - {f.name for f in fields(ConversionSpec)}))
-        if unknown:
-            raise bad(f"'conversions[{i}].spec'", f"has unknown key '{unknown[0]}'")
-        wrong = [k for k, v in spec.items() if not _fits(v, hints[k])]
-        if wrong:
-            raise bad(f"'conversions[{i}].spec.{wrong[0]}'", f"must be {hints[wrong[0]]}, not {_show(spec[wrong[0]])}")
-        try:
-            ConversionSpec.from_dict(spec)
-        except (GaborPruneError, TypeError, ValueError, RuntimeError) as e:
-            raise bad(f"'conversions[{i}].spec'", f"is invalid ({e})") from None
-        if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
-            raise bad(f"'conversions[{i}].layers'", f"must be a list of layer names, not {_show(layers)}")
-
-    plans = obj.get("prune_plans", [])
-    if not isinstance(plans, list):
-        raise bad("'prune_plans'", f"must be a list, not {_show(plans)}")
-    for i, plan in enumerate(plans):
-        name = f"'prune_plans[{i}]'"
-        if not isinstance(plan, dict):
-            raise bad(name, f"must be a dict, not {_show(plan)}")
-        unknown = sorted(map(str, set(plan) - {"kernels", "channels", "spec", "folds", "constants", "after_conversions"}))
-        if unknown:
-            raise bad(name, f"has unknown key '{unknown[0]}'")
-        after = plan.get("after_conversions", 0)
-        if not (is_int(after) and 0 <= after <= len(conversions)):
-            raise bad(f"'prune_plans[{i}].after_conversions'", f"must be an integer from 0 to {len(conversions)} (the conversions), not {_show(after)}")
-        kernels, channels = plan.get("kernels"), plan.get("channels")
-        if not (isinstance(kernels, dict) and all(isinstance(k, str) and isinstance(v, list) and all(_ints(q) and len(q) == 2 for q in v)
-                                                  for k, v in kernels.items())):
-            raise bad(f"'prune_plans[{i}].kernels'", f"must map layer names to [output, input] index pairs, not {_show(kernels)}")
-        if not (isinstance(channels, dict) and all(isinstance(k, str) and isinstance(v, dict) and set(v) <= {"out", "in"} and all(map(_ints, v.values()))
-                                                   for k, v in channels.items())):
-            raise bad(f"'prune_plans[{i}].channels'", f"must map module names to {{'out': [...], 'in': [...]}} channel indices, not {_show(channels)}")
-        if not isinstance(plan.get("spec", {}), dict):
-            raise bad(f"'prune_plans[{i}].spec'", f"must be a dict, not {_show(plan['spec'])}")
-        problem = fold_problem(plan.get("folds", []))  # absent in plans written before folds were stored
-        if problem:
-            raise bad(f"'prune_plans[{i}].folds'", problem)
-        try:
-            PrunePlan.from_dict(plan)
-        except GaborPruneError as e:
-            raise bad(f"'prune_plans[{i}]'", f"is invalid ({e})") from None
+    if version == 1:
+        _validate_v1(obj, bad)
+    else:
+        steps = obj["steps"]
+        if not isinstance(steps, list):
+            raise bad("'steps'", f"must be a list, not {_show(steps)}")
+        for i, step in enumerate(steps):
+            name = f"steps[{i}]"
+            if not isinstance(step, dict) or step.get("kind") not in STEPS:
+                raise bad(f"'{name}'", f"must be a dict whose 'kind' is one of {', '.join(STEPS)}, not {_show(step)}")
+            kind = step["kind"]
+            if set(step) != _STEP_KEYS[kind]:
+                raise bad(f"'{name}'", f"must be a {kind} step with keys {', '.join(sorted(_STEP_KEYS[kind]))}, not {sorted(map(str, step))}")
+            if kind == "convert":
+                _check_conversion(step["spec"], step["layers"], name, bad)
+            elif kind == "prune":
+                plan = step["plan"]
+                if not isinstance(plan, dict):
+                    raise bad(f"'{name}.plan'", f"must be a dict, not {_show(plan)}")
+                unknown = sorted(map(str, set(plan) - _PLAN_KEYS))
+                if unknown:
+                    raise bad(f"'{name}.plan'", f"has unknown key '{unknown[0]}'")
+                _check_plan(plan, f"{name}.plan", bad)
+            else:
+                problem = _finetune_problem(step)
+                if problem:
+                    raise bad(f"'{name}.{problem[0]}'", problem[1])
 
     if not isinstance(obj.get("metadata", {}), dict):
         raise bad("'metadata'", f"must be a dict, not {_show(obj['metadata'])}")
@@ -294,14 +372,98 @@ def _validate(obj: Any, p: Path) -> None:
         raise RecipeError(f"recipe '{p}' is unusable: 'state_dict[{bad_tensors[0]!r}]' holds NaN or infinite values{more}; it is from a diverged run or damaged")
 
 
+def _validate_v1(obj: dict[str, Any], bad) -> None:
+    """Format 1's `conversions` and `prune_plans` (see `_steps_of_v1`); its metadata was never checked."""
+    conversions = obj["conversions"]
+    if not isinstance(conversions, list):
+        raise bad("'conversions'", f"must be a list, not {_show(conversions)}")
+    for i, record in enumerate(conversions):
+        if not isinstance(record, dict) or set(record) != {"spec", "layers"}:
+            raise bad(f"'conversions[{i}]'", f"must be a dict with 'spec' and 'layers', not {_show(record)}")
+        _check_conversion(record["spec"], record["layers"], f"conversions[{i}]", bad)
+    plans = obj.get("prune_plans", [])
+    if not isinstance(plans, list):
+        raise bad("'prune_plans'", f"must be a list, not {_show(plans)}")
+    for i, plan in enumerate(plans):
+        name = f"prune_plans[{i}]"
+        if not isinstance(plan, dict):
+            raise bad(f"'{name}'", f"must be a dict, not {_show(plan)}")
+        unknown = sorted(map(str, set(plan) - _PLAN_KEYS - {"after_conversions"}))
+        if unknown:
+            raise bad(f"'{name}'", f"has unknown key '{unknown[0]}'")
+        after = plan.get("after_conversions", 0)
+        if not (is_int(after) and 0 <= after <= len(conversions)):
+            raise bad(f"'{name}.after_conversions'", f"must be an integer from 0 to {len(conversions)} (the conversions), not {_show(after)}")
+        _check_plan(plan, name, bad)
+
+
+def _check_conversion(spec: Any, layers: Any, name: str, bad) -> None:
+    """A recorded conversion: its spec's keys, types and sense, and its layer names."""
+    if not isinstance(spec, dict):
+        raise bad(f"'{name}.spec'", f"must be a dict, not {_show(spec)}")
+    hints = typing.get_type_hints(ConversionSpec)
+    unknown = sorted(map(str, set(spec) - {f.name for f in fields(ConversionSpec)}))
+    if unknown:
+        raise bad(f"'{name}.spec'", f"has unknown key '{unknown[0]}'")
+    wrong = [k for k, v in spec.items() if not _fits(v, hints[k])]
+    if wrong:
+        raise bad(f"'{name}.spec.{wrong[0]}'", f"must be {hints[wrong[0]]}, not {_show(spec[wrong[0]])}")
+    try:
+        ConversionSpec.from_dict(spec)
+    except (GaborPruneError, TypeError, ValueError, RuntimeError) as e:
+        raise bad(f"'{name}.spec'", f"is invalid ({e})") from None
+    if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+        raise bad(f"'{name}.layers'", f"must be a list of layer names, not {_show(layers)}")
+
+
+def _check_plan(plan: dict[str, Any], name: str, bad) -> None:
+    """A recorded prune plan's fields (`PrunePlan`)."""
+    kernels, channels = plan.get("kernels"), plan.get("channels")
+    if not (isinstance(kernels, dict) and all(isinstance(k, str) and isinstance(v, list) and all(_ints(q) and len(q) == 2 for q in v)
+                                              for k, v in kernels.items())):
+        raise bad(f"'{name}.kernels'", f"must map layer names to [output, input] index pairs, not {_show(kernels)}")
+    if not (isinstance(channels, dict) and all(isinstance(k, str) and isinstance(v, dict) and set(v) <= {"out", "in"} and all(map(_ints, v.values()))
+                                               for k, v in channels.items())):
+        raise bad(f"'{name}.channels'", f"must map module names to {{'out': [...], 'in': [...]}} channel indices, not {_show(channels)}")
+    if not isinstance(plan.get("spec", {}), dict):
+        raise bad(f"'{name}.spec'", f"must be a dict, not {_show(plan['spec'])}")
+    problem = fold_problem(plan.get("folds", []))  # absent in plans written before folds were stored
+    if problem:
+        raise bad(f"'{name}.folds'", problem)
+    try:
+        PrunePlan.from_dict(plan)
+    except GaborPruneError as e:
+        raise bad(f"'{name}'", f"is invalid ({e})") from None
+
+
+def _finetune_problem(record: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, problem) of the first field of a fine-tuning record (`FinetuneStep.to_dict`) that is
+    wrong, or None when it is a valid one."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return "config", f"must be a dict of fine-tuning settings, not {_show(config)}"
+    try:
+        TrainConfig.from_dict(config)
+    except (GaborPruneError, TypeError, ValueError) as e:
+        return "config", f"is not a valid fine-tuning config ({e})"
+    if not isinstance(record.get("data"), str):
+        return "data", f"must be a dataset spec, not {_show(record.get('data'))}"
+    if not (is_int(record.get("epochs_done")) and record["epochs_done"] >= 0):
+        return "epochs_done", f"must be a count of epochs, not {_show(record.get('epochs_done'))}"
+    best = record.get("best_accuracy")
+    if not (isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)):
+        return "best_accuracy", f"must be a finite number, not {_show(best)}"
+    history = record.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history) and _json_like(history)):
+        return "history", f"must be a list of epoch records (plain data), not {_show(history)}"
+    return None
+
+
 def read_recipe(path: str | os.PathLike) -> tuple[Recipe, dict[str, torch.Tensor]]:
-    """Read a recipe file safely: (recipe, state_dict). Nothing is imported or built. Raises RecipeError."""
+    """Read a recipe file safely (format 1 is upgraded): (recipe, state_dict). Nothing is imported
+    or built. Raises RecipeError."""
     obj = read_payload(path)
-    recipe = Recipe(
-        ModelSource.from_dict(obj["source"]), tuple(obj["input_shape"]), list(obj["conversions"]),
-        list(obj.get("prune_plans") or []), dict(obj.get("metadata") or {}), origin=str(path),
-    )
-    return recipe, obj["state_dict"]
+    return Recipe.from_payload(obj, origin=str(path)), obj["state_dict"]
 
 
 def save_payload(path: str | os.PathLike, model: nn.Module, recipe: Recipe, extra: dict[str, Any] | None = None, *, force: bool = False) -> Path:
@@ -340,12 +502,12 @@ def load_model(
     """
     if is_recipe_path(spec):
         if num_classes is not None or weights is not None or model_args:
-            raise ModelSourceError(f"'{spec}' is a recipe, which fixes its classes, weights and model arguments; drop --num-classes/--weights/--model-arg")
+            raise ModelSourceError(f"'{spec}' is a recipe, which fixes its classes, weights and model arguments; drop `num_classes`/`weights`/`model_args`")
         recipe, state = read_recipe(spec)
         model = recipe.build(trust_factory=trust_factory)
         fit_state_dict(model, state, f"the state_dict in '{spec}'", "its own architecture (corrupt recipe?)")
         if input_shape is not None:
-            recipe.input_shape = input_shape
+            recipe = dataclasses.replace(recipe, input_shape=tuple(input_shape))
         return model, recipe
     source = ModelSource(spec, num_classes, dict(model_args or {}))
     model = source.build()

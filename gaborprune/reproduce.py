@@ -1,9 +1,11 @@
-"""`reproduce`: the seed paper's two experiments, each recipe written down in one place.
+"""`reproduce`: the seed papers' experiments by name, each recipe written down in one place.
 
-Each experiment trains, per seed, the plain network and the Gabor network with the same recipe
-(data, epochs, optimiser, schedule); the Gabor network also gets the sparsity pressure, then is
-pruned at the threshold. It reports accuracies, kernels kept per Gabor layer and the share removed,
-per seed and as mean and standard deviation.
+`NAMES` is the registry: the Gabor paper's two experiments (`EXPERIMENTS`) and the CADA paper's
+ablation (`ABLATION`, run by `gaborprune.ablation`). Each Gabor experiment trains, per seed, the
+plain network and the Gabor network with the same recipe (data, epochs, optimiser, schedule); the
+Gabor network also gets the sparsity pressure, then is pruned at the threshold. It reports
+accuracies, kernels kept per Gabor layer and the share removed, per seed and as mean and standard
+deviation.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import torch
 
 from gaborprune._io import check_outputs, write_json, write_text
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.convert.spec import ConversionSpec
+from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import DataSpec, load_data
 from gaborprune.errors import GaborPruneError
 from gaborprune.models import ModelSource
-from gaborprune.prune import PruneSpec, prune_model
-from gaborprune.recipe import convert_model, load_model, save_recipe
-from gaborprune.train import TrainConfig, evaluate, finetune
+from gaborprune.prune import PruneSpec, prune_model_
+from gaborprune.recipe import load_model, save_recipe
+from gaborprune.train import TrainConfig, evaluate, finetune_
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ EXPERIMENTS = {
 }
 
 
+#: The CADA paper's ablation (`gaborprune.ablation.run_ablation`), run by `reproduce` under this name.
+ABLATION = "cada-ablation"
+#: Every experiment `reproduce` runs, by name.
+NAMES = (*EXPERIMENTS, ABLATION)
+
+
 @dataclass
 class SeedResult:
     seed: int
@@ -100,7 +108,7 @@ class ReproduceReport:
         return {"experiment": recipe, "data": self.data, "epochs": self.epochs, "seeds": [asdict(s) for s in self.seeds],
                 "summary": self.summary()}
 
-    def markdown(self) -> str:
+    def to_markdown(self) -> str:
         e, s = self.experiment, self.summary()
 
         def ms(d: dict, fmt: str = ".2f") -> str:
@@ -117,14 +125,34 @@ class ReproduceReport:
         lines.append(f"| mean ± std | {ms(s['plain_accuracy'])}% | {ms(s['gabor_accuracy'])}% | {ms(s['pruned_accuracy'])}% | {kept} |")
         return "\n".join(lines) + "\n"
 
+    markdown = to_markdown  # the name before every report's was `to_markdown`
 
-def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None, out: str | Path | None = None,
+
+def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None, settings: list[str] | None = None,
+              input_shape: tuple[int, int, int] | None = None, out: str | Path | None = None,
               device: torch.device = torch.device("cpu"), on_stage: Callable[[str], None] = lambda s: None,
-              on_epoch: Callable[[dict], None] | None = None, force: bool = False) -> ReproduceReport:
-    """Run experiment `name` on `data` for `seeds` seeds (0, 1, ...); `epochs` overrides the recipe's
-    (toy runs); recipes and results (results.md, results.json) go to `out` when given."""
-    if name not in EXPERIMENTS:
-        raise GaborPruneError(f"unknown experiment '{name}'; known: {', '.join(EXPERIMENTS)}")
+              on_epoch: Callable[[dict], None] | None = None, force: bool = False):
+    """Run experiment `name` (one of `NAMES`) on `data` for `seeds` seeds (0, 1, ...); `epochs`
+    overrides the recipe's (toy runs); recipes and results (results.md, results.json) go to `out`
+    when given. `settings` and `input_shape` choose the ablation's rows and image size.
+
+    Returns:
+        a `ReproduceReport`, or for the ablation an `AblationReport`; both have `to_dict` and `to_markdown`.
+    """
+    if name not in NAMES:
+        raise GaborPruneError(f"unknown experiment '{name}'; known: {', '.join(NAMES)}")
+    if name == ABLATION:
+        from gaborprune.ablation import run_ablation
+
+        return run_ablation(data, seeds=seeds, settings=settings, epochs=epochs, input_shape=input_shape, out=out, device=device,
+                            on_stage=on_stage, on_epoch=on_epoch, force=force)
+    if settings or input_shape:
+        raise GaborPruneError(f"{'--settings' if settings else '`input_shape`'} applies to {ABLATION} only, not to '{name}'")
+    return _gabor(name, data, seeds=seeds, epochs=epochs, out=out, device=device, on_stage=on_stage, on_epoch=on_epoch, force=force)
+
+
+def _gabor(name: str, data: str, *, seeds: int, epochs: int | None, out, device: torch.device, on_stage, on_epoch, force: bool) -> ReproduceReport:
+    """One of the Gabor paper's `EXPERIMENTS`, as `reproduce` describes."""
     if seeds < 1:
         raise GaborPruneError(f"--seeds must be at least 1, not {seeds}")
     e = EXPERIMENTS[name]
@@ -148,13 +176,13 @@ def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None
             args = e.plain_args if kind == "plain" and e.plain_args is not None else e.model_args
             model, recipe = load_model(e.model, model_args=args, num_classes=train.num_classes)
             if kind == "gabor" and e.convert is not None:
-                convert_model(model, recipe, replace(e.convert, seed=seed))
+                recipe = recipe.with_step(gaborize_(model, replace(e.convert, seed=seed), recipe.input_shape).step)
             cfg = replace(config, sparsity=e.sparsity if kind == "gabor" else 0.0)
-            finetune(model, recipe, train, test, cfg, device=device, data_name=str(spec), on_epoch=on_epoch)
+            recipe = recipe.with_step(finetune_(model, recipe, train, test, cfg, device=device, data_name=str(spec), on_epoch=on_epoch).step)
             accuracies[kind] = evaluate(model, test.to(device), device).top1
             if kind == "gabor":
                 total = {n: m.mask.numel() for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
-                prune_model(model.cpu(), recipe, PruneSpec(threshold=e.threshold))
+                recipe = recipe.with_step(prune_model_(model.cpu(), recipe.input_shape, PruneSpec(threshold=e.threshold)).step)
                 accuracies["pruned"] = evaluate(model.to(device), test.to(device), device).top1
                 kernels = {n: [m.kernels_alive, total[n]] for n, m in model.named_modules() if isinstance(m, GaborConv2d)}
             if out is not None:
@@ -162,6 +190,6 @@ def reproduce(name: str, data: str, *, seeds: int = 1, epochs: int | None = None
         report.seeds.append(SeedResult(seed, accuracies["plain"], accuracies["gabor"], accuracies["pruned"], kernels))
     if out is not None:
         write_json(out / "results.json", report.to_dict(), force)
-        text = report.markdown()
+        text = report.to_markdown()
         write_text(out / "results.md", text, force)
     return report

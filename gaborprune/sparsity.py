@@ -52,7 +52,7 @@ compare),
 
 unweighted: on small networks each convolution costs about the same time whatever its width
 (notes/latency-probe.md), so every branch saves about the same. A branch whose B falls below the
-prune threshold x the strongest goes whole (`gaborprune.prune.structured`).
+prune threshold x the median branch's goes whole (`gaborprune.prune.structured`).
 The weights are constants, so all terms inherit the invariance of s. The kernel
 term has weight 1 and each family GROUP_WEIGHT = 2: in the latency probe's prototype
 (notes/latency-probe.md, resnet20_altered on digits, --sparsity 0.1) that killed 9 of conv2's 16
@@ -283,11 +283,13 @@ class GaborSparsity:
 
     @torch.no_grad()
     def relative_branch_strengths(self) -> dict[str, float]:
-        """{branch label: B / the strongest branch's} (scope "all"; {} without branches)."""
+        """{branch label: B / the median branch's B} (scope "all"; {} without branches). The median, not
+        the strongest: one dominant branch would make every other look dead, and below 1 at most
+        half the branches can fall under it."""
         strengths = {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
         norms = {b: float(self._branch(b, strengths)) for b in self.branches}
-        top = max(norms.values(), default=0.0)
-        return {b: v / top if top > 0 else 0.0 for b, v in norms.items()}
+        mid = float(torch.tensor(list(norms.values())).median()) if norms else 0.0
+        return {b: v / mid if mid > 0 else 0.0 for b, v in norms.items()}
 
     @contextlib.contextmanager
     def track_forward(self) -> Iterator[None]:

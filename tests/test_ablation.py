@@ -22,9 +22,9 @@ def test_settings_convert_exactly_the_layers_they_name():
         "stages.0.blocks.0.mixer", "stages.1.blocks.0.mixer", "stages.2.blocks.0.mixer"]
     assert select_layers(model, gp.ConversionSpec(targets=(DOWNS,)), (3, 16, 16)) == ["stages.1.down.0", "stages.2.down.0"]
     for setting in SETTINGS:
-        model, recipe = gp.load_model("cada_net", input_shape=(3, 16, 16))
+        model, _ = gp.load_model("cada_net", input_shape=(3, 16, 16))
         for spec in setting.specs():
-            gp.convert_model(model, recipe, spec)
+            gp.gaborize_(model, spec, (3, 16, 16))
         blocks = {n: m for n, m in model.named_modules() if isinstance(m, CADAConv2d)}
         want = (3 if setting.mixers else 0) + (2 if setting.down else 0)
         assert len(blocks) == want, setting.name

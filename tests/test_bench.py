@@ -17,7 +17,6 @@ from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import BenchModel, bench, converted_share, load_onnx, precision_of, quantized
 from gaborprune.export.onnx import ExportError
 from gaborprune.export.runtime import Latency
-from gaborprune.recipe import Recipe
 from test_cli import one_line_error, run as cli
 
 SHAPE = (3, 16, 16)
@@ -43,7 +42,7 @@ def files(tmp_path_factory):
         o, i = torch.meshgrid(torch.arange(16), torch.arange(4), indexing="ij")
         small[3].weight[(o + i) % 2 == 0] = 0
     for name, model in (("base", net(8).eval()), ("small", small)):
-        export_model(model, Recipe(gp.ModelSource("tests:net"), SHAPE), d / f"{name}.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
+        export_model(model, SHAPE, d / f"{name}.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
     q, mode = quantized(load_onnx(d / "small.onnx"))
     assert mode == "dynamic"
     (d / "small-int8.onnx").write_bytes(q.onnx)

@@ -160,13 +160,13 @@ def test_convert_to_cada_replays_from_the_recipe_and_exports(tmp_path, knobs):
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20")
     spec = gp.ConversionSpec(targets=("layer1.0.conv1", "layer2.0.conv1"), to="cada", **knobs)
-    gp.convert_model(model, recipe, spec)
+    recipe = recipe.with_step(gp.gaborize_(model, spec, recipe.input_shape).step)
     assert isinstance(model.layer2[0].conv1, CADAConv2d) and model.layer2[0].conv1.stride == 2
     gp.save_recipe(tmp_path / "c.pt", model, recipe)
     again, _ = gp.load_model(str(tmp_path / "c.pt"))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
-    report = export_model(again, recipe, tmp_path / "c.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
+    report = export_model(again, recipe.input_shape, tmp_path / "c.onnx", ExportConfig(lowering="dense", dynamic_batch=True), recipe=recipe)
     assert report.max_abs_diff <= 1e-4
     import onnx
 
@@ -195,7 +195,7 @@ def test_cada_conversion_errors(tmp_path):
         gp.gaborize_(valid, gp.ConversionSpec(targets=("1",), to="cada"))
     with pytest.raises(ConversionError, match="strict invariance has one kernel per head"):
         gp.ConversionSpec(first=1, to="cada", invariance="strict", bases=3)
-    with pytest.raises(ConversionError, match="--freeze applies to Gabor banks"):
+    with pytest.raises(ConversionError, match="`freeze` applies to Gabor banks"):
         gp.ConversionSpec(first=1, to="cada", freeze=("theta",))
     one_line_error(cli("convert", "resnet20", "--to", "cada", "--layers", "1", "--invariance", "none", "--context", "0", "-o", tmp_path / "x.pt"),
                    "context must be at least 1")

@@ -43,7 +43,7 @@ def test_convert_writes_recipe_and_report(recipe):
     # 9 weights per 3x3 kernel become 6 Gabor parameters
     assert report["params_before"] - report["params_after"] == (192 + 4096) * 3
     saved = torch.load(recipe / "v.pt", weights_only=True)
-    assert saved["conversions"][0]["layers"] == ["features.0", "features.3"]
+    assert saved["steps"][0]["layers"] == ["features.0", "features.3"]
 
 
 def test_inspect_reports_counts_and_draws(recipe):

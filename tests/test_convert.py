@@ -59,10 +59,10 @@ def test_bad_targets_are_named(target, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "either --layers N or --target"),
-    ({"first": 1, "targets": ("a",)}, "either --layers N or --target"),
+    ({}, "either `first` N or `targets` NAME"),
+    ({"first": 1, "targets": ("a",)}, "either `first` N or `targets` NAME"),
     ({"first": 0}, "at least 1"),
-    ({"first": 1, "init": "zeros"}, "unknown --init 'zeros'"),
+    ({"first": 1, "init": "zeros"}, "unknown `init` 'zeros'"),
     ({"first": 1, "freeze": ("lambda",)}, "cannot freeze 'lambda'"),
     ({"targets": ("re:(",)}, "not a valid regex"),
 ])
@@ -137,9 +137,10 @@ def test_builtin_nets_convert(name, first, expect):
     model, recipe = gp.load_model(name)
     model.eval()
     original = copy.deepcopy(model)
-    report = gp.convert_model(model, recipe, ConversionSpec(first=first, fit_steps=20))
+    report = gp.gaborize_(model, ConversionSpec(first=first, fit_steps=20), recipe.input_shape)
     assert report.layer_names == expect
-    assert recipe.conversions == [{"spec": report.spec.to_dict(), "layers": expect}]
+    assert report.step == gp.ConversionStep(ConversionSpec(first=first, fit_steps=20), tuple(expect))
+    assert report.step.to_dict() == {"kind": "convert", "spec": report.spec.to_dict(), "layers": expect}
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), swap_in_materialised(original, model, expect)(x), rtol=1e-4, atol=1e-4)
 

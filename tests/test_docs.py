@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = {"README.md": ROOT / "README.md", "docs/guide.md": ROOT / "docs" / "guide.md"}
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 # a gaborprune command line: "$ gaborprune CMD", ".venv/bin/gaborprune CMD", "... && gaborprune CMD", "-m gaborprune CMD"
-COMMAND = re.compile(r"(?:^(?:\$\s+)?|&&\s*|\s-m\s+)(?:[\w./-]*/)?gaborprune\s+([a-z][\w-]*)(.*)$")
+COMMAND = re.compile(r"(?:^(?:\$\s+)?|&&\s*|\s-m\s+)(?:[\w./-]*/)?gaborprune\s+([a-z][\w-]*)(?=\s|$)(.*)$")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 SECTION = re.compile(r"^### `gaborprune ([a-z]+)[^`]*`\n(.*?)(?=^##)", re.S | re.M)
 
@@ -169,6 +169,15 @@ def test_every_capture_marker_has_an_entry_and_every_entry_a_marker():
         marked |= {(doc, n) for n in opened}
     assert marked == registered, f"markers without entries: {sorted(marked - registered)}; entries without markers: {sorted(registered - marked)}"
     assert capture.registry_problems() == []
+
+
+def test_the_registry_refuses_a_command_without_one_thread(monkeypatch):
+    capture = capture_module()
+    extra = capture.Capture("demo-two-threads", capture.README, (capture.Run("gaborprune demo --out out/d --threads 2"),))
+    monkeypatch.setattr(capture, "CAPTURES", [*capture.CAPTURES, extra])
+    problems = capture.registry_problems()
+    assert "README.md: entry 'demo-two-threads' has no marker here" in problems
+    assert "'gaborprune demo --out out/d --threads 2' takes --threads: give --threads 1" in problems
 
 
 def test_every_capture_block_shows_its_registered_commands():

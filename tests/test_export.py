@@ -15,7 +15,7 @@ from gaborprune.export import MapBias, SplitConv, lower, output_groups
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.runtime import layer_of, run, session
-from gaborprune.prune import prune_model
+from gaborprune.prune import prune_model_
 from gaborprune.recipe import Recipe, save_recipe
 from test_cli import one_line_error, run as cli
 from test_prune import FAMILIES, ONLY_DEAD, SHAPE, randomize_norms
@@ -29,8 +29,7 @@ def pruned_family(family, seed=0, sparsify=True):
     torch.manual_seed(seed)
     model = randomize_norms(build()).eval()
     setup(model)
-    recipe = Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE)
-    prune_model(model, recipe, ONLY_DEAD)
+    recipe = Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE, (prune_model_(model, SHAPE, ONLY_DEAD).step,))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules() if sparsify else []:
@@ -86,7 +85,7 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
     model, recipe = pruned_family("resnet-residual")
     save_recipe(d / "r.pt", model, recipe)
-    report = export_model(model, recipe, d / "r.onnx", ExportConfig(lowering="sparse", dynamic_batch=True))
+    report = export_model(model, SHAPE, d / "r.onnx", ExportConfig(lowering="sparse", dynamic_batch=True))
     return d, model, report
 
 
@@ -109,12 +108,11 @@ def test_onnxruntime_matches_pytorch_and_metadata_is_there(exported):
 def test_macs_counted_from_the_onnx_graph_match_the_model(tmp_path):
     torch.manual_seed(0)
     model = randomize_norms(tiny_models.Chain()).eval()
-    recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
-    report = export_model(model, recipe, tmp_path / "c.onnx", ExportConfig(lowering="dense"))
+    report = export_model(model, SHAPE, tmp_path / "c.onnx", ExportConfig(lowering="dense"))
     assert report.macs == gp.summarize(model, SHAPE).macs == report.macs_executed
     with torch.no_grad():
         model.g1.mask[:, 0] = 0  # 8 of 24 kernels: the model's arithmetic drops, the dense graph's does not
-    report = export_model(model, recipe, tmp_path / "m.onnx", ExportConfig(lowering="dense"))
+    report = export_model(model, SHAPE, tmp_path / "m.onnx", ExportConfig(lowering="dense"))
     assert report.macs == gp.summarize(model, SHAPE).macs < report.macs_executed
     assert onnx_counts(onnx.load(tmp_path / "m.onnx")).macs == report.macs
 
@@ -143,7 +141,7 @@ def test_auto_lowering_measures_each_sparse_layer(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "time_interleaved", time_interleaved)
     monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: 0)
     model, recipe = pruned_family("folds")
-    report = export_model(model, recipe, tmp_path / "a.onnx", ExportConfig(lowering="auto", threads=1))
+    report = export_model(model, SHAPE, tmp_path / "a.onnx", ExportConfig(lowering="auto", threads=1))
     assert set(report.lowering_ms) == set(report.sparse_kernels) == {"g1", "g2"}
     assert report.lowering_ms == {"g1": {"dense": 0.3, "split": 0.2}, "g2": {"dense": 0.4, "split": 0.5}}
     assert report.lowering["g1"].startswith("split") and report.lowering["g2"] == "dense"
@@ -153,8 +151,8 @@ def test_auto_lowering_measures_each_sparse_layer(tmp_path, monkeypatch):
 
 def test_export_refuses_when_onnxruntime_differs(tmp_path):
     model, recipe = pruned_family("vgg-chain")
-    with pytest.raises(gp.GaborPruneError, match="more than --atol 1e-12; nothing was written"):
-        export_model(model, recipe, tmp_path / "x.onnx", ExportConfig(lowering="dense", atol=1e-12))
+    with pytest.raises(gp.GaborPruneError, match="more than `atol` 1e-12; nothing was written"):
+        export_model(model, SHAPE, tmp_path / "x.onnx", ExportConfig(lowering="dense", atol=1e-12))
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -195,7 +193,7 @@ def test_cli_bench_reports_latency_comparison_profile_and_files(exported, tmp_pa
         for m in base.modules():
             if isinstance(m, gp.GaborConv2d):
                 m.mask.fill_(1)
-    export_model(base, Recipe(gp.ModelSource("tiny_models:Residual"), SHAPE), tmp_path / "base.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
+    export_model(base, SHAPE, tmp_path / "base.onnx", ExportConfig(lowering="dense", dynamic_batch=True))
     result = cli("bench", d / "r.onnx", "--baseline", tmp_path / "base.onnx", "--batch-size", "1,2", "--threads", "1", "--runs", "5",
                  "--warmup", "1", "--max-seconds", "10", "--profile", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
                  "--png", tmp_path / "b.png")
@@ -223,7 +221,7 @@ def test_cli_bench_bad_input(exported, tmp_path):
     d, _, _ = exported
     static = tmp_path / "static.onnx"
     model, recipe = pruned_family("resnet-residual")
-    export_model(model, recipe, static, ExportConfig(lowering="dense"))
+    export_model(model, SHAPE, static, ExportConfig(lowering="dense"))
     one_line_error(cli("bench", static, "--batch-size", "2"), "fixed batch of 1", "--dynamic-batch")
     (tmp_path / "junk.onnx").write_text("not a model")
     one_line_error(cli("bench", tmp_path / "junk.onnx"), "is not an ONNX model")

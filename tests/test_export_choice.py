@@ -80,7 +80,7 @@ def test_decide_keeps_the_fastest_only_beyond_noise(factors, seed):
 def test_timings_within_noise_keep_plain_dense(timed, tmp_path):
     model, recipe = pruned_family("vgg-chain", sparsify=False)
     timed([1.0, 1.0, 1.0, 1.0])
-    report = export_model(model, recipe, tmp_path / "a.onnx", ExportConfig(threads=1))
+    report = export_model(model, SHAPE, tmp_path / "a.onnx", ExportConfig(threads=1))
     assert forms(report) == CHAIN_FORMS and report.pad_block == 16
     assert kept(report)["form"] == "plain dense" and "no candidate faster than plain dense beyond the noise" in report.lowering_note
     assert all(c["ratio"]["low"] <= 1 <= c["ratio"]["high"] for c in report.candidates[1:])
@@ -104,7 +104,7 @@ def test_a_slower_candidate_is_never_kept(timed, chain):
 def test_a_candidate_faster_beyond_noise_is_kept(timed, tmp_path):
     model, recipe = pruned_family("vgg-chain", sparsify=False)
     timed([1.0, 0.8, 1.0, 0.95])
-    report = export_model(model, recipe, tmp_path / "a.onnx", ExportConfig(threads=1))
+    report = export_model(model, SHAPE, tmp_path / "a.onnx", ExportConfig(threads=1))
     assert kept(report) == report.candidates[1] and kept(report)["ratio"]["high"] < 1
     assert report.pad == 16 and report.padded == ["g1"] and "padded to x16 kept" in report.lowering_note
     weights = {t.name: list(t.dims) for t in onnx.load(tmp_path / "a.onnx").graph.initializer}
@@ -121,7 +121,7 @@ def test_an_int8_export_chooses_its_form_on_int8_timings(timed, monkeypatch, tmp
     timed_precisions, real_session = [], search_module.session
     monkeypatch.setattr(search_module, "session", lambda blob, threads=None: timed_precisions.append(precision_of(onnx.load_from_string(blob)))
                         or real_session(blob, threads))
-    report = export_model(model, recipe, tmp_path / "q.onnx", ExportConfig(threads=1, quantize=True))
+    report = export_model(model, SHAPE, tmp_path / "q.onnx", ExportConfig(threads=1, quantize=True))
     assert len(timed_precisions) == len(report.candidates) > 1 and set(timed_precisions) == {"int8"}
     assert precision_of(onnx.load(tmp_path / "q.onnx")) == "int8" and kept(report) == report.candidates[1]
 
@@ -181,8 +181,7 @@ def test_no_all_zero_or_constant_bias_map_is_emitted(tmp_path):
     assert report.channels_cut["c1"]["out"] == [0, 1, 2, 3, 4]
     assert report.bias_maps == [] and report.biases_folded == ["c2"]  # the centre taps see the constant everywhere: a bias
     assert not any(isinstance(m, MapBias) for m in deploy.modules())
-    recipe = Recipe(gp.ModelSource("x:y"), SHAPE)
-    export = export_model(model, recipe, tmp_path / "m.onnx", ExportConfig(lowering="sparse"))
+    export = export_model(model, SHAPE, tmp_path / "m.onnx", ExportConfig(lowering="sparse"))
     assert export.channels_cut and not export.bias_maps
     assert "Add" not in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
     x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2
@@ -193,8 +192,8 @@ def test_no_all_zero_or_constant_bias_map_is_emitted(tmp_path):
 
 def test_bias_map_parameters_are_counted(tmp_path):
     model, recipe = pruned_family("vgg-chain", sparsify=False)
-    cut = export_model(model, recipe, tmp_path / "cut.onnx", ExportConfig(lowering="sparse"))
-    plain = export_model(model, recipe, tmp_path / "plain.onnx", ExportConfig(lowering="dense"))
+    cut = export_model(model, SHAPE, tmp_path / "cut.onnx", ExportConfig(lowering="sparse"))
+    plain = export_model(model, SHAPE, tmp_path / "plain.onnx", ExportConfig(lowering="dense"))
     assert cut.bias_maps == ["conv2"] and not plain.bias_maps
     # the map (16 x 8 x 8) in, two of g1's five channels (weights and bias) and conv2's columns for them out
     assert cut.params - plain.params == 16 * 8 * 8 - (2 * 3 * 9 + 2) - 16 * 2 * 9
@@ -219,17 +218,18 @@ def test_kernels_removed_inside_kept_channels_get_a_note(tmp_path):
     with torch.no_grad():
         model.g1.mask[:, 0] = 0  # a third of the kernels, every channel kept
     recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
-    report = export_model(model, recipe, tmp_path / "k.onnx", ExportConfig(lowering="dense"))
+    report = export_model(model, SHAPE, tmp_path / "k.onnx", ExportConfig(lowering="dense"), recipe=recipe)
     assert report.note == KERNELS_NOT_TIME and "--structure channel" in report.note
     save_recipe(tmp_path / "k.pt", model, recipe)
     printed = cli("export", tmp_path / "k.pt", "--trust-factory", "-o", tmp_path / "k2.onnx", "--lowering", "dense").stdout
     assert f"note: {KERNELS_NOT_TIME}" in printed and "[yellow]" not in printed  # the CLI prints it verbatim
     assert report.macs < report.macs_executed
     pruned, precipe = pruned_family("vgg-chain")  # channels removed by the recipe, kernels inside the others too
-    assert any(plan["channels"] for plan in precipe.prune_plans)
-    channel = export_model(pruned, precipe, tmp_path / "c.onnx", ExportConfig(lowering="dense"))
+    assert any(step.plan.channels for step in precipe.prunes)
+    channel = export_model(pruned, SHAPE, tmp_path / "c.onnx", ExportConfig(lowering="dense"), recipe=precipe)
     assert channel.note == "" and speed_note(pruned, precipe, channel) == ""
-    dense = export_model(randomize_norms(tiny_models.Chain()).eval(), recipe, tmp_path / "d.onnx", ExportConfig(lowering="dense"))
+    assert speed_note(pruned, recipe, channel) == KERNELS_NOT_TIME  # the same model, without the recipe's prune: the note
+    dense = export_model(randomize_norms(tiny_models.Chain()).eval(), SHAPE, tmp_path / "d.onnx", ExportConfig(lowering="dense"), recipe=recipe)
     assert dense.note == ""  # nothing pruned: nothing to say
 
 
@@ -253,7 +253,7 @@ def test_steps_skipped_on_an_untraceable_model_are_reported(tmp_path):
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
         assert (deploy(x) - model(x)).abs().max().item() <= 1e-6
-    export = export_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), tmp_path / "u.onnx", ExportConfig(lowering="dense"))
+    export = export_model(model, SHAPE, tmp_path / "u.onnx", ExportConfig(lowering="dense"))
     assert export.skipped and "could not trace" in export.skipped[0]
 
 

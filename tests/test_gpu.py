@@ -40,7 +40,7 @@ def assert_same_grads(model, x, y):
 def test_gabor_network_gradients_on_cuda_match_cpu():
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20")
-    gp.convert_model(model, recipe, gp.ConversionSpec(first=3, init="random"))
+    gp.gaborize_(model, gp.ConversionSpec(first=3, init="random"), recipe.input_shape)
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
     assert_same_grads(model.double().train(), x, y)
 

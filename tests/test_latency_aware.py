@@ -157,9 +157,9 @@ def test_kernel_structure_is_unchanged_and_refuses_latency_aware():
     for structure in ("kernel", None):
         sparsity = GaborSparsity(model, SHAPE, structure)
         assert sparsity.weighed_by == "equal" and torch.equal(sparsity.penalty(), kernel_term(model))
-    with pytest.raises(GaborPruneError, match="--latency-aware weighs channel groups, which --structure kernel does not press"):
+    with pytest.raises(GaborPruneError, match="`latency_aware` weighs channel groups, which `structure` kernel does not press"):
         TrainConfig(structure="kernel", latency_aware=True)
-    with pytest.raises(GaborPruneError, match="--latency-batch must be an integer of at least 1, not 0"):
+    with pytest.raises(GaborPruneError, match="`latency_batch` must be an integer of at least 1, not 0"):
         TrainConfig(latency_aware=True, latency_batch=0)
     assert TrainConfig().latency_aware is False and TrainConfig(latency_aware=True).structure == "channel"
 

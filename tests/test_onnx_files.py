@@ -35,10 +35,10 @@ def files(tmp_path_factory):
     recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
     save_recipe(d / "m.pt", model, recipe)
     reports = {
-        "fixed": export_model(model, recipe, d / "fixed.onnx", ExportConfig(batch_size=7, lowering="dense")),
-        "dynamic": export_model(model, recipe, d / "dynamic.onnx", ExportConfig(dynamic_batch=True, lowering="dense")),
-        "int8": export_model(model, recipe, d / "int8.onnx", ExportConfig(dynamic_batch=True, lowering="dense", quantize=True),
-                             data=load_data(DATA, SHAPE)),
+        "fixed": export_model(model, SHAPE, d / "fixed.onnx", ExportConfig(batch_size=7, lowering="dense"), recipe=recipe),
+        "dynamic": export_model(model, SHAPE, d / "dynamic.onnx", ExportConfig(dynamic_batch=True, lowering="dense"), recipe=recipe),
+        "int8": export_model(model, SHAPE, d / "int8.onnx", ExportConfig(dynamic_batch=True, lowering="dense", quantize=True),
+                             recipe=recipe, data=load_data(DATA, SHAPE)),
     }
     return d, reports
 

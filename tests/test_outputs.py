@@ -365,6 +365,7 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
-    assert a["metadata"]["finetune"]["history"][-1]["test_loss"] == b["metadata"]["finetune"]["history"][-1]["test_loss"]
+    assert a["steps"][-1]["kind"] == b["steps"][-1]["kind"] == "finetune"
+    assert a["steps"][-1]["history"][-1]["test_loss"] == b["steps"][-1]["history"][-1]["test_loss"]
     assert len((tmp_path / "cut.metrics.jsonl").read_text().splitlines()) == 3
     assert not list(tmp_path.glob(".*.tmp"))

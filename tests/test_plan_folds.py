@@ -8,7 +8,7 @@ import torch
 
 import gaborprune as gp
 import tiny_models
-from gaborprune.prune import PruneError, PrunePlan, apply_plan_, prune_model
+from gaborprune.prune import PruneError, PrunePlan, PruneStep, apply_plan_, prune_model_
 from gaborprune.recipe import Recipe, read_recipe, save_recipe
 from test_cli import one_line_error, run
 from test_prune import FAMILIES, ONLY_DEAD, SHAPE, randomize_norms
@@ -20,10 +20,9 @@ def pruned(family):
     torch.manual_seed(0)
     model = randomize_norms(build()).eval()
     setup(model)
-    recipe = Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE)
     out = copy.deepcopy(model)
-    prune_model(out, recipe, ONLY_DEAD)
-    return model, out, recipe
+    report = prune_model_(out, SHAPE, ONLY_DEAD)
+    return model, out, Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE, (report.step,))
 
 
 @torch.no_grad()
@@ -35,7 +34,7 @@ def diff(a, b):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_plan_alone_replayed_on_the_unpruned_model_gives_the_pruned_model(family):
     model, out, recipe = pruned(family)
-    replay = apply_plan_(copy.deepcopy(model), PrunePlan.from_dict(recipe.prune_plans[0]))
+    replay = apply_plan_(copy.deepcopy(model), recipe.prunes[0].plan)
     assert diff(out, replay) <= 1e-5
     expected, got = out.state_dict(), replay.state_dict()
     assert expected.keys() == got.keys()
@@ -45,7 +44,7 @@ def test_the_plan_alone_replayed_on_the_unpruned_model_gives_the_pruned_model(fa
 
 def test_without_its_folds_the_plan_would_not_preserve_the_function():
     model, out, recipe = pruned("folds")
-    plan = recipe.prune_plans[0]
+    plan = recipe.prunes[0].plan.to_dict()
     assert {(f["module"], f["attr"]) for f in plan["folds"]} >= {("g2", "bias"), ("bn3", "running_mean"), ("head", "bias")}
     bare = apply_plan_(copy.deepcopy(model), PrunePlan.from_dict({k: v for k, v in plan.items() if k != "folds"}))
     assert diff(out, bare) > 1e-3
@@ -53,14 +52,14 @@ def test_without_its_folds_the_plan_would_not_preserve_the_function():
 
 def test_a_plan_with_folds_round_trips_through_dict_json_and_recipe(tmp_path):
     _, out, recipe = pruned("folds")
-    d = recipe.prune_plans[0]
+    d = recipe.prunes[0].plan.to_dict()
     plan = PrunePlan.from_dict(d)
     assert plan.folds and all(isinstance(v, float) for f in plan.folds for v in f["delta"])
     assert PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert plan.to_dict()["folds"] == d["folds"] and PrunePlan.from_dict(plan.to_dict()) == plan
     save_recipe(tmp_path / "r.pt", out, recipe)
     again, state = read_recipe(tmp_path / "r.pt")
-    assert again.prune_plans == recipe.prune_plans
+    assert again.prunes == recipe.prunes
     # replay applies the folds to fresh weights, then the saved state_dict loads strictly over them
     rebuilt = again.build(trust_factory=True)
     rebuilt.load_state_dict(state, strict=True)
@@ -69,14 +68,18 @@ def test_a_plan_with_folds_round_trips_through_dict_json_and_recipe(tmp_path):
 
 def test_an_old_plan_without_folds_still_loads_and_replays(tmp_path):
     model, out, recipe = pruned("vgg-chain")
-    recipe.prune_plans[0].pop("folds")
-    assert PrunePlan.from_dict(recipe.prune_plans[0]).folds == ()
-    save_recipe(tmp_path / "old.pt", out, recipe)
+    plan = recipe.prunes[0].plan.to_dict()
+    plan.pop("folds")
+    assert PrunePlan.from_dict(plan).folds == ()
+    save_recipe(tmp_path / "old.pt", out, Recipe(recipe.source, SHAPE, (PruneStep(PrunePlan.from_dict(plan)),)))
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    del payload["steps"][0]["plan"]["folds"]
+    torch.save(payload, tmp_path / "old.pt")
     again, state = read_recipe(tmp_path / "old.pt")
     rebuilt = again.build(trust_factory=True)
     rebuilt.load_state_dict(state, strict=True)
     assert diff(out, rebuilt) <= 1e-5
-    assert diff(out, apply_plan_(copy.deepcopy(model), PrunePlan.from_dict(again.prune_plans[0]))) <= 1e-5
+    assert diff(out, apply_plan_(copy.deepcopy(model), again.prunes[0].plan)) <= 1e-5
 
 
 def test_a_fold_that_does_not_fit_the_model_is_refused():
@@ -95,12 +98,12 @@ def test_a_fold_that_does_not_fit_the_model_is_refused():
 def base(tmp_path_factory):
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20", input_shape=SHAPE)
-    recipe.prune_plans.append({"kernels": {}, "channels": {}, "spec": {}, "folds": [], "after_conversions": 0})
+    recipe = recipe.with_step(PruneStep(PrunePlan()))
     return gp.save_recipe(tmp_path_factory.mktemp("folds") / "base.pt", model, recipe)
 
 
 BAD_FOLDS = {
-    "string": ("folds", "'prune_plans[0].folds' must be a list"),
+    "string": ("folds", "'steps[0].plan.folds' must be a list"),
     "not a dict": ([[0.0]], "fold 0 that is not a dict"),
     "int module": ([{"module": 3, "attr": "bias", "delta": [0.0]}], "whose module is not a name"),
     "weight attr": ([{"module": "fc", "attr": "weight", "delta": [0.0]}], "attr 'weight', not bias or running_mean"),
@@ -113,9 +116,9 @@ BAD_FOLDS = {
 def test_a_malformed_folds_field_gets_one_line_naming_it(base, tmp_path, case):
     value, fragment = BAD_FOLDS[case]
     payload = torch.load(base, weights_only=True)
-    payload["prune_plans"][0]["folds"] = value
+    payload["steps"][0]["plan"]["folds"] = value
     torch.save(payload, tmp_path / "bad.pt")
-    one_line_error(run("inspect", tmp_path / "bad.pt"), "'prune_plans[0].folds'", fragment)
+    one_line_error(run("inspect", tmp_path / "bad.pt"), "'steps[0].plan.folds'", fragment)
     with pytest.raises(gp.GaborPruneError):
         gp.load_model(str(tmp_path / "bad.pt"))
 
@@ -123,6 +126,6 @@ def test_a_malformed_folds_field_gets_one_line_naming_it(base, tmp_path, case):
 def test_the_base_recipe_of_the_folds_cases_is_valid_and_a_fold_that_does_not_fit_fails_in_one_line(base, tmp_path):
     assert run("inspect", base).exit_code == 0
     payload = torch.load(base, weights_only=True)
-    payload["prune_plans"][0]["folds"] = [{"module": "fc", "attr": "bias", "delta": [0.0] * 3}]
+    payload["steps"][0]["plan"]["folds"] = [{"module": "fc", "attr": "bias", "delta": [0.0] * 3}]
     torch.save(payload, tmp_path / "misfit.pt")
-    one_line_error(run("inspect", tmp_path / "misfit.pt"), "prune_plans[0]", "'fc.bias'")
+    one_line_error(run("inspect", tmp_path / "misfit.pt"), "steps[0] (prune)", "'fc.bias'")

@@ -15,7 +15,7 @@ from gaborprune.export.bench import BenchResult
 from gaborprune.export.runtime import Latency
 from gaborprune.plot import (REMOVED, REMOVED_FILL, SEPARATOR, WEAK, WEAK_RING, bank_image, bank_views, banks_figure, latency_figure,
                              plot_banks, plot_latency, plot_summary, plot_sweep, stage_of, summary_figure, sweep_figure)
-from gaborprune.prune import PruneSpec, SweepPoint, prune_model
+from gaborprune.prune import PruneSpec, SweepPoint, prune_model_
 from gaborprune.recipe import Recipe
 from gaborprune.sparsity import GaborSparsity
 from gaborprune.summary import summarize
@@ -48,7 +48,8 @@ def test_bank_counts_are_the_reports_counts_before_and_after_pruning(tmp_path):
     before = bank_views(model, SHAPE)
     assert before[0].alive == GaborSparsity(model, SHAPE).alive()["g1"] == summarize(model, SHAPE).layers[0].kernels_alive
     assert before[0].kept == before[0].total == 24 and before[0].kept - before[0].alive >= 3  # the dead channels are weak, not removed
-    report = prune_model(model, recipe, PruneSpec(threshold=0.01))
+    report = prune_model_(model, SHAPE, PruneSpec(threshold=0.01))
+    recipe = recipe.with_step(report.step)
     change = report.gabor_layers[0]
     assert model.g1.out_channels < 8  # channels were cut out: the compacted layer is smaller than the grid drawn
     after = bank_views(model, SHAPE, recipe.prune_plans)
@@ -67,7 +68,7 @@ def test_stage_of_a_recipe():
     assert stage_of(recipe) == ""
     recipe.metadata["finetune"] = {"config": {"sparsity": 0.1}}
     assert stage_of(recipe) == "fine-tuned"
-    prune_model(model, recipe, PruneSpec(threshold=0.01))
+    recipe = recipe.with_step(prune_model_(model, SHAPE, PruneSpec(threshold=0.01)).step)
     assert stage_of(recipe) == "pruned"
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import gaborprune as gp
 import tiny_models
 from gaborprune.convert import GaborConv2d
-from gaborprune.prune import PruneError, PrunePlan, PruneSpec, apply_plan_, prune_model, select_kernels, slice_module
+from gaborprune.prune import PruneError, PrunePlan, PruneSpec, apply_plan_, prune_model_, select_kernels, slice_module
 from gaborprune.recipe import Recipe, read_recipe, save_recipe
 
 SHAPE = (3, 16, 16)
@@ -106,7 +106,7 @@ def test_compacted_model_equals_masked_model(family):
     model = randomize_norms(build()).eval()
     expected, kept = setup(model)
     original = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("tiny_models:x"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
 
     for name, size in expected.items():
         assert out_in(model, name) == size, name
@@ -129,12 +129,12 @@ def test_kept_channels_say_why():
     torch.manual_seed(0)
     model = randomize_norms(tiny_models.Residual()).eval()
     setup_residual(model)
-    reasons = {(k.layer, k.channel): k.reason for k in prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD).kept}
+    reasons = {(k.layer, k.channel): k.reason for k in prune_model_(model, SHAPE, ONLY_DEAD).kept}
     assert "tied to a live channel of 'g2'" in reasons[("g1", 2)]
     assert "tied to a live channel of 'g1'" in reasons[("g2", 3)]
     chain = randomize_norms(tiny_models.Chain()).eval()
     setup_chain(chain)
-    reasons = {k.channel: k.reason for k in prune_model(chain, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD).kept}
+    reasons = {k.channel: k.reason for k in prune_model_(chain, SHAPE, ONLY_DEAD).kept}
     assert "zero-padded convolution" in reasons[3] and "'conv2'" in reasons[3]
 
 
@@ -156,7 +156,7 @@ def test_unknown_topology_keeps_the_channel_and_names_it(cls, fragment):
     model = randomize_norms(cls()).eval()
     kill(model.bn, [0, 1], -1.0)
     original = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert model.g.out_channels == 8 and not report.plan.channels
     assert [k.channel for k in report.kept] == [0, 1] and fragment in report.kept[0].reason
     assert (model.g.mask[:2] == 0).all() and model.g.kernels_alive == 18  # masked all the same
@@ -169,13 +169,13 @@ def test_torchvision_models_compact_exactly(name):
     torch.manual_seed(0)
     shape = (3, 64, 64)
     model, recipe = gp.load_model(f"torchvision:{name}", input_shape=shape, num_classes=10)
-    gp.convert_model(model, recipe, gp.ConversionSpec(first=1, init="random"))
+    gp.gaborize_(model, gp.ConversionSpec(first=1, init="random"), shape)
     randomize_norms(model)
     stem = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0]
     kill(stem, [0, 1, 2], -1.0)
     kill(stem, [3], 0.5)
     original = copy.deepcopy(model).eval()
-    report = prune_model(model.eval(), recipe, ONLY_DEAD)
+    report = prune_model_(model.eval(), shape, ONLY_DEAD)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (masked_reference(original, report.plan)(x) - model(x)).abs().max().item() <= 1e-5
@@ -193,20 +193,20 @@ def test_plan_replays_from_the_recipe_in_a_fresh_interpreter(tmp_path):
     model, recipe = gp.load_model("tiny_models:Dense")
     randomize_norms(model)
     setup_dense(model)
-    prune_model(model, recipe, ONLY_DEAD)
-    prune_model(model, recipe, PruneSpec(layer_ratio={"stem": 0.8}))  # a second prune, on the compacted model
+    recipe = recipe.with_step(prune_model_(model, SHAPE, ONLY_DEAD).step)
+    recipe = recipe.with_step(prune_model_(model, SHAPE, PruneSpec(layer_ratio={"stem": 0.8})).step)  # a second prune, on the compacted model
     save_recipe(tmp_path / "p.pt", model, recipe)
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         torch.save({"x": x, "y": model.eval()(x)}, tmp_path / "io.pt")
     code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}, trust_factory=True); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
-            "print(float((m.eval()(io['x']) - io['y']).abs().max()), m.stem.out_channels, len(r.prune_plans))")
+            "print(float((m.eval()(io['x']) - io['y']).abs().max()), m.stem.out_channels, len(r.prunes))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tiny_models.__file__.rsplit("/", 1)[0]), "PATH": ""})
     assert done.returncode == 0, done.stderr
     diff, channels, plans = done.stdout.split()
     assert float(diff) == 0.0 and int(channels) == model.stem.out_channels and int(plans) == 2
     raw = torch.load(tmp_path / "p.pt", weights_only=True)
-    assert raw["prune_plans"][0]["channels"]["stem"]["out"] == [0, 1, 2]
+    assert raw["steps"][0]["plan"]["channels"]["stem"]["out"] == [0, 1, 2]
 
 
 def test_select_by_ratio_keep_and_threshold():
@@ -237,9 +237,9 @@ def test_selection_ignores_the_scale_batchnorm_absorbs():
 
 
 @pytest.mark.parametrize("spec,message", [
-    (dict(threshold=1.5), "--threshold must be in [0, 1)"),
-    (dict(ratio=1.0), "--ratio 1.0 is out of range"),
-    (dict(layer_ratio={"g1": -0.1}), "--ratio g1=-0.1 is out of range"),
+    (dict(threshold=1.5), "`threshold` must be in [0, 1)"),
+    (dict(ratio=1.0), "`ratio` 1.0 is out of range"),
+    (dict(layer_ratio={"g1": -0.1}), "`layer_ratio` g1=-0.1 is out of range"),
     (dict(keep=0), "would remove every kernel"),
     (dict(ratio=0.5, keep=3), "not both"),
 ])
@@ -282,10 +282,11 @@ def test_slice_module_and_bad_plans():
 def test_read_recipe_keeps_plans(tmp_path):
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20_altered")
-    prune_model(model, recipe, PruneSpec(layer_ratio={"conv1": 0.5}))
+    recipe = recipe.with_step(prune_model_(model, recipe.input_shape, PruneSpec(layer_ratio={"conv1": 0.5})).step)
     save_recipe(tmp_path / "r.pt", model, recipe)
     again, _ = read_recipe(tmp_path / "r.pt")
-    assert again.prune_plans == recipe.prune_plans and again.prune_plans[0]["after_conversions"] == 0
+    assert again.steps == recipe.steps and [s.kind for s in again.steps] == ["prune"]
+    assert again.prunes[0].plan.kernels["conv1"]
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def test_a_dead_channel_of_a_depthwise_bank_goes_with_the_live_channel_only_it_r
     randomize_norms(model).eval()
     kill(model[4], [2], -1.0)
     original = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert not report.kept
     assert report.plan.channels == {"0": {"out": [2]}, "1": {"out": [2]}, "3": {"out": [2], "in": [2]}, "4": {"out": [2]}, "8": {"in": [2]}}
     assert model[0].out_channels == 7 and model[3].kernels_alive == 7 and model[8].in_features == 7

@@ -14,7 +14,7 @@ from torch import nn
 import gaborprune as gp
 import tiny_models
 from gaborprune.convert import GaborConv2d
-from gaborprune.prune import PrunePlan, prune_model
+from gaborprune.prune import prune_model_
 from gaborprune.recipe import Recipe, save_recipe
 from gaborprune.summary import alive_kernels
 from test_cli import run
@@ -165,7 +165,7 @@ def test_unread_channels_go_with_their_producers_kernels(family):
     drop = expected_mac_drop(masked, expected, SHAPE)
     sizes_before = {n: (m.out_channels, m.in_channels) for n, m in masked.named_modules() if isinstance(m, (nn.Conv2d, GaborConv2d))}
 
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
 
     assert report.plan.channels == expected and not report.kept
     assert output_diff(masked, model) < 1e-5 and report.max_abs_diff < 1e-5
@@ -191,7 +191,7 @@ def test_the_readers_linear_weights_count_and_a_live_second_reader_keeps_the_cha
     with torch.no_grad():
         model.head.weight[:, [2, 6]] = 0  # the head ignores x's channels 2 and 6 too; channel 1 it reads
     masked = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert report.plan.channels == {"g": {"out": [2, 6]}, "bn": {"out": [2, 6]}, "m": {"in": [2, 6]}, "head": {"in": [2, 6]}}
     assert [(k.layer, k.channel, k.side) for k in report.kept] == [("m", 1, "in")]
     assert "also read, with non-zero weights, by 'head'" in report.kept[0].reason
@@ -204,7 +204,7 @@ def test_a_channel_dead_in_one_consumer_but_live_in_another_stays():
     torch.manual_seed(0)
     model = randomize_norms(TwoReaders()).eval()
     mask_columns(model.m, [3])  # the head still reads channel 3
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert not report.plan.channels and model.g.out_channels == 8 and model.m.kernels_alive == 56
     assert [(k.layer, k.channel, k.side) for k in report.kept] == [("m", 3, "in")]
 
@@ -219,7 +219,7 @@ def test_a_tie_to_a_reader_that_uses_it_or_to_the_output_keeps_the_channel(build
     model = randomize_norms(build()).eval()
     mask_columns(model.get_submodule(bank), columns)
     masked = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert not report.plan.channels
     assert [(k.layer, k.channel, k.side) for k in report.kept] == [(bank, c, "in") for c in columns]
     assert all(fragment in k.reason for k in report.kept), report.kept
@@ -230,7 +230,7 @@ def test_a_dead_depthwise_channel_tied_to_a_live_channel_that_another_layer_read
     torch.manual_seed(0)
     model = randomize_norms(DepthwiseBank()).eval()
     kill(model.bn_dw, [2], -1.0)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert [(k.layer, k.channel, k.side) for k in report.kept] == [("dw", 2, "out")] and not report.plan.channels
     assert "tied to a live channel of 'p'" in report.kept[0].reason and "which 'head' reads" in report.kept[0].reason
 
@@ -245,7 +245,7 @@ def test_dead_output_channels_and_unread_channels_combine_in_one_component():
         model.conv3.weight[:, 0] = 0
         model.shortcut.weight[:, 0] = 0
     original = copy.deepcopy(model)
-    report = prune_model(model, Recipe(gp.ModelSource("x:y"), SHAPE), ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     masked = masked_reference(original, report.plan)  # g1's channel 0, masked by the prune
     assert report.plan.channels == {"g1": {"out": [0]}, "bn1": {"out": [0]}, "g2": {"out": [0], "in": [0]}, "bn2": {"out": [0]},
                                     "conv3": {"in": [0]}, "shortcut": {"in": [0]}}
@@ -255,11 +255,11 @@ def test_dead_output_channels_and_unread_channels_combine_in_one_component():
 def test_a_gabor_bank_on_the_residual_stream_of_resnet20_altered_keeps_its_dead_columns():
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20_altered", input_shape=SHAPE)
-    gp.convert_model(model, recipe, gp.ConversionSpec(targets=("layer1.0.conv1",), init="random"))
+    gp.gaborize_(model, gp.ConversionSpec(targets=("layer1.0.conv1",), init="random"), SHAPE)
     randomize_norms(model).eval()
     mask_columns(model.layer1[0].conv1, [3, 9])
     masked = copy.deepcopy(model)
-    report = prune_model(model, recipe, ONLY_DEAD)
+    report = prune_model_(model, SHAPE, ONLY_DEAD)
     assert not report.plan.channels and [(k.layer, k.channel) for k in report.kept] == [("layer1.0.conv1", 3), ("layer1.0.conv1", 9)]
     assert "by 'layer2.0.conv1'" in report.kept[0].reason  # layer1's one block adds the channel to its output, read by layer2
     assert output_diff(masked, model) == 0
@@ -277,9 +277,9 @@ def masked_resnet(tmp_path, columns=range(8)):
 
 def test_the_plan_replays_from_the_recipe_in_a_fresh_interpreter(tmp_path):
     model, recipe = gp.load_model(str(masked_resnet(tmp_path)))
-    prune_model(model, recipe, ONLY_DEAD)
-    assert recipe.prune_plans[0]["channels"]["conv2"] == {"in": list(range(8))}
-    assert PrunePlan.from_dict(recipe.prune_plans[0]).channels["conv1"]["out"] == list(range(8))
+    recipe = recipe.with_step(prune_model_(model, recipe.input_shape, ONLY_DEAD).step)
+    assert recipe.prunes[0].plan.channels["conv2"] == {"in": list(range(8))}
+    assert recipe.prunes[0].plan.channels["conv1"]["out"] == list(range(8))
     save_recipe(tmp_path / "p.pt", model, recipe)
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""`prune_to_target` and `prune --speedup/--latency-ms`, with injected timings (never real speed).
+"""`prune_to_target_` and `prune --speedup/--latency-ms`, with injected timings (never real speed).
 
 The model: resnet20_altered at 3x16x16 whose conv1 output channel o has BatchNorm gain (o + 1) / 16,
 so its channel groups rank conv1's rows 0, 1, 2, ... first, and removing k of them leaves conv1
@@ -15,11 +15,11 @@ from torch import nn
 
 import gaborprune as gp
 import gaborprune.export.search as search
-from gaborprune.prune import PruneError, prune_to_target
+from gaborprune.prune import PruneError, prune_to_target_
 from gaborprune.prune import target as target_mod
 from gaborprune.prune.target import TargetSpec, _mask_, rank_groups
 from gaborprune.convert import GaborConv2d
-from gaborprune.recipe import Recipe, save_recipe
+from gaborprune.recipe import save_recipe
 from test_cli import one_line_error, run
 
 SHAPE = (3, 16, 16)
@@ -70,7 +70,7 @@ def test_groups_rank_weakest_first():
 def test_the_smallest_k_meeting_the_target_is_chosen():
     model, recipe = ranked_model()
     timer = FakeTimer()
-    report = prune_to_target(model, recipe, speedup=1.33, timer=timer)
+    report = prune_to_target_(model, SHAPE, speedup=1.33, timer=timer)
     # 0.26 / (0.1 + 0.01 c) with a 2% jitter: c = 9 (k = 7) is the first whose whole interval reaches 1.33
     assert report.chosen == 7 and report.removed == {"conv1 out": 7}
     measured = {c.k: c for c in report.candidates}
@@ -78,7 +78,7 @@ def test_the_smallest_k_meeting_the_target_is_chosen():
     assert all(c.meets == (c.speedup.low >= 1.33) for c in report.candidates)
     assert len(report.candidates) <= target_mod.MAX_CANDIDATES and report.k_max == 15
     assert model.conv1.out_channels == 9 and model.conv2.in_channels == 9
-    assert len(recipe.prune_plans) == 1 and report.prune.plan.channels["conv1"]["out"] == list(range(7))
+    assert report.step == report.prune.step and report.prune.plan.channels["conv1"]["out"] == list(range(7))
     conv1 = next(c for c in report.prune.layers if c.name == "conv1")  # counted from the model as it came in
     assert (conv1.kernels_before, conv1.kernels_after, conv1.channels_before, conv1.channels_after) == (48, 27, 16, 9)
     assert report.prune.before.macs > report.prune.after.macs
@@ -87,22 +87,22 @@ def test_the_smallest_k_meeting_the_target_is_chosen():
 
 def test_latency_target():
     model, recipe = ranked_model()
-    report = prune_to_target(model, recipe, latency_ms=0.17, timer=FakeTimer())
+    report = prune_to_target_(model, SHAPE, latency_ms=0.17, timer=FakeTimer())
     # the high end of the interval within 0.17 ms: 1.02 (0.1 + 0.01 c) <= 0.17 -> c <= 6
     assert report.chosen == 10 and model.conv1.out_channels == 6
 
 
 def test_a_latency_the_unpruned_model_already_meets_prunes_nothing():
     model, recipe = ranked_model()
-    report = prune_to_target(model, recipe, latency_ms=1.0, timer=FakeTimer())
+    report = prune_to_target_(model, SHAPE, latency_ms=1.0, timer=FakeTimer())
     assert report.chosen is None and "already runs in 0.26 ms" in report.message and "nothing to prune" in report.message
-    assert recipe.prune_plans == [] and model.conv1.out_channels == 16
+    assert report.step is None and model.conv1.out_channels == 16
 
 
 def test_pruned_model_equals_the_masked_model_and_replays(tmp_path):
     model, recipe = ranked_model()
     masked = copy.deepcopy(model)
-    prune_to_target(model, recipe, speedup=1.33, timer=FakeTimer())
+    recipe = recipe.with_step(prune_to_target_(model, SHAPE, speedup=1.33, timer=FakeTimer()).step)
     groups, _ = rank_groups(masked, SHAPE)
     _mask_(masked, groups[:7])
     x = torch.randn(4, *SHAPE)
@@ -120,11 +120,11 @@ def test_an_unreachable_target_leaves_the_model_unpruned():
     model, recipe = ranked_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     timer = FakeTimer()
-    report = prune_to_target(model, recipe, speedup=3.0, timer=timer)
+    report = prune_to_target_(model, SHAPE, speedup=3.0, timer=timer)
     assert report.chosen is None and report.prune is None
     assert report.message.startswith("target 3x not reachable: at most 2.36x [") and "15 of 32 groups (all that can go) removed" in report.message
     assert timer.timed == [1]  # only the most that can go was timed
-    assert recipe.prune_plans == [] and model.conv1.out_channels == 16
+    assert report.step is None and model.conv1.out_channels == 16
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -132,7 +132,7 @@ def test_predicted_times_come_from_the_injected_profile():
     model, recipe = ranked_model()
     profile = {"conv1": 0.2, "conv2": 0.3, "(Add)": 0.5}
     timer = FakeTimer(profile=profile)
-    report = prune_to_target(model, recipe, speedup=1.33, timer=timer)
+    report = prune_to_target_(model, SHAPE, speedup=1.33, timer=timer)
     first = report.candidates[-1]  # k_max is timed first: its baseline median is the prediction's scale
     assert first.k == report.k_max
     for c in report.candidates:
@@ -151,16 +151,16 @@ def test_a_block_multiple_that_meets_the_target_wins(monkeypatch, block, chosen)
     although 11, 10 and 9 do not; the bisection alone (no block) ends at 8, the next aligned count."""
     monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: block)
     model, recipe = ranked_model()
-    report = prune_to_target(model, recipe, speedup=1.15, timer=FakeTimer(penalty=0.05))
+    report = prune_to_target_(model, SHAPE, speedup=1.15, timer=FakeTimer(penalty=0.05))
     assert report.chosen == chosen and model.conv1.out_channels == 16 - chosen
     assert report.block == block and report.chosen_candidate.aligned == (block == 4)
 
 
 @pytest.mark.parametrize("args,message", [
-    (dict(speedup=1.0), "--speedup must be above 1"),
-    (dict(speedup=float("inf")), "--speedup must be a finite number"),
-    (dict(latency_ms=0.0), "--latency-ms must be above 0"),
-    (dict(latency_ms=float("nan")), "--latency-ms must be a finite number"),
+    (dict(speedup=1.0), "`speedup` must be above 1"),
+    (dict(speedup=float("inf")), "`speedup` must be a finite number"),
+    (dict(latency_ms=0.0), "`latency_ms` must be above 0"),
+    (dict(latency_ms=float("nan")), "`latency_ms` must be a finite number"),
     (dict(), "give one target"),
     (dict(speedup=2.0, latency_ms=1.0), "give one target"),
 ])
@@ -172,7 +172,7 @@ def test_bad_targets(args, message):
 def test_a_model_without_groups_is_refused():
     model = nn.Sequential(GaborConv2d(3, 4, 3, padding=1))  # reads the input, writes the output: no channel can go
     with pytest.raises(PruneError, match="no channel groups to remove .*part of the model's input"):
-        prune_to_target(model, Recipe(source=None, input_shape=SHAPE), speedup=1.2, timer=FakeTimer())
+        prune_to_target_(model, SHAPE, speedup=1.2, timer=FakeTimer())
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_cli_prunes_to_a_speedup_and_recovers(ranked_recipe, tmp_path):
     assert all(c["predicted_ms"] is not None and c["measured_ms"]["median"] > 0 for c in report["target"]["candidates"])
     assert "accuracy_after" in report
     model, recipe = gp.load_model(str(out))
-    assert model.conv1.out_channels == 9 and len(recipe.prune_plans) == 1
+    assert model.conv1.out_channels == 9 and [s.kind for s in recipe.steps] == ["prune", "finetune"]  # the recovery fine-tuning after the prune
 
 
 def test_cli_unreachable_target_is_one_line_and_writes_nothing(ranked_recipe, tmp_path):

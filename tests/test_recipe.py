@@ -16,7 +16,7 @@ from gaborprune.errors import ModelSourceError, OutputExistsError, RecipeError
 def converted(tmp_path, name="resnet20", **spec):
     torch.manual_seed(0)
     model, recipe = gp.load_model(name)
-    gp.convert_model(model, recipe, gp.ConversionSpec(**({"first": 2, "fit_steps": 5} | spec)))
+    recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(**({"first": 2, "fit_steps": 5} | spec)), recipe.input_shape).step)
     with torch.no_grad():
         model.conv1.mask[0, 1] = 0
         model.bn1.running_mean.normal_()
@@ -27,22 +27,22 @@ def converted(tmp_path, name="resnet20", **spec):
 def test_round_trip_by_replay(tmp_path):
     model, recipe, path = converted(tmp_path)
     raw = torch.load(path, weights_only=True)  # plain data and tensors only
-    assert raw["format"] == "gaborprune.recipe" and raw["conversions"][0]["layers"] == ["conv1", "layer1.0.conv1"]
+    assert raw["format"] == "gaborprune.recipe" and raw["version"] == 2 and raw["steps"][0]["layers"] == ["conv1", "layer1.0.conv1"]
     loaded, again = gp.load_model(str(path))
     loaded.eval()
     assert isinstance(loaded.conv1, gp.GaborConv2d) and loaded.conv1.kernels_alive == 47
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    assert again.source == recipe.source and again.conversions == recipe.conversions
+    assert again.source == recipe.source and again.steps == recipe.steps and again == recipe
 
 
 def test_recipe_of_a_recipe_keeps_the_history(tmp_path):
     _, _, path = converted(tmp_path)
     model, recipe = gp.load_model(str(path))
-    gp.convert_model(model, recipe, gp.ConversionSpec(targets=("layer1.1.conv1",), init="random"))
+    recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(targets=("layer1.1.conv1",), init="random"), recipe.input_shape).step)
     second = gp.save_recipe(tmp_path / "r2.pt", model, recipe)
     again, r = gp.load_model(str(second))
-    assert [c["layers"] for c in r.conversions] == [["conv1", "layer1.0.conv1"], ["layer1.1.conv1"]]
+    assert [c.layers for c in r.conversions] == [("conv1", "layer1.0.conv1"), ("layer1.1.conv1",)]
     assert isinstance(again.layer1[1].conv1, gp.GaborConv2d)
 
 
@@ -89,7 +89,7 @@ def test_broken_files_give_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match="is not a readable recipe"):
         gp.load_model(str(tmp_path / "cut.pt"))
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(RecipeError, match="plain state_dict, not a recipe; pass it as --weights"):
+    with pytest.raises(RecipeError, match="plain state_dict, not a recipe; pass it as `weights`"):
         gp.load_model(str(tmp_path / "sd.pt"))
     payload = torch.load(path, weights_only=True)
     torch.save(payload | {"version": 99}, tmp_path / "future.pt")

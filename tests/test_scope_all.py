@@ -13,7 +13,7 @@ from torch import nn
 import gaborprune as gp
 from gaborprune.data import DataSpec, load_data
 from gaborprune.export.api import ExportConfig, export_model
-from gaborprune.prune import PruneSpec, prune_model
+from gaborprune.prune import PruneSpec, prune_model_
 from gaborprune.prune.groups import channel_groups
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.standins import ChannelConstant, Dropped
@@ -82,7 +82,7 @@ def test_a_dead_branch_goes_whole_and_the_output_does_not_change():
     silence_(model, "layer1.1.bn1", range(16))
     x = torch.randn(3, *SHAPE)
     before = outputs(model, x)
-    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    report = prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
     block = model.layer1[1]
     assert isinstance(block.conv1, Dropped) and isinstance(block.bn1, Dropped)
     assert isinstance(block.conv2, ChannelConstant) and isinstance(block.bn2, nn.Identity)
@@ -97,7 +97,7 @@ def test_dead_channels_go_in_multiples_of_round_to_and_the_output_does_not_chang
     silence_(model, "layer3.0.bn1", range(40))  # 40 of 64 dead; round to 16 keeps 32
     x = torch.randn(3, *SHAPE)
     before = outputs(model, x)
-    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=16))
+    prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=16))
     assert model.layer3[0].conv1.out_channels == 32 and model.layer3[0].conv2.in_channels == 32
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
     dead, counts = dead_units(*resnet20_silenced(), 0.01, 1)
@@ -118,7 +118,7 @@ def test_a_stream_channel_goes_from_every_block_of_the_stage():
         silence_(model, norm, [5])
     x = torch.randn(3, *SHAPE)
     before = outputs(model, x)
-    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
     assert model.fc.in_features == 63 and model.layer3[2].conv2.out_channels == 63 and model.layer3[1].conv1.in_channels == 63
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
 
@@ -135,7 +135,7 @@ def test_a_weak_channel_keeps_its_constant_where_the_reader_has_no_border():
             model.get_submodule(norm).weight[3] = 0.0
     x = torch.randn(3, *SHAPE)
     before = outputs(model, x)
-    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    report = prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
     assert model.layer2[2].conv2.out_channels == 31
     assert report.plan.folds  # the constant went somewhere
     # 3x3 readers see it inside and 0 at their one-pixel border: the difference is confined there, and small
@@ -148,7 +148,8 @@ def test_the_plan_alone_replays_on_the_unpruned_weights_and_in_a_fresh_interpret
     silence_(model, "layer1.1.bn1", range(16))
     silence_(model, "layer2.2.bn1", range(20))
     unpruned = {k: v.clone() for k, v in model.state_dict().items()}
-    report = prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    report = prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    recipe = recipe.with_step(report.step)
     x = torch.randn(3, *SHAPE)
     fresh, _ = gp.load_model("resnet20", input_shape=SHAPE)
     fresh.load_state_dict(unpruned)
@@ -167,8 +168,8 @@ def test_the_plan_alone_replays_on_the_unpruned_weights_and_in_a_fresh_interpret
 def test_a_removed_branch_exports_without_its_convolutions(tmp_path):
     model, recipe = resnet20()
     silence_(model, "layer1.1.bn1", range(16))
-    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
-    report = export_model(model, recipe, tmp_path / "m.onnx", ExportConfig(lowering="dense"))  # parity-checked
+    recipe = recipe.with_step(prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1)).step)
+    report = export_model(model, SHAPE, tmp_path / "m.onnx", ExportConfig(lowering="dense"), recipe=recipe)  # parity-checked
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node)
     assert ops["Conv"] == 21 - 2 and not {"Slice", "ConstantOfShape", "BatchNormalization"} & set(ops)
     assert report.max_abs_diff < 1e-4
@@ -178,14 +179,14 @@ def test_a_second_prune_after_a_branch_went():
     """The stand-ins read nothing and carry constants: the stream around them can still be cut."""
     model, recipe = resnet20()
     silence_(model, "layer1.1.bn1", range(16))
-    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
     for norm in ("bn1", "layer1.0.bn2", "layer1.2.bn2"):
         silence_(model, norm, [2])
     with torch.no_grad():
         model.layer1[1].conv2.value[0, 2] = 0.0  # the removed branch's constant for that channel
     x = torch.randn(3, *SHAPE)
     before = outputs(model, x)
-    prune_model(model, recipe, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1))
     assert model.conv1.out_channels == 15 and model.layer1[1].conv2.out_channels == 15
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
 
@@ -212,3 +213,58 @@ def test_scope_options_give_one_line_errors(tmp_path):
     ]:
         one_line_error(run(*args), words)
     assert not list(tmp_path.iterdir())
+
+
+class MacsTimer:
+    """Times in proportion to MACs, with a little noise shared by each pair (the tests fix the timings)."""
+
+    def __init__(self, model, shape):
+        from gaborprune.summary import summarize
+
+        self.summarize, self.shape = summarize, shape
+        self.base = summarize(model, shape).macs
+
+    def time(self, candidate):
+        ratio = self.summarize(candidate, self.shape).macs / self.base
+        noise = [1 + 0.001 * (k % 5) for k in range(40)]
+        return [n for n in noise], [ratio * n for n in noise]
+
+
+def test_pruning_to_a_speedup_takes_the_lowest_threshold_that_meets_it():
+    from gaborprune.prune.structured import TARGET_THRESHOLDS, prune_all_to_target_
+
+    model, recipe = resnet20()
+    with torch.no_grad():  # graded branches: layer1.k's inside at gain 0.1 (k + 1), the rest at 1
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+        for k in range(3):
+            model.layer1[k].bn1.weight.fill_(0.1 * (k + 1))
+    report = prune_all_to_target_(model, SHAPE, speedup=1.05, round_to=16, timer=MacsTimer(model, SHAPE))
+    assert report.chosen is not None and report.prune is not None
+    by_t = {c.threshold: c for c in report.candidates}
+    assert by_t[report.chosen].meets and by_t[report.chosen].speedup.low >= 1.05
+    assert all(not c.meets for c in report.candidates if c.threshold < report.chosen)  # nothing lower was enough
+    assert report.prune.after.macs / report.prune.before.macs == pytest.approx(by_t[report.chosen].mac_ratio)
+    assert report.step.plan == report.prune.plan and isinstance(model.layer1[0].conv2, ChannelConstant)  # the weakest branch went
+    unreachable = prune_all_to_target_(resnet20()[0], SHAPE, speedup=50.0, timer=MacsTimer(*resnet20_silenced()))
+    assert unreachable.chosen is None and unreachable.step is None and "not reachable" in unreachable.message
+    assert [c.threshold for c in unreachable.candidates] == [TARGET_THRESHOLDS[-1]]
+
+
+@pytest.mark.parametrize("name, norm, channels, check", [
+    # an inverted residual: the expansion's channels, through a depthwise conv, go from the 1x1 on each side
+    ("Mobile", "block.1", range(16), lambda m: m.block[0].out_channels == 16 and m.block[3].groups == 16 and m.block[6].in_channels == 16),
+    # a dense layer: the bottleneck's channels go; the concatenated stem stays a group of its own
+    ("Dense", "layers.0.norm2", [0, 1, 5], lambda m: m.layers[0].conv1.out_channels == 5 and m.layers[0].conv2.in_channels == 5),
+])
+def test_silenced_channels_go_exactly_across_topologies(name, norm, channels, check):
+    torch.manual_seed(0)
+    model, recipe = gp.load_model(f"tiny_models:{name}", trust_factory=True)
+    randomize_norms(model).eval()
+    silence_(model, norm, channels)
+    x = torch.randn(3, *recipe.input_shape)
+    before = outputs(model, x)
+    prune_model_(model, recipe.input_shape, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert check(model)
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ def test_following_norms_by_dataflow():
     model, recipe = gp.load_model("resnet20_altered")
     assert following_norms(model, recipe.input_shape) == {"conv1": "bn1", "conv2": "bn2"}
     tv, r = gp.load_model("torchvision:mobilenet_v3_small")
-    gp.convert_model(tv, r, gp.ConversionSpec(first=2, init="random"))
+    gp.gaborize_(tv, gp.ConversionSpec(first=2, init="random"), r.input_shape)
     assert following_norms(tv, (3, 64, 64)) == {"features.0.0": "features.0.1", "features.1.block.0.0": "features.1.block.0.1"}
 
 
@@ -97,7 +97,7 @@ def test_penalty_reuses_the_forward_kernels_inside_track_forward():
     bank per step; a second penalty computes them afresh."""
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20")
-    gp.convert_model(model, recipe, gp.ConversionSpec(first=2, init="random"))
+    gp.gaborize_(model, gp.ConversionSpec(first=2, init="random"), recipe.input_shape)
     sparsity = GaborSparsity(model, recipe.input_shape)
     x = torch.randn(2, 3, 32, 32)
 

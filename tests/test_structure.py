@@ -14,9 +14,8 @@ import gaborprune as gp
 import tiny_models
 from gaborprune.convert import GaborConv2d
 from gaborprune.errors import GaborPruneError
-from gaborprune.prune import prune_model
+from gaborprune.prune import prune_model_
 from gaborprune.prune.groups import ChannelGroup, channel_groups
-from gaborprune.recipe import Recipe
 from gaborprune.reproduce import EXPERIMENTS
 from gaborprune.sparsity import GROUP_WEIGHT, GaborSparsity, following_norms, kernel_strength, l1_l2_ratio
 from gaborprune.train import TrainConfig
@@ -140,7 +139,7 @@ def test_a_dead_group_removes_its_channel_and_changes_the_output_by_nothing(fami
     model = randomize_norms(build()).eval()
     groups = {g.label: g for g in channel_groups(model, SHAPE).groups if g.channel == 1}  # channel 1 of each label
     for group in groups.values():
-        m, r = copy.deepcopy(model), Recipe(gp.ModelSource("x:y"), SHAPE)
+        m = copy.deepcopy(model)
         if group.kind == "out":
             dead_constant_zero(m, group)
         with torch.no_grad():
@@ -148,7 +147,7 @@ def test_a_dead_group_removes_its_channel_and_changes_the_output_by_nothing(fami
                 for o, i in kernels:
                     m.get_submodule(bank).mask[o, i] = 0
         original = copy.deepcopy(m)
-        report = prune_model(m, r, ONLY_DEAD)
+        report = prune_model_(m, SHAPE, ONLY_DEAD)
         assert not report.kept, (group.label, report.kept)
         for bank, kernels in group.members:
             o, i = kernels[0]
@@ -253,7 +252,7 @@ def test_gradients_reach_every_gabor_parameter_and_are_finite():
 
 
 def test_structure_is_validated_where_the_library_receives_it():
-    with pytest.raises(GaborPruneError, match=r"unknown --structure 'channels'; known: channel, kernel"):
+    with pytest.raises(GaborPruneError, match=r"unknown `structure` 'channels'; known: channel, kernel"):
         TrainConfig(structure="channels")
     with pytest.raises(GaborPruneError, match=r"unknown --structure 'group'"):
         GaborSparsity(tiny_models.Chain(), SHAPE, "group")

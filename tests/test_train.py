@@ -10,7 +10,7 @@ import gaborprune as gp
 from gaborprune.cli import app
 from gaborprune.data import load_data
 from gaborprune.errors import GaborPruneError
-from gaborprune.train import Checkpoints, TrainConfig, TrainingError, finetune
+from gaborprune.train import Checkpoints, TrainConfig, TrainingError, finetune_
 from gaborprune.train.loop import make_optimizer
 
 CPU = torch.device("cpu")
@@ -26,8 +26,8 @@ def setup(data="fake:320:4"):
 
 def run(config, tmp_path, resume=None, on_epoch=None, name="out"):
     model, recipe, train, test = setup()
-    result = finetune(model, recipe, train, test, config, device=CPU, data_name="fake:320:4",
-                      checkpoints=Checkpoints(tmp_path / f"{name}.pt"), resume=resume, on_epoch=on_epoch)
+    result = finetune_(model, recipe, train, test, config, device=CPU, data_name="fake:320:4",
+                       checkpoints=Checkpoints(tmp_path / f"{name}.pt"), resume=resume, on_epoch=on_epoch)
     return model, recipe, result
 
 
@@ -39,7 +39,10 @@ def test_finetune_learns_and_checkpoints(tmp_path):
     lines = (tmp_path / "out.metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
     best, best_recipe = gp.load_model(str(tmp_path / "out.best.pt"), trust_factory=True)
-    assert best_recipe.metadata["finetune"]["best_accuracy"] == result.best_accuracy
+    [step] = best_recipe.steps  # the recipe given had none; the best checkpoint records this run so far
+    assert step.kind == "finetune" and step.best_accuracy == result.best_accuracy and step.config == config
+    assert step.epochs_done == [r["test_top1"] for r in result.history].index(result.best_accuracy) + 1
+    assert result.step.epochs_done == 4 and list(result.step.history) == result.history and recipe.steps == ()
     assert torch.load(tmp_path / "out.last.pt", weights_only=True)["train_state"]["epoch"] == 4
 
 
@@ -62,7 +65,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_resume_from_another_run_is_refused(tmp_path):
     run(TrainConfig(epochs=1, batch_size=32), tmp_path)
-    with pytest.raises(GaborPruneError, match=r"is from a different run: its --lr is 0.05, this run's is 0.1"):
+    with pytest.raises(GaborPruneError, match=r"is from a different run: its `lr` is 0.05, this run's is 0.1"):
         run(TrainConfig(epochs=1, batch_size=32, lr=0.1), tmp_path, resume=tmp_path / "out.last.pt", name="other")
     with pytest.raises(GaborPruneError, match="recipe without training state"):
         run(TrainConfig(epochs=1, batch_size=32), tmp_path, resume=tmp_path / "out.best.pt", name="other")
@@ -78,8 +81,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_wrong_number_of_classes():
     model, recipe, _, _ = setup()
     train, test = load_data("fake:100:7", SHAPE)
-    with pytest.raises(TrainingError, match="has 4 outputs but dataset 'fake:100:7' has 7 classes; build the model with --num-classes 7"):
-        finetune(model, recipe, train, test, TrainConfig(epochs=1), device=CPU, data_name="fake:100:7")
+    with pytest.raises(TrainingError, match="has 4 outputs but dataset 'fake:100:7' has 7 classes; build the model with `num_classes` 7"):
+        finetune_(model, recipe, train, test, TrainConfig(epochs=1), device=CPU, data_name="fake:100:7")
 
 
 def test_weight_decay_spares_gabor_shape_and_schedule_warms_then_decays():
@@ -101,9 +104,9 @@ def test_weight_decay_spares_gabor_shape_and_schedule_warms_then_decays():
 
 
 def test_config_validation():
-    with pytest.raises(GaborPruneError, match="--sparsity must be >= 0"):
+    with pytest.raises(GaborPruneError, match="`sparsity` must be >= 0"):
         TrainConfig(sparsity=-1)
-    with pytest.raises(GaborPruneError, match="unknown --optimizer 'adam'"):
+    with pytest.raises(GaborPruneError, match="unknown `optimizer` 'adam'"):
         TrainConfig(optimizer="adam")
 
 
@@ -149,8 +152,8 @@ def test_sparsity_drives_gabor_kernels_to_zero_on_digits():
     for strength in (0.0, 0.1):
         model, recipe = gp.load_model("resnet20_altered")
         train, test = load_data("digits", recipe.input_shape)
-        results[strength] = finetune(model, recipe, train, test, TrainConfig(epochs=5, batch_size=64, sparsity=strength),
-                                     device=CPU, data_name="digits")
+        results[strength] = finetune_(model, recipe, train, test, TrainConfig(epochs=5, batch_size=64, sparsity=strength),
+                                      device=CPU, data_name="digits")
     plain, sparse = results[0.0], results[0.1]
     assert sparse.final_accuracy > 93
     assert sparse.kernels_alive["conv2"] < 0.5 * plain.kernels_alive["conv2"]

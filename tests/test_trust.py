@@ -63,11 +63,12 @@ def stealth(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A small valid recipe with a conversion and an (empty) prune plan after it."""
+    """A small valid recipe: a conversion, a fine-tuning record and an (empty) prune plan after them."""
     torch.manual_seed(0)
     model, recipe = gp.load_model("resnet20", input_shape=(3, 16, 16))
-    gp.convert_model(model, recipe, gp.ConversionSpec(first=1, init="random"))
-    recipe.prune_plans.append({"kernels": {}, "channels": {}, "spec": {}, "after_conversions": 1})
+    recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(first=1, init="random"), recipe.input_shape).step)
+    recipe = recipe.with_step(gp.FinetuneStep(gp.TrainConfig(epochs=1), "fake:64:10", 1, 10.0, ({"epoch": 1, "test_top1": 10.0},)))
+    recipe = recipe.with_step(gp.PruneStep(gp.PrunePlan()))
     return gp.save_recipe(tmp_path_factory.mktemp("trust") / "base.pt", model, recipe)
 
 
@@ -219,21 +220,29 @@ MALFORMED = {
     "tensor kwarg": (_set("source", "kwargs", value={"w": torch.zeros(2)}), "'source.kwargs'"),
     "short input shape": (_set("input_shape", value=[3, 16]), "'input_shape'"),
     "huge input shape": (_set("input_shape", value=[3, 10**6, 10**6]), "'input_shape'"),
-    "string conversions": (_set("conversions", value="conv1"), "'conversions'"),
-    "string conversion": (_set("conversions", 0, value="conv1"), "'conversions[0]'"),
-    "string conversion spec": (_set("conversions", 0, "spec", value="first=1"), "'conversions[0].spec'"),
-    "unknown key in conversion spec": (_set("conversions", 0, "spec", "bogus", value=1), "unknown key 'bogus'"),
-    "string in conversion spec": (_set("conversions", 0, "spec", "first", value="1"), "'conversions[0].spec.first'"),
-    "string freeze": (_set("conversions", 0, "spec", "freeze", value="theta"), "'conversions[0].spec.freeze'"),
-    "invalid conversion spec": (_set("conversions", 0, "spec", "init", value="magic"), "unknown --init 'magic'"),
-    "string layers": (_set("conversions", 0, "layers", value="conv1"), "'conversions[0].layers'"),
-    "unknown layer name": (_set("conversions", 0, "layers", value=["no.such.layer"]), "conversions[0] does not replay"),
-    "string prune plans": (_set("prune_plans", value="plan"), "'prune_plans'"),
-    "string prune plan": (_set("prune_plans", 0, value="plan"), "'prune_plans[0]'"),
-    "string after_conversions": (_set("prune_plans", 0, "after_conversions", value="1"), "'prune_plans[0].after_conversions'"),
-    "after_conversions too late": (_set("prune_plans", 0, "after_conversions", value=2), "'prune_plans[0].after_conversions'"),
-    "bad kernel pair": (_set("prune_plans", 0, "kernels", value={"conv1": [[0]]}), "'prune_plans[0].kernels'"),
-    "plan names a missing layer": (_set("prune_plans", 0, "kernels", value={"nope": []}), "'nope'"),
+    "string steps": (_set("steps", value="conv1"), "'steps'"),
+    "no steps": (lambda p: p.pop("steps"), "missing steps"),
+    "string step": (_set("steps", 0, value="conv1"), "'steps[0]'"),
+    "unknown kind": (_set("steps", 0, "kind", value="quantize"), "'steps[0]' must be a dict whose 'kind' is one of convert, prune, finetune"),
+    "conversion as a plan": (_set("steps", 0, "kind", value="prune"), "'steps[0]' must be a prune step with keys kind, plan"),
+    "string conversion spec": (_set("steps", 0, "spec", value="first=1"), "'steps[0].spec'"),
+    "unknown key in conversion spec": (_set("steps", 0, "spec", "bogus", value=1), "unknown key 'bogus'"),
+    "string in conversion spec": (_set("steps", 0, "spec", "first", value="1"), "'steps[0].spec.first'"),
+    "string freeze": (_set("steps", 0, "spec", "freeze", value="theta"), "'steps[0].spec.freeze'"),
+    "invalid conversion spec": (_set("steps", 0, "spec", "init", value="magic"), "unknown --init 'magic'"),
+    "string layers": (_set("steps", 0, "layers", value="conv1"), "'steps[0].layers'"),
+    "unknown layer name": (_set("steps", 0, "layers", value=["no.such.layer"]), "steps[0] (convert) does not replay"),
+    "string fine-tuning config": (_set("steps", 1, "config", value="epochs=1"), "'steps[1].config'"),
+    "invalid fine-tuning config": (_set("steps", 1, "config", "lr", value=-1.0), "'steps[1].config' is not a valid fine-tuning config"),
+    "unknown fine-tuning setting": (_set("steps", 1, "config", "bogus", value=1), "'steps[1].config'"),
+    "int fine-tuning data": (_set("steps", 1, "data", value=3), "'steps[1].data'"),
+    "negative epochs done": (_set("steps", 1, "epochs_done", value=-1), "'steps[1].epochs_done'"),
+    "NaN best accuracy": (_set("steps", 1, "best_accuracy", value=float("nan")), "'steps[1].best_accuracy'"),
+    "tensor in history": (_set("steps", 1, "history", 0, "w", value=torch.zeros(2)), "'steps[1].history'"),
+    "string prune plan": (_set("steps", 2, "plan", value="plan"), "'steps[2].plan'"),
+    "unknown key in plan": (_set("steps", 2, "plan", "after_conversions", value=1), "'steps[2].plan' has unknown key 'after_conversions'"),
+    "bad kernel pair": (_set("steps", 2, "plan", "kernels", value={"conv1": [[0]]}), "'steps[2].plan.kernels'"),
+    "plan names a missing layer": (_set("steps", 2, "plan", "kernels", value={"nope": []}), "'nope'"),
     "string metadata": (_set("metadata", value="notes"), "'metadata'"),
     "string state_dict": (_set("state_dict", value="weights"), "'state_dict'"),
     "string in state_dict": (_set("state_dict", "fc.bias", value="zero"), "'state_dict['fc.bias']'"),
@@ -256,7 +265,7 @@ def test_the_base_recipe_of_the_malformed_cases_is_valid(base):
     result = run("inspect", base)
     assert result.exit_code == 0, result.output
     model, recipe = gp.load_model(str(base))
-    assert isinstance(model.conv1, gp.GaborConv2d) and len(recipe.prune_plans) == 1
+    assert isinstance(model.conv1, gp.GaborConv2d) and [s.kind for s in recipe.steps] == ["convert", "finetune", "prune"]
 
 
 def test_a_newer_version_says_upgrade(base, tmp_path):

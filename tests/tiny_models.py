@@ -134,3 +134,25 @@ class Untraceable(nn.Module):
         if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
             x = x * 2
         return self.head(torch.relu(self.bn(self.g(x)))).mean((2, 3))
+
+
+class Steps(nn.Module):
+    """Plain convolutions for a recipe of several steps (tests/data/recipe_v1.pt): a stem whose constant
+    channels fold into a 1x1 conv's bias, then two residual blocks, the first of whose branches can die whole. Input 3x16x16."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.p, self.bn_p = nn.Conv2d(8, 8, 1, bias=True), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv4, self.bn4 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn_p(self.p(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        x = F.relu(x + self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x))))))
+        return self.head(x.mean((2, 3)))

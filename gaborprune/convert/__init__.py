@@ -3,9 +3,9 @@
 from gaborprune.convert.fit import GaborParams, fit_gabor, random_gabor
 from gaborprune.convert.kernel import GABOR_PARAMS, gabor_kernel, kernel_grid
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.convert.spec import ConversionReport, ConversionSpec, LayerConversion, gaborize_, select_layers
+from gaborprune.convert.spec import ConversionReport, ConversionSpec, ConversionStep, LayerConversion, gaborize_, select_layers
 
 __all__ = [
-    "GABOR_PARAMS", "ConversionReport", "ConversionSpec", "GaborConv2d", "GaborParams", "LayerConversion",
+    "GABOR_PARAMS", "ConversionReport", "ConversionSpec", "ConversionStep", "GaborConv2d", "GaborParams", "LayerConversion",
     "fit_gabor", "gabor_kernel", "gaborize_", "kernel_grid", "random_gabor", "select_layers",
 ]

@@ -1,9 +1,10 @@
-"""Conversion specs (data) and `gaborize_`, the in-place transform they drive."""
+"""Conversion specs (data), `gaborize_`, the in-place transform they drive, and the step a recipe records."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,33 +61,33 @@ class ConversionSpec:
         object.__setattr__(self, "freeze", tuple(self.freeze))
         if self.to not in TARGETS:
             raise ConversionError(f"unknown conversion '{self.to}'; known: {', '.join(TARGETS)}")
-        check_seed(self.seed, error=ConversionError)
+        check_seed(self.seed, "`seed`", ConversionError)
         if self.kernel_size is not None:
-            check_int(self.kernel_size, "--kernel-size", error=ConversionError)
+            check_int(self.kernel_size, "`kernel_size`", error=ConversionError)
             if self.kernel_size > MAX_KERNEL_SIZE:
-                raise ConversionError(f"--kernel-size {self.kernel_size} is too large; give at most {MAX_KERNEL_SIZE}")
+                raise ConversionError(f"`kernel_size` {self.kernel_size} is too large; give at most {MAX_KERNEL_SIZE}")
         if self.to == "cada":
             if self.freeze:
-                raise ConversionError("--freeze applies to Gabor banks, not CADA blocks")
+                raise ConversionError("`freeze` applies to Gabor banks, not CADA blocks")
             from gaborprune.convert.cada import CADAConv2d
 
-            check_int(self.heads, "--heads", error=ConversionError)
-            if self.bases is not None and check_int(self.bases, "--bases", error=ConversionError) > MAX_BASES:
-                raise ConversionError(f"--bases {self.bases} is too many; give at most {MAX_BASES} (default 4)")
-            if self.context is not None and check_int(self.context, "--context", 0, ConversionError) > MAX_KERNEL_SIZE:
-                raise ConversionError(f"--context {self.context} is too large; give at most {MAX_KERNEL_SIZE}")
+            check_int(self.heads, "`heads`", error=ConversionError)
+            if self.bases is not None and check_int(self.bases, "`bases`", error=ConversionError) > MAX_BASES:
+                raise ConversionError(f"`bases` {self.bases} is too many; give at most {MAX_BASES} (default 4)")
+            if self.context is not None and check_int(self.context, "`context`", 0, ConversionError) > MAX_KERNEL_SIZE:
+                raise ConversionError(f"`context` {self.context} is too large; give at most {MAX_KERNEL_SIZE}")
             with torch.device("meta"):  # the knobs' sense only: a trial block of 20000 heads would allocate gigabytes
                 CADAConv2d(self.heads, self.heads, self.kernel_size or 3, **self.cada_knobs())  # refuses knobs that make no sense
         if (self.first is None) == (not self.targets):
-            raise ConversionError("say which layers to convert: either --layers N or --target NAME (not both)")
+            raise ConversionError("say which layers to convert: either `first` N or `targets` NAME (not both)")
         if self.first is not None:
-            check_int(self.first, "--layers", error=ConversionError)
+            check_int(self.first, "`first`", error=ConversionError)
         if self.init not in INITS:
-            raise ConversionError(f"unknown --init '{self.init}'; known: {', '.join(INITS)}")
+            raise ConversionError(f"unknown `init` '{self.init}'; known: {', '.join(INITS)}")
         bad = [f for f in self.freeze if f not in GABOR_PARAMS]
         if bad:
             raise ConversionError(f"cannot freeze '{bad[0]}'; Gabor parameters are {', '.join(GABOR_PARAMS)}")
-        check_int(self.fit_steps, "fit steps", 0, ConversionError)
+        check_int(self.fit_steps, "`fit_steps`", 0, ConversionError)
         for t in self.targets:
             if t.startswith("re:"):
                 try:
@@ -131,6 +132,30 @@ class LayerConversion:
 
 
 @dataclass(frozen=True)
+class ConversionStep:
+    """A conversion as a recipe records it: the spec, and the layers it converted (replay converts
+    those by name, without fitting: the recipe's state_dict follows)."""
+
+    spec: ConversionSpec
+    layers: tuple[str, ...]
+    kind: ClassVar[str] = "convert"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def replay_(self, model: nn.Module) -> nn.Module:
+        gaborize_(model, self.spec, layers=list(self.layers), init="none")
+        return model
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "spec": self.spec.to_dict(), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConversionStep:
+        return cls(ConversionSpec.from_dict(d["spec"]), tuple(d["layers"]))
+
+
+@dataclass(frozen=True)
 class ConversionReport:
     spec: ConversionSpec
     layers: tuple[LayerConversion, ...]
@@ -138,6 +163,11 @@ class ConversionReport:
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    @property
+    def step(self) -> ConversionStep:
+        """What a recipe records of this conversion (`Recipe.with_step`)."""
+        return ConversionStep(self.spec, tuple(self.layer_names))
 
 
 def conv_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -166,13 +196,13 @@ def select_layers(model: nn.Module, spec: ConversionSpec, input_shape: tuple[int
     convs = conv_modules(model)
     if spec.first is not None:
         if input_shape is None:
-            raise ConversionError("--layers N needs the model's input shape to find execution order")
+            raise ConversionError("`first` N needs the model's input shape to find execution order")
         order = [n for n in execution_order(model, input_shape) if isinstance(convs[n], nn.Conv2d)]
         if not order:
             raise ConversionError("the model has no plain convolution left to convert")
         if spec.first > len(order):
             n = len(order)
-            raise ConversionError(f"the model has only {n} convolution{'s' if n > 1 else ''} to convert; give --layers {n}{' or fewer' if n > 1 else ''}")
+            raise ConversionError(f"the model has only {n} convolution{'s' if n > 1 else ''} to convert; give `first` {n}{' or fewer' if n > 1 else ''}")
         return order[: spec.first]
     chosen: list[str] = []
     for target in spec.targets:
@@ -212,7 +242,7 @@ def _check_kernel_fits(model: nn.Module, names: list[str], k: int, input_shape: 
         reach = 2 * min(h, w) - 1
         if k > reach:
             fits = reach - (reach - model.get_submodule(name).kernel_size[0]) % 2  # kernels grow by an even number
-            raise ConversionError(f"--kernel-size {k} is too large for the {h}x{w} input of layer '{name}' (its outer taps would only "
+            raise ConversionError(f"`kernel_size` {k} is too large for the {h}x{w} input of layer '{name}' (its outer taps would only "
                                   f"ever see padding); give at most {fits}")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,8 @@ class ExportConfig:
             from 2 to 64. None: `auto` also times the forms padded to this CPU's block
             (`gaborprune.export.search.cpu_block`: 16 with AVX-512, 8 with AVX2), the others do not pad.
         quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
-            the float model, the int8 model's difference and accuracy are reported.
+            the float model, the int8 model's difference and accuracy are reported. True or "int8"
+            (the only precision there is) turn it on.
     """
 
     batch_size: int = 1
@@ -55,22 +58,26 @@ class ExportConfig:
     atol: float = 1e-4
     threads: int | None = None
     check_inputs: int = 3
-    quantize: bool = False
+    quantize: bool | str = False
     pad_channels: int | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize == "int8":
+            object.__setattr__(self, "quantize", True)
+        if not isinstance(self.quantize, bool):
+            raise ExportError(f"unknown `quantize` {self.quantize!r}; known: int8")
         if self.batch_size < 1:
             raise ExportError(f"the batch size must be at least 1, not {self.batch_size}")
         if self.lowering not in LOWERINGS:
-            raise ExportError(f"unknown --lowering '{self.lowering}'; known: {', '.join(LOWERINGS)}")
-        if not check_finite(self.atol, "--atol", ExportError) > 0:
-            raise ExportError(f"--atol must be positive, not {self.atol}")
+            raise ExportError(f"unknown `lowering` '{self.lowering}'; known: {', '.join(LOWERINGS)}")
+        if not check_finite(self.atol, "`atol`", ExportError) > 0:
+            raise ExportError(f"`atol` must be positive, not {self.atol}")
         if self.threads is not None:
-            check_threads(self.threads, "--threads", ExportError)
+            check_threads(self.threads, "`threads`", ExportError)
         if self.pad_channels is not None and self.pad_channels not in PAD_CHANNELS:
-            raise ExportError(f"--pad-channels must be 0 (off) or a power of two from 2 to 64 (ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
+            raise ExportError(f"`pad_channels` must be 0 (off) or a power of two from 2 to 64 (ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
         if self.opset is not None and not 18 <= self.opset <= 23:
-            raise ExportError(f"--opset {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
+            raise ExportError(f"`opset` {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
 
 
 @dataclass
@@ -139,18 +146,22 @@ def speed_note(model: nn.Module, recipe: Recipe, report: ExportReport) -> str:
     with the cause; "" otherwise.
 
     The rule needs no second model: kernels were removed, but no channel (neither by the recipe's
-    prune plans nor at export) and no layer is split, so the written graph executes the unpruned
+    prunes nor at export) and no layer is split, so the written graph executes the unpruned
     layer shapes, zeros included.
     """
     kernels = any(m.kernels_alive < m.mask.numel() for m in model.modules() if isinstance(m, GaborConv2d))
-    channels = report.channels_cut or any(idx for plan in recipe.prune_plans for sides in plan.get("channels", {}).values() for idx in sides.values())
+    channels = report.channels_cut or any(idx for step in recipe.prunes for sides in step.plan.channels.values() for idx in sides.values())
     split = any(form.startswith("split") for form in report.lowering.values())
     return KERNELS_NOT_TIME if kernels and not channels and not split else ""
 
 
-def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-                 data: tuple | None = None, force: bool = False) -> ExportReport:
-    """Export `model` as a compact ONNX file at `path`, checked against PyTorch.
+def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
+                 recipe: Recipe | None = None, data: tuple | None = None, force: bool = False) -> ExportReport:
+    """Export `model` (inputs [N, *input_shape]) as a compact ONNX file at `path`, checked against PyTorch.
+
+    `model` is not changed (a float32 CPU copy is exported). `recipe`, the one `model` was built from,
+    goes into the file's metadata (source, step counts) and decides the report's `note` (whether its
+    prunes removed channels); without it both are left out.
 
     Steps: choose the form (`config.lowering`; `gaborprune.export.search`: the model is lowered once
     per form, Gabor banks baked and BatchNorm folded), export it with the dynamo exporter, run the full
@@ -162,30 +173,33 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
         ExportError: the model cannot be exported, has NaN or infinite weights or outputs, or
             onnxruntime differs from PyTorch by more than `config.atol` (nothing is written).
     """
+    if isinstance(input_shape, Recipe):  # deprecated: export_model(model, recipe, path, ...), while cli.py and demo.py move
+        warnings.warn("export_model(model, recipe, ...) is deprecated; use export_model(model, recipe.input_shape, ..., recipe=recipe)",
+                      DeprecationWarning, stacklevel=2)
+        recipe, input_shape = input_shape, input_shape.input_shape
+    input_shape = tuple(input_shape)
     check_output(path, force)
-    model = model.cpu().float().eval()
+    model = copy.deepcopy(model).cpu().float().eval()  # the caller's model keeps its device, dtype and mode
     bad = non_finite(model.state_dict())
     if bad:
         raise ExportError(f"the model's '{bad[0]}' holds NaN or infinite values" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "") + "; nothing was written")
-    per_sample = activation_bytes(model, recipe.input_shape)  # also a clear error for an input the model cannot take
+    per_sample = activation_bytes(model, input_shape)  # also a clear error for an input the model cannot take
     # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
-    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)
-    shape = (config.batch_size, *recipe.input_shape)
+    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)  # the CLI sets the batch there
+    shape = (config.batch_size, *input_shape)
     train, test = data if data is not None else (None, None)
     calibration = calibration_batches(train, config.batch_size) if config.quantize and train is not None else None
     int8 = (lambda blob: quantize_int8(blob, calibration)[0]) if config.quantize else None
-    lowerings = Lowerings(model, recipe.input_shape, config.batch_size)
+    lowerings = Lowerings(model, input_shape, config.batch_size)
     found = search(lowerings, config.lowering, config.pad_channels, config.threads, quantize=int8)
     deploy, lowering = lowerings.lower(found.form)
-    metadata = {
-        "gaborprune.version": __version__,
+    provenance = {} if recipe is None else {
         "gaborprune.source": recipe.source.spec,
         "gaborprune.conversions": len(recipe.conversions),
-        "gaborprune.prune_plans": len(recipe.prune_plans),
-        "gaborprune.kernels_kept": kernels_kept(model),
-        "gaborprune.lowering": lowering.forms,
-        "gaborprune.input_shape": list(shape),
+        "gaborprune.prune_plans": len(recipe.prunes),
     }
+    metadata = {"gaborprune.version": __version__, **provenance, "gaborprune.kernels_kept": kernels_kept(model),
+                "gaborprune.lowering": lowering.forms, "gaborprune.input_shape": list(shape)}
     proto = to_onnx(deploy, shape, opset=config.opset, dynamic_batch=config.dynamic_batch, metadata=metadata)
     counts = onnx_counts(proto)
     entry = proto.metadata_props.add()
@@ -195,7 +209,7 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
     real = next(iter(test.batches(config.batch_size, train=False)))[0] if test is not None else None
     diff, cosine = parity(sess, model, check_inputs(shape, config.check_inputs, real))
     if not diff <= config.atol:
-        raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (cosine {cosine:.6f}), more than --atol {config.atol:g}; nothing was written")
+        raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (cosine {cosine:.6f}), more than `atol` {config.atol:g}; nothing was written")
     accuracy = {"onnx": onnx_top1(sess, test)} if test is not None else {}
     quantization = None
     if config.quantize:
@@ -209,10 +223,14 @@ def export_model(model: nn.Module, recipe: Recipe, path: str | os.PathLike, conf
             accuracy["int8"] = onnx_top1(qsess, test)
     write_bytes(path, blob, force)
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
-    report = ExportReport(str(Path(path)), opset_of(proto), inputs, diff, cosine, len(blob), counts.params, counts.macs, counts.macs_executed,
-                          lowering.forms, found.layer_ms, found.reason, lowering.channels_cut, lowering.bias_maps, lowering.padded,
-                          found.form.pad, found.block, [c.to_dict() for c in found.candidates], lowering.skipped,
-                          quantization=quantization, accuracy=accuracy,
-                          sparse_kernels={layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers if layer.kernels < layer.dense_kernels})
-    report.note = speed_note(model, recipe, report)
+    report = ExportReport(
+        path=str(Path(path)), opset=opset_of(proto), inputs=inputs, max_abs_diff=diff, cosine=cosine, file_bytes=len(blob),
+        params=counts.params, macs=counts.macs, macs_executed=counts.macs_executed, lowering=lowering.forms,
+        lowering_ms=found.layer_ms, lowering_note=found.reason, channels_cut=lowering.channels_cut, bias_maps=lowering.bias_maps,
+        padded=lowering.padded, pad=found.form.pad, pad_block=found.block, candidates=[c.to_dict() for c in found.candidates],
+        skipped=lowering.skipped, quantization=quantization, accuracy=accuracy,
+        sparse_kernels={layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers if layer.kernels < layer.dense_kernels},
+    )
+    if recipe is not None:
+        report.note = speed_note(model, recipe, report)
     return report

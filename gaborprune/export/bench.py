@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gaborprune._validate import check_batch_memory, check_finite, check_int, check_threads
+from gaborprune._validate import check_batch_memory, check_finite, check_int, check_threads, is_int
 from gaborprune.export import runtime
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError
@@ -32,6 +32,8 @@ from gaborprune.export.stats import Interval, paired_ratio
 
 PRECISION = 0.02  # relative width of a median's 95% interval that ends the rounds: +-1%
 MAX_SECONDS = 60.0  # timing budget of one bench, all configurations together
+BATCH_SIZES, THREADS = (1,), (1,)  # the configurations timed by default
+WARMUP, RUNS = 10, 100  # untimed runs per model and configuration; timed runs per model in one round
 TAIL_LIMIT = 2.0  # p90/p50 above this: the scheduler, not the model, set the figures
 MIN_SAMPLES = 20  # below this, order statistics give no honest 95% interval (5 samples' min..max covers the median 94% of the time)
 INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "ConvInteger",
@@ -128,10 +130,15 @@ class BenchModel:
             graph = onnx.shape_inference.infer_shapes(self.proto).graph
         except Exception:  # a graph the inference cannot follow: count what the file declares
             graph = self.proto.graph
-        total = 0
+        total, batch = 0, self.fixed_batch
         for v in [*graph.input, *graph.value_info, *graph.output]:
             t = v.type.tensor_type
-            if not t.HasField("shape"):
+            if not t.HasField("shape") or not t.shape.dim:
+                continue
+            first = t.shape.dim[0]
+            # only tensors with the batch dimension grow with the batch (an int8 graph's dequantised
+            # weights do not: counted per sample they made a VGG-16 bench look like 22 GB)
+            if not (first.dim_param if batch is None else first.dim_value == batch):
                 continue
             try:
                 size = np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).itemsize
@@ -349,6 +356,72 @@ class BenchReport:
                 "results": [r.to_dict() for r in self.results], "comparisons": [c.to_dict() for c in self.comparisons],
                 "profiles": self.profiles, "converted": self.converted}
 
+    def result_rows(self) -> list[list[str]]:
+        """The cells of the results table (`RESULT_COLUMNS`), shared by the terminal and Markdown reports."""
+        rows = []
+        for r in self.results:
+            d = r.to_dict()
+            rows.append([d["model"], d["runtime"], d["precision"], str(d["batch_size"]), str(d["threads"]), f"{d['p50_ms']:.3f}",
+                         _ci(d["p50_low_ms"], d["p50_high_ms"]), f"{d['p90_ms']:.3f}", f"{d['p90_over_p50']:.2f}",
+                         f"{d['runs']} in {d['rounds']}", f"{d['throughput']:.1f}", d["note"] or "ok"])
+        return rows
+
+    def comparison_rows(self) -> list[list[str]]:
+        """The cells of the comparisons table (`COMPARISON_COLUMNS`)."""
+        rows = []
+        for c in self.comparisons:
+            speedup = "-" if c.speedup is None else f"{c.speedup:.3f}x"
+            eff = f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a (" + (c.note if c.stable else c.verdict) + ")"
+            verdict = f"{c.verdict} ({c.note})" if c.note and not c.stable else c.verdict
+            rows.append([c.model, c.baseline, str(c.batch_size), str(c.threads), speedup, _ci(c.speedup_low, c.speedup_high),
+                         f"{c.mac_ratio:.3f}", eff, verdict])
+        return rows
+
+    def share_line(self, model: str) -> str:
+        """One line on how much of `model`'s profiled time the converted layers take (`converted_share`)."""
+        share = self.converted[model]
+        who = f"baseline {model}" if model in {c.baseline for c in self.comparisons} else model
+        if share["share"] is None:
+            return f"{who}: none of the converted layers shows in the profile"
+        bound = f"at most {share['bound']:.2f}x" if share["bound"] is not None else "no bound (all its time)"
+        return (f"{who}: {share['share']:.0%} of the time in the converted layers ({', '.join(share['layers'])}: {share['ms']:.3f} of "
+                f"{share['total_ms']:.3f} ms); removing them entirely would give {bound}")
+
+    def to_markdown(self, title: str = "gaborprune bench") -> str:
+        """The report as Markdown: the settings and machine, the results, the comparisons and the profiles."""
+        env, s = self.environment, self.settings
+        lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores{load_note(env)}; onnxruntime {env['onnxruntime']}, "
+                 f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1. Rounds of {s['runs_per_round']} interleaved runs "
+                 f"until each median's 95% interval is within +-{s['precision'] / 2:.1%} or {s['max_seconds']:g} s are spent.", ""]
+        lines += [f"**Warning:** {w}" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += ["| " + " | ".join(RESULT_COLUMNS) + " |", "|---|---|---|" + "---:|" * 8 + "---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.result_rows()]
+        if self.comparisons:
+            lines += ["", "Speedup: the median over interleaved runs of t_base / t, with its 95% interval; efficiency = "
+                      "(1 - t/t_base) / (1 - MACs/MACs_base) on executed MACs, given only for a speedup beyond the noise.", "",
+                      "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|---|---|" + "---:|" * 6 + "---|"]
+            lines += ["| " + " | ".join(row) + " |" for row in self.comparison_rows()]
+        for model, layers in self.profiles.items():
+            lines += ["", f"Per-layer time of {model} (ms per run, top {PROFILE_ROWS}):", "", "| layer | ms |", "|---|---:|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in top_layers(layers)]
+            if model in self.converted:
+                lines += ["", self.share_line(model) + "."]
+        return "\n".join(lines) + "\n"
+
+
+RESULT_COLUMNS = ("model", "runtime", "precision", "batch", "threads", "median ms", "95% CI ms", "p90 ms", "p90/p50", "runs in rounds", "images/s", "note")
+COMPARISON_COLUMNS = ("model", "baseline", "batch", "threads", "speedup", "95% CI", "executed MAC ratio", "efficiency", "verdict")
+PROFILE_ROWS = 15  # layers a profile lists, slowest first
+
+
+def top_layers(layers: dict[str, float]) -> list[tuple[str, float]]:
+    """A profile's slowest `PROFILE_ROWS` layers, slowest first."""
+    return sorted(layers.items(), key=lambda kv: -kv[1])[:PROFILE_ROWS]
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"{low:.3f}-{high:.3f}"
+
 
 def converted_share(layers: dict[str, float], converted: list[str]) -> dict:
     """The time a profile spends in the converted layers (a layer and the modules inside it), its share
@@ -379,6 +452,18 @@ def _torch_latency(model, x: np.ndarray, threads: int, warmup: int, runs: int) -
     finally:
         torch.set_num_threads(before)
     return Latency.of(seconds)
+
+
+def check_settings(batch_sizes: tuple[int, ...], threads: tuple[int, ...], warmup: object, runs: object, precision: object,
+                   max_seconds: object) -> None:
+    """Every timing setting of `bench`, checked before anything is exported or timed."""
+    for t in threads:
+        check_threads(t, "--threads", ExportError)
+    for b in batch_sizes:
+        check_int(b, "--batch-size", error=ExportError)
+    if not (is_int(runs) and is_int(warmup) and runs >= 1 and warmup >= 0):
+        raise ExportError(f"--runs must be at least 1 and --warmup at least 0 (integers), not {runs!r} and {warmup!r}")
+    check_timing(precision, max_seconds)
 
 
 def check_timing(precision: object, max_seconds: object) -> None:
@@ -417,8 +502,8 @@ def _rounds(sessions: list, eager: list, x: np.ndarray, threads: int, warmup: in
     return samples, rounds
 
 
-def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] | None = None, batch_sizes: tuple[int, ...] = (1,),
-          threads: tuple[int, ...] = (1,), warmup: int = 10, runs: int = 100, provider: str = "cpu",
+def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES,
+          threads: tuple[int, ...] = THREADS, warmup: int = WARMUP, runs: int = RUNS, provider: str = "cpu",
           profile_layers: bool = False, torch_eager: bool = False, precision: float = PRECISION,
           max_seconds: float = MAX_SECONDS, int8: bool = False, calibration: list[np.ndarray] | None = None) -> BenchReport:
     """Time every model (and the baselines) at each (batch size, threads), interleaving the models run
@@ -439,13 +524,7 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
             with different input shapes, thread counts beyond the machine's, two baselines of one
             precision, or a batch whose estimated memory does not fit (all before anything is timed).
     """
-    for t in threads:
-        check_threads(t, "--threads", ExportError)
-    for b in batch_sizes:
-        check_int(b, "--batch-size", error=ExportError)
-    check_int(runs, "--runs", error=ExportError)
-    check_int(warmup, "--warmup", 0, ExportError)
-    check_timing(precision, max_seconds)
+    check_settings(batch_sizes, threads, warmup, runs, precision, max_seconds)
     if not models:
         raise ExportError("no models to bench; give at least one MODEL")
     baselines = [] if baseline is None else [baseline] if isinstance(baseline, BenchModel) else list(baseline)

@@ -1,16 +1,17 @@
-"""Prune plans (data) and `apply_plan_`, the surgery they drive."""
+"""Prune plans (data), `apply_plan_`, the surgery they drive, and the step a recipe records."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
-from gaborprune.prune.select import PruneError
+from gaborprune.errors import PruneError
 from gaborprune.prune.standins import ChannelConstant, Dropped, folded_constant
 
 #: What a stored fold may add to: a consumer's bias, or a BatchNorm's running mean. (Export's
@@ -86,12 +87,30 @@ class PrunePlan:
             if problem:
                 raise ValueError(f"folds {problem}")
             return cls({k: [list(map(int, p)) for p in v] for k, v in d["kernels"].items()},
-                       {k: {s: list(map(int, v.get(s, []))) for s in ("out", "in")} for k, v in d["channels"].items()},
+                       {k: {s: list(map(int, v[s])) for s in ("out", "in") if s in v} for k, v in d["channels"].items()},
                        dict(d.get("spec") or {}),
                        tuple({"module": f["module"], "attr": f["attr"], "delta": [float(v) for v in f["delta"]]} for f in folds),
                        dict(d.get("constants") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PruneError(f"malformed prune plan ({e}); the recipe may be corrupt") from None
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """A prune as a recipe records it: its plan, replayed with `apply_plan_`."""
+
+    plan: PrunePlan
+    kind: ClassVar[str] = "prune"
+
+    def replay_(self, model: nn.Module) -> nn.Module:
+        return apply_plan_(model, self.plan)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneStep:
+        return cls(PrunePlan.from_dict(d["plan"]))
 
 
 def _keep(size: int, removed: list[int], what: str) -> torch.Tensor:

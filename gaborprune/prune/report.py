@@ -8,7 +8,7 @@ from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.prune.graph import KeptChannel
-from gaborprune.prune.plan import PrunePlan
+from gaborprune.prune.plan import PrunePlan, PruneStep
 from gaborprune.prune.select import PruneSpec
 from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.summary import ModelSummary, alive_kernels
@@ -73,6 +73,11 @@ class PruneReport:
     accuracy_before: float | None = None  # top-1 percent, when data is given
     accuracy_pruned: float | None = None  # after pruning, before recovery fine-tuning
     accuracy_after: float | None = None  # final (after recovery, when it ran)
+
+    @property
+    def step(self) -> PruneStep:
+        """What a recipe records of this prune (`Recipe.with_step`)."""
+        return PruneStep(self.plan)
 
     @property
     def gabor_layers(self) -> list[LayerChange]:

@@ -1,21 +1,22 @@
-"""`prune_model`: choose dead kernels, mask them, remove what can go exactly, check, record."""
+"""`prune_model_`: choose dead kernels, mask them, remove what can go exactly, check; `sweep` over thresholds."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from gaborprune.errors import PruneError
 from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
-from gaborprune.prune.select import PruneError, PruneSpec, select_kernels
+from gaborprune.prune.select import PruneSpec, select_kernels
 from gaborprune.prune.structured import analysis_norms, clear_removed_, dead_units, zero_units_
-from gaborprune.recipe import Recipe
 from gaborprune.summary import summarize
 
 #: Compacted vs masked outputs may differ by float32 rounding only; more than this is a bug.
@@ -62,8 +63,9 @@ def _as_data(folds) -> tuple[dict, ...]:
     return tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in folds)
 
 
-def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
-    """Prune the Gabor banks of `model` in place and record the plan in `recipe`.
+def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec = PruneSpec()) -> PruneReport:
+    """Prune the Gabor banks of `model` (inputs [N, *input_shape]) in place. The report's `step`
+    is what a recipe records of it: `recipe = recipe.with_step(report.step)`.
 
     Steps: choose the kernels to keep (`select_kernels`), mask the others, find the channels that
     can go exactly (`analyse_channels`: dead output channels, and channels that only dead input
@@ -75,7 +77,7 @@ def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec())
             compacted model's output differs from the masked model's; `model` may then be half-pruned,
             so reload it.
     """
-    shape = recipe.input_shape
+    shape = tuple(input_shape)
     keep = select_kernels(model, shape, spec)
     before = summarize(model, shape)
     shapes_before = layer_shapes(model)
@@ -120,7 +122,6 @@ def prune_model(model: nn.Module, recipe: Recipe, spec: PruneSpec = PruneSpec())
     warnings = _warnings(changes, before, before.macs)
     if analysis.note:
         warnings.insert(0, analysis.note)
-    recipe.prune_plans.append(plan.to_dict() | {"after_conversions": len(recipe.conversions)})
     return PruneReport(spec, plan, changes, before, after, analysis.kept, diff, warnings)
 
 
@@ -134,15 +135,25 @@ class SweepPoint:
     accuracy: float  # top-1 percent
 
 
-def sweep(model: nn.Module, recipe: Recipe, thresholds: list[float], accuracy: Callable[[nn.Module, Recipe], float],
-          spec: PruneSpec = PruneSpec()) -> list[SweepPoint]:
+def sweep(model: nn.Module, input_shape: tuple[int, int, int], thresholds: list[float],
+          accuracy: Callable[[nn.Module, PruneReport], float], spec: PruneSpec = PruneSpec()) -> list[SweepPoint]:
     """Prune a copy of `model` at each threshold (the rest of `spec` as given: scope, rounding) and
-    measure `accuracy(pruned copy, its recipe)`, which may fine-tune the copy first. `model` is untouched."""
+    measure `accuracy(pruned copy, its report)`, which may fine-tune the copy first. `model` is untouched."""
     points = []
     for t in thresholds:
-        m, r = copy.deepcopy(model), copy.deepcopy(recipe)
-        report = prune_model(m, r, dataclasses.replace(spec, threshold=t))
+        m = copy.deepcopy(model)
+        report = prune_model_(m, input_shape, dataclasses.replace(spec, threshold=t))
         gabor = report.gabor_layers
         points.append(SweepPoint(t, sum(c.kernels_after for c in gabor), sum(c.kernels_before for c in gabor),
-                                 report.after.params, report.after.macs, accuracy(m, r)))
+                                 report.after.params, report.after.macs, accuracy(m, report)))
     return points
+
+
+def prune_model(model: nn.Module, recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
+    """Deprecated, for demo.py and prune.structured while they move: `prune_model_(model, recipe.input_shape, spec)`, with its
+    step appended to `recipe` in place (new code appends it with `recipe.with_step`)."""
+    warnings.warn("prune_model(model, recipe, spec) is deprecated; use prune_model_(model, input_shape, spec) and recipe.with_step(report.step)",
+                  DeprecationWarning, stacklevel=2)
+    report = prune_model_(model, recipe.input_shape, spec)
+    recipe._append_(report.step)
+    return report

@@ -8,13 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from gaborprune._validate import is_int
-from gaborprune.errors import GaborPruneError
+from gaborprune.errors import PruneError
 from gaborprune.sparsity import DEFAULT_THRESHOLD, GaborSparsity
 from gaborprune.train.config import SCOPES
-
-
-class PruneError(GaborPruneError):
-    """A prune request that cannot be carried out (bad criterion, no Gabor banks, a layer cut off)."""
 
 
 @dataclass(frozen=True)
@@ -51,24 +47,24 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
-            raise PruneError(f"unknown --scope '{self.scope}'; known: {', '.join(SCOPES)}")
+            raise PruneError(f"unknown `scope` '{self.scope}'; known: {', '.join(SCOPES)}")
         if self.round_to is not None and not (is_int(self.round_to) and 1 <= self.round_to <= 1024):
-            raise PruneError(f"--round-to must be a channel count from 1 to 1024, not {self.round_to!r}")
+            raise PruneError(f"`round_to` must be a channel count from 1 to 1024, not {self.round_to!r}")
         if self.scope == "all" and (self.ratio is not None or self.keep is not None or self.layer_ratio or self.layer_keep):
-            raise PruneError("--scope all removes channel groups by --threshold; --ratio and --keep count kernels of the Gabor banks (use --scope banks)")
+            raise PruneError("`scope` all removes channel groups by `threshold`; `ratio` and `keep` count kernels of the Gabor banks (use `scope` banks)")
         if not 0 <= self.threshold < 1:
-            raise PruneError(f"--threshold must be in [0, 1) (a fraction of the layer's strongest kernel), not {self.threshold}")
+            raise PruneError(f"`threshold` must be in [0, 1) (a fraction of the layer's strongest kernel), not {self.threshold}")
         if self.ratio is not None and self.keep is not None:
-            raise PruneError("give a global --ratio or a global --keep, not both")
+            raise PruneError("give a global `ratio` or a global `keep`, not both")
         for name, r in [("", self.ratio)] + list(self.layer_ratio.items()):
             if r is not None and not 0 <= r < 1:
-                raise PruneError(f"--ratio {name + '=' if name else ''}{r} is out of range; it is the fraction of kernels removed, in [0, 1)")
+                raise PruneError(f"`{'layer_ratio' if name else 'ratio'}` {name + '=' if name else ''}{r} is out of range; it is the fraction of kernels removed, in [0, 1)")
         for name, k in [("", self.keep)] + list(self.layer_keep.items()):
             if k is not None and k < 1:
-                raise PruneError(f"--keep {name + '=' if name else ''}{k} would remove every kernel; keep at least 1")
+                raise PruneError(f"`{'layer_keep' if name else 'keep'}` {name + '=' if name else ''}{k} would remove every kernel; keep at least 1")
         both = sorted(set(self.layer_ratio) & set(self.layer_keep))
         if both:
-            raise PruneError(f"layer '{both[0]}' has both a --ratio and a --keep; give one")
+            raise PruneError(f"layer '{both[0]}' has both a `layer_ratio` and a `layer_keep`; give one")
 
     def to_dict(self) -> dict:
         d = {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
@@ -122,7 +118,7 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
         return {}
     if not sparsity:
         raise PruneError("the model has no Gabor banks to prune; convert some layers first "
-                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with --sparsity, then prune")
+                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with `sparsity`, then prune")
     for name in list(spec.layer_ratio) + list(spec.layer_keep):
         if name not in sparsity.layers:
             raise PruneError(f"'{name}' is not a Gabor bank of this model; Gabor banks: {', '.join(sparsity.layers)}")
@@ -135,7 +131,7 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
             keep[name] = present[name] & _strongest(s, total - round(spec.layer_ratio[name] * total))
         elif name in spec.layer_keep:
             if spec.layer_keep[name] > total:
-                raise PruneError(f"--keep {name}={spec.layer_keep[name]}: the layer has only {total} kernels")
+                raise PruneError(f"`layer_keep` {name}={spec.layer_keep[name]}: the layer has only {total} kernels")
             keep[name] = present[name] & _strongest(s, spec.layer_keep[name])
         elif spec.ratio is None and spec.keep is None:
             keep[name] = present[name] & (s >= spec.threshold)
@@ -145,12 +141,12 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
         total = scores.numel()
         k = total - round(spec.ratio * total) if spec.ratio is not None else spec.keep
         if k > total:
-            raise PruneError(f"--keep {k}: the Gabor banks have only {total} kernels")
+            raise PruneError(f"`keep` {k}: the Gabor banks have only {total} kernels")
         chosen = _strongest(scores, k).split([strength[n].numel() for n in pooled])
         for n, c in zip(pooled, chosen):
             keep[n] = present[n] & c.view(strength[n].shape)
     for name, k in keep.items():
         if not k.any():
             raise PruneError(f"that would remove every kernel of '{name}' and cut the network in two; "
-                             "lower --ratio or --threshold, or raise --keep")
+                             "lower `ratio` or `threshold`, or raise `keep`")
     return {n: keep[n] for n in strength}

@@ -16,7 +16,8 @@ run on channel blocks and a count off the block can cost more time than it saves
 branch, whose one reader's output is added to the stream (`GroupAnalysis.branches`): the branch
 then becomes a constant (`gaborprune.prune.standins`) and its convolutions are gone. That happens
 when its units are all dead, or when the branch as a whole is weaker than `threshold` x the
-strongest branch (||G|| over its channels; the branch term of the pressure pushes whole branches
+median branch (the root mean square of G over its channels; the median, so that one dominant
+branch does not make the others look dead; the branch term of the pressure pushes whole branches
 down). Any other set keeps at least one block.
 
 A dead unit goes by that side. By its out side: the rows that write it are zeroed (Gabor
@@ -40,7 +41,7 @@ from torch import nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.prune.dataflow import direct_norms, trace_channels
 from gaborprune.prune.groups import ChannelGroup
-from gaborprune.prune.select import PruneError
+from gaborprune.errors import PruneError
 from gaborprune.prune.standins import ChannelConstant
 
 @dataclass(frozen=True)
@@ -161,3 +162,103 @@ def clear_removed_(model: nn.Module, remove: dict[str, dict[str, list[int]]]) ->
         if getattr(m, "bias", None) is not None:
             m.bias[rows] = 0
     return masked
+
+
+#: The thresholds `prune_all_to_target` chooses from, in increasing order of what they remove.
+TARGET_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+
+
+@dataclass
+class ThresholdCandidate:
+    """One threshold of `prune_all_to_target`: what it removes, and its measured time."""
+
+    threshold: float
+    mac_ratio: float  # MACs after / before
+    branches: list[str]  # residual branches removed whole
+    measured: object  # Interval, ms per run
+    speedup: object  # Interval of the unpruned model's time / this one's, per round
+    meets: bool
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "mac_ratio": self.mac_ratio, "branches": self.branches,
+                "measured_ms": self.measured.to_dict(), "speedup": self.speedup.to_dict(), "meets": self.meets}
+
+
+@dataclass
+class ScopeTargetReport:
+    """What `prune_all_to_target` measured and chose (`chosen` None: nothing; `message` says why)."""
+
+    target: object  # TargetSpec
+    batch_size: int
+    threads: int
+    round_to: int | None
+    candidates: list[ThresholdCandidate]
+    chosen: float | None = None
+    prune: object | None = None  # the PruneReport of the chosen threshold
+    message: str | None = None
+
+    @property
+    def step(self):
+        """The PruneStep a recipe records (None when nothing was pruned)."""
+        return self.prune.step if self.prune is not None else None
+
+    def to_dict(self) -> dict:
+        return {"target": self.target.to_dict(), "batch_size": self.batch_size, "threads": self.threads, "round_to": self.round_to,
+                "chosen_threshold": self.chosen, "message": self.message, "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def prune_all_to_target_(model: nn.Module, input_shape: tuple[int, int, int], *, speedup: float | None = None, latency_ms: float | None = None,
+                        batch_size: int = 1, threads: int = 1, round_to: int | None = None, timer=None,
+                        thresholds: tuple[float, ...] = TARGET_THRESHOLDS) -> ScopeTargetReport:
+    """`prune --scope all --speedup X` (or `--latency-ms T`): the lowest threshold whose pruned model
+    meets the measured target, so that the least is removed that reaches it.
+
+    Each candidate is an ordinary `--scope all` prune at one of `thresholds`, exported as plain dense
+    ONNX and timed with ONNX Runtime interleaved with the unpruned export (`gaborprune.prune.target
+    .OrtTimer`); the target counts as met by the whole 95% interval, as in `prune_to_target`. The
+    thresholds are searched by bisection (what a threshold removes grows with it), after checking
+    that the highest one meets the target at all. On success `model` is pruned in place and the
+    report's `step` is what a recipe records of it (`recipe.with_step(report.step)`); otherwise
+    `model` is left as it was, `step` is None and `message` says why.
+    """
+    import copy
+
+    from gaborprune.export.stats import median_interval, paired_ratio
+    from gaborprune.prune.run import prune_model_
+    from gaborprune.prune.select import PruneSpec
+    from gaborprune.prune.target import OrtTimer, TargetSpec
+    from gaborprune.summary import summarize
+
+    target = TargetSpec(speedup, latency_ms)
+    shape = input_shape
+    timer = timer if timer is not None else OrtTimer(model, shape, batch_size, threads)
+    base_macs = summarize(model, shape).macs
+    report = ScopeTargetReport(target, batch_size, threads, round_to, [])
+    tried: dict[int, ThresholdCandidate] = {}
+
+    def measure(k: int) -> bool:
+        work = copy.deepcopy(model)
+        pruned = prune_model_(work, shape, PruneSpec(threshold=thresholds[k], scope="all", round_to=round_to))
+        base, cand = timer.time(work)
+        measured, ratio = median_interval(cand), paired_ratio(base, cand)
+        meets = ratio.low >= target.speedup if target.speedup is not None else measured.high <= target.latency_ms
+        tried[k] = ThresholdCandidate(thresholds[k], pruned.after.macs / base_macs, sorted(pruned.plan.constants), measured, ratio, meets)
+        return meets
+
+    top = len(thresholds) - 1
+    if not measure(top):
+        c = tried[top]
+        best = f"at most {c.speedup.median:.2f}x" if target.speedup is not None else f"at best {c.measured.median:.3g} ms"
+        report.message = f"target {target.describe()} not reachable: {best} at threshold {thresholds[top]:g} (MAC ratio {c.mac_ratio:.2f})"
+    else:
+        lo, hi = -1, top  # lo fails (or is the unpruned model), hi meets
+        while hi - lo > 1:
+            k = (lo + hi) // 2
+            if measure(k):
+                hi = k
+            else:
+                lo = k
+        report.chosen = thresholds[hi]
+        report.prune = prune_model_(model, shape, PruneSpec(threshold=thresholds[hi], scope="all", round_to=round_to))
+    report.candidates = [tried[k] for k in sorted(tried)]
+    return report

@@ -3,7 +3,7 @@
 The channel groups of the Gabor banks (`gaborprune.prune.groups`) are ranked weakest first, by the
 measure the channel pressure uses (`gaborprune.sparsity`: the L2 norm of the members' relative
 kernel strengths). Candidate k removes the k weakest groups: their kernels are masked and the model
-is compacted by the normal `prune_model` path, so each candidate is an exact, replayable prune.
+is compacted by the normal `prune_model_` path, so each candidate is an exact, replayable prune.
 
 Time falls as k grows, so the smallest k that meets the target is found by bisection over k, each
 step exporting the candidate as plain dense ONNX and timing it with ONNX Runtime interleaved with
@@ -35,10 +35,11 @@ from torch import nn
 
 from gaborprune._validate import check_finite, check_int, check_threads
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.errors import PruneError
 from gaborprune.prune.groups import ChannelGroup
+from gaborprune.prune.plan import PruneStep
 from gaborprune.prune.report import PruneReport
-from gaborprune.prune.select import PruneError, PruneSpec
-from gaborprune.recipe import Recipe
+from gaborprune.prune.select import PruneSpec
 
 #: Candidates timed at most (each is an export and an interleaved timing against the baseline).
 MAX_CANDIDATES = 8
@@ -50,7 +51,7 @@ MAX_SECONDS = 120.0
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What `prune_to_target` aims for: one of `speedup` (times the unpruned model's speed, > 1) or
+    """What `prune_to_target_` aims for: one of `speedup` (times the unpruned model's speed, > 1) or
     `latency_ms` (milliseconds per run at the timing batch, > 0)."""
 
     speedup: float | None = None
@@ -58,15 +59,15 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
-            raise PruneError("give one target: --speedup X or --latency-ms T")
+            raise PruneError("give one target: `speedup` X or `latency_ms` T")
         if self.speedup is not None:
-            check_finite(self.speedup, "--speedup", PruneError)
+            check_finite(self.speedup, "`speedup`", PruneError)
             if not self.speedup > 1:
-                raise PruneError(f"--speedup must be above 1 (times the unpruned model's speed, e.g. 1.2), not {self.speedup!r}")
+                raise PruneError(f"`speedup` must be above 1 (times the unpruned model's speed, e.g. 1.2), not {self.speedup!r}")
         else:
-            check_finite(self.latency_ms, "--latency-ms", PruneError)
+            check_finite(self.latency_ms, "`latency_ms`", PruneError)
             if not self.latency_ms > 0:
-                raise PruneError(f"--latency-ms must be above 0 (milliseconds per run), not {self.latency_ms!r}")
+                raise PruneError(f"`latency_ms` must be above 0 (milliseconds per run), not {self.latency_ms!r}")
 
     def describe(self) -> str:
         return f"{self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
@@ -140,10 +141,10 @@ class TargetCandidate:
 
 @dataclass
 class TargetReport:
-    """What `prune_to_target` measured and chose.
+    """What `prune_to_target_` measured and chose.
 
     `chosen` is None when nothing was pruned; `message` then says why in one line. `candidates`
-    holds the timed candidates in k order; `prune` is the `prune_model` report of the chosen k."""
+    holds the timed candidates in k order; `prune` is the `prune_model_` report of the chosen k."""
 
     target: TargetSpec
     batch_size: int
@@ -161,6 +162,11 @@ class TargetReport:
     @property
     def chosen_candidate(self) -> TargetCandidate | None:
         return next((c for c in self.candidates if c.k == self.chosen), None)
+
+    @property
+    def step(self) -> PruneStep | None:
+        """What a recipe records of the chosen prune (None when nothing was pruned)."""
+        return self.prune.step if self.prune is not None else None
 
     @property
     def removed(self) -> dict[str, int]:
@@ -186,10 +192,10 @@ def rank_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[li
     sparsity = GaborSparsity(model, input_shape, structure="channel")
     if not sparsity:
         raise PruneError("the model has no Gabor banks to prune; convert some layers first "
-                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with --sparsity, then prune")
+                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with `sparsity`, then prune")
     if not sparsity.groups.groups:
         why = "; ".join(sparsity.groups.reasons()) or "no channel of a Gabor bank can go on its own"
-        raise PruneError(f"no channel groups to remove ({why}); prune with --threshold, --ratio or --keep instead")
+        raise PruneError(f"no channel groups to remove ({why}); prune with `threshold`, `ratio` or `keep` instead")
     relative = sparsity.relative_strengths()
     strengths = {label: f.strength(relative).tolist() for label, f in sparsity.families.items()}
     seen: dict[str, int] = {}
@@ -274,16 +280,16 @@ def _aligned(base: dict[str, tuple[int, int]], changed: dict[str, list[int]], bl
     return bool(counts) and all(c % block == 0 for c in counts)
 
 
-def _compact(model: nn.Module, recipe: Recipe, groups: list[ChannelGroup]) -> PruneReport:
+def _compact(model: nn.Module, input_shape: tuple[int, int, int], groups: list[ChannelGroup]) -> PruneReport:
     """Mask `groups` and prune exactly those kernels the normal way (threshold 0 keeps every present
     kernel), so the recipe records an ordinary, replayable plan."""
     from gaborprune.prune.report import layer_shapes
-    from gaborprune.prune.run import prune_model
+    from gaborprune.prune.run import prune_model_
     from gaborprune.summary import summarize
 
-    before, shapes = summarize(model, recipe.input_shape), layer_shapes(model)
+    before, shapes = summarize(model, input_shape), layer_shapes(model)
     _mask_(model, groups)
-    report = prune_model(model, recipe, PruneSpec(threshold=0.0))
+    report = prune_model_(model, input_shape, PruneSpec(threshold=0.0))
     # prune_model saw the masked model: its "before" must be the model as it came in
     report.before = before
     report.layers = [replace(c, kernels_before=shapes[c.name].kernels) for c in report.layers]
@@ -297,15 +303,15 @@ def _labels(groups: list[ChannelGroup]) -> dict[str, int]:
     return counts
 
 
-def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None = None, latency_ms: float | None = None,
-                    batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS,
-                    max_candidates: int = MAX_CANDIDATES, timer: Timer | None = None) -> TargetReport:
+def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], *, speedup: float | None = None,
+                     latency_ms: float | None = None, batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS,
+                     max_candidates: int = MAX_CANDIDATES, timer: Timer | None = None) -> TargetReport:
     """Remove the fewest weakest channel groups that meet the measured target (see the module doc).
 
-    On success `model` is pruned in place through `prune_model`, and its plan recorded in `recipe`.
-    When the target cannot be met (even with every removable group gone), or the unpruned model
-    already meets a latency target, `model` and `recipe` are left as they were and the report's
-    `message` says so in one line.
+    On success `model` (inputs [N, *input_shape]) is pruned in place through `prune_model_`, and the
+    report's `step` is what a recipe records of it. When the target cannot be met (even with every
+    removable group gone), or the unpruned model already meets a latency target, `model` is left as
+    it was, `step` is None and the report's `message` says so in one line.
 
     Args:
         speedup: times the unpruned model's speed (> 1), by the low end of the 95% interval.
@@ -321,13 +327,13 @@ def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None =
     target = TargetSpec(speedup, latency_ms)
     check_int(batch_size, "the timing batch size", error=PruneError)
     check_threads(threads, error=PruneError)
-    check_int(max_candidates, "max_candidates", minimum=1, error=PruneError)
-    if not check_finite(max_seconds, "max_seconds", PruneError) > 0:
-        raise PruneError(f"max_seconds must be above 0, not {max_seconds!r}")
+    check_int(max_candidates, "`max_candidates`", minimum=1, error=PruneError)
+    if not check_finite(max_seconds, "`max_seconds`", PruneError) > 0:
+        raise PruneError(f"`max_seconds` must be above 0, not {max_seconds!r}")
     from gaborprune.export.search import cpu_block
     from gaborprune.export.stats import median_interval, paired_ratio
 
-    shape = recipe.input_shape
+    shape = tuple(input_shape)
     groups, _ = rank_groups(model, shape)
     ranked, layouts = _layouts(model, shape, groups)
     k_max = len(ranked)
@@ -335,7 +341,7 @@ def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None =
     report = TargetReport(target, batch_size, threads, block, len(groups), k_max, None)
     if k_max < 1:
         raise PruneError(f"removing any channel group would empty a Gabor bank ({len(groups)} groups); "
-                         "prune with --threshold, --ratio or --keep instead")
+                         "prune with `threshold`, `ratio` or `keep` instead")
     if k_max < len(groups):
         report.notes.append(f"{len(groups) - k_max} of the {len(groups)} channel groups are not candidates: after the weaker ones, each would "
                             "remove no further channel, or leave a Gabor bank or a layer empty")
@@ -353,7 +359,7 @@ def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None =
     def measure(k: int) -> bool:
         c = candidates[k]
         work = copy.deepcopy(model)
-        _compact(work, copy.deepcopy(recipe), ranked[:k])
+        _compact(work, shape, ranked[:k])
         base, cand = timer.time(work)
         baseline.extend(base)
         if not base_ms:
@@ -387,7 +393,7 @@ def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None =
         base = median_interval(baseline)
         if base.high <= target.latency_ms:
             report.message = (f"the unpruned model already runs in {base.median:.3g} ms [{base.low:.3g}-{base.high:.3g}] "
-                              f"at batch {batch_size}, within --latency-ms {target.latency_ms:g}; nothing to prune")
+                              f"at batch {batch_size}, within `latency_ms` {target.latency_ms:g}; nothing to prune")
             return finish()
 
     aligned = sorted(k for k, c in candidates.items() if c.aligned and k < k_max)
@@ -412,7 +418,7 @@ def prune_to_target(model: nn.Module, recipe: Recipe, *, speedup: float | None =
         measure(k)
     chosen = min(k for k, c in candidates.items() if c.meets)
     report.chosen = chosen
-    report.prune = _compact(model, recipe, ranked[:chosen])
+    report.prune = _compact(model, shape, ranked[:chosen])
     return finish()
 
 
@@ -422,3 +428,4 @@ def _gabor_share(model: nn.Module, profile: dict[str, float]) -> float | None:
     total = sum(profile.values())
     ms = sum(t for layer, t in profile.items() if any(layer == b or layer.startswith(b + ".") for b in banks))
     return ms / total if total > 0 and ms > 0 else None
+

@@ -8,13 +8,15 @@ from gaborprune._lazy import lazy_getattr
 
 _EXPORTS = {
     "Checkpoints": "gaborprune.train.checkpoint",
+    "FinetuneStep": "gaborprune.train.config",
     "TrainConfig": "gaborprune.train.config",
+    "TrainingError": "gaborprune.errors",
     "EvalResult": "gaborprune.train.loop",
     "StepInfo": "gaborprune.train.loop",
     "TrainResult": "gaborprune.train.loop",
-    "TrainingError": "gaborprune.train.loop",
     "evaluate": "gaborprune.train.loop",
-    "finetune": "gaborprune.train.loop",
+    "finetune": "gaborprune.train.loop",  # deprecated: finetune_ (cli.py and demo.py while they move)
+    "finetune_": "gaborprune.train.loop",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

@@ -23,7 +23,7 @@ from gaborprune._validate import is_int
 from gaborprune.errors import GaborPruneError
 from gaborprune.models import fit_state_dict
 from gaborprune.recipe import Recipe, read_payload, save_payload, save_recipe
-from gaborprune.train.config import TrainConfig
+from gaborprune.train.config import LEGACY_SETTINGS, TrainConfig
 
 NOT_RESUMABLE = "the checkpoint is not a resumable OUT.last.pt (it may be corrupt)"
 
@@ -78,19 +78,19 @@ class Checkpoints:
         if not isinstance(state, dict):
             raise GaborPruneError(f"'{path}' is a recipe without training state; resume from the OUT.last.pt that finetune writes")
         _check_fields(path, state)
-        theirs = {"model source": payload["source"], "conversions": payload["conversions"], "dataset": state["data"]}
-        ours = {"model source": recipe.source.to_dict(), "conversions": recipe.conversions, "dataset": data}
-        # checkpoints from before --structure trained with the kernel pressure; from before --latency-aware, without it
-        written = {"structure": "kernel", "latency_aware": False, "latency_batch": 1} | state["config"]
-        theirs |= {f"--{k.replace('_', '-')}": v for k, v in written.items()}
-        ours |= {f"--{k.replace('_', '-')}": v for k, v in config.to_dict().items()}
+        # the fine-tuning steps differ by design (the checkpoint's records this run, under way); the rest must match
+        written = Recipe.from_payload(payload, str(path))
+        theirs = {"model source": payload["source"], "conversions": [s.to_dict() for s in written.conversions], "dataset": state["data"]}
+        ours = {"model source": recipe.source.to_dict(), "conversions": [s.to_dict() for s in recipe.conversions], "dataset": data}
+        theirs |= {f"`{k}`": v for k, v in (LEGACY_SETTINGS | state["config"]).items()}
+        ours |= {f"`{k}`": v for k, v in config.to_dict().items()}
         for key in ours:
             if theirs.get(key) != ours[key]:
                 raise GaborPruneError(
                     f"resume file '{path}' is from a different run: its {key} is {theirs.get(key)!r}, this run's is {ours[key]!r}; "
-                    "repeat the original command with --resume, or start a new run"
+                    "repeat the original command with `resume`, or start a new run"
                 )
-        if (payload.get("prune_plans") or []) != recipe.prune_plans:
+        if written.prunes != recipe.prunes:
             raise GaborPruneError(f"resume file '{path}' is from a different run: its prune plan differs")
         if not 0 <= state["epoch"] <= config.epochs:
             raise _malformed(path, "epoch", f"is {state['epoch']}, outside 0..{config.epochs}")

@@ -1,8 +1,9 @@
-"""Fine-tuning settings, as validated data."""
+"""Fine-tuning settings, and the record of a run that a recipe keeps, as validated data."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from gaborprune._validate import check_finite, check_int, check_seed
 from gaborprune.errors import GaborPruneError
@@ -12,6 +13,9 @@ OPTIMIZERS = ("sgd", "adamw")
 STRUCTURES = ("channel", "kernel")
 #: Where it presses channel groups: the Gabor banks, or every convolution (`gaborprune.prune.groups`).
 SCOPES = ("banks", "all")
+#: The settings of runs recorded before a field existed: before `structure`, runs trained with the
+#: kernel pressure; before `latency_aware`, without it. Older records are read with these under them.
+LEGACY_SETTINGS = {"structure": "kernel", "latency_aware": False, "latency_batch": 1}
 
 
 @dataclass(frozen=True)
@@ -67,28 +71,28 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        check_seed(self.seed)
-        check_int(self.epochs, "--epochs")
-        check_int(self.batch_size, "--batch-size")
-        check_int(self.latency_batch, "--latency-batch")
+        check_seed(self.seed, "`seed`")
+        check_int(self.epochs, "`epochs`")
+        check_int(self.batch_size, "`batch_size`")
+        check_int(self.latency_batch, "`latency_batch`")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "sparsity"):
-            check_finite(getattr(self, name), "--" + name.replace("_", "-"))
+            check_finite(getattr(self, name), f"`{name}`")
         checks = [
-            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
-            (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {self.label_smoothing}"),
-            (self.sparsity >= 0, f"--sparsity must be >= 0 (0 disables), not {self.sparsity}"),
-            (self.structure in STRUCTURES, f"unknown --structure '{self.structure}'; known: {', '.join(STRUCTURES)}"),
-            (self.scope in SCOPES, f"unknown --scope '{self.scope}'; known: {', '.join(SCOPES)}"),
+            (self.lr > 0, f"`lr` must be positive, not {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"unknown `optimizer` '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}"),
+            (0 <= self.momentum < 1, f"`momentum` must be in [0, 1), not {self.momentum}"),
+            (self.weight_decay >= 0, f"`weight_decay` must be >= 0, not {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"`warmup_epochs` must be >= 0, not {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"`label_smoothing` must be in [0, 1), not {self.label_smoothing}"),
+            (self.sparsity >= 0, f"`sparsity` must be >= 0 (0 disables), not {self.sparsity}"),
+            (self.structure in STRUCTURES, f"unknown `structure` '{self.structure}'; known: {', '.join(STRUCTURES)}"),
+            (self.scope in SCOPES, f"unknown `scope` '{self.scope}'; known: {', '.join(SCOPES)}"),
             (not (self.scope == "all" and self.structure == "kernel"),
-             "--scope all presses channel groups of every convolution, which --structure kernel does not press; use --structure channel"),
-            (self.recalibrate in (None, True, False), f"--recalibrate must be true, false or unset, not {self.recalibrate!r}"),
-            (isinstance(self.latency_aware, bool), f"--latency-aware must be true or false, not {self.latency_aware!r}"),
+             "`scope` all presses channel groups of every convolution, which `structure` kernel does not press; use `structure` channel"),
+            (self.recalibrate in (None, True, False), f"`recalibrate` must be true, false or unset, not {self.recalibrate!r}"),
+            (isinstance(self.latency_aware, bool), f"`latency_aware` must be true or false, not {self.latency_aware!r}"),
             (not (self.latency_aware and self.structure == "kernel"),
-             "--latency-aware weighs channel groups, which --structure kernel does not press; use --structure channel or drop --latency-aware"),
+             "`latency_aware` weighs channel groups, which `structure` kernel does not press; use `structure` channel or drop `latency_aware`"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,3 +109,40 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class FinetuneStep:
+    """A fine-tuning run as a recipe records it, in order with the conversions and prunes.
+
+    Training changes weights, not the architecture, so replay skips it; it says how the recipe's
+    weights came about (and, by its place among the steps, at which stage).
+
+    Attributes:
+        config: the run's settings.
+        data: the dataset spec it trained on.
+        epochs_done: epochs completed (fewer than `config.epochs` in a checkpoint of a run under way).
+        best_accuracy: the best top-1 percent on the test split over those epochs.
+        history: one record per epoch (`finetune_`'s metrics: losses, accuracies, kernels alive, ...).
+    """
+
+    config: TrainConfig
+    data: str
+    epochs_done: int
+    best_accuracy: float
+    history: tuple[dict, ...] = ()
+    kind: ClassVar[str] = "finetune"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "history", tuple(self.history))
+
+    def replay_(self, model):
+        return model
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "config": self.config.to_dict(), "data": self.data, "epochs_done": self.epochs_done,
+                "best_accuracy": self.best_accuracy, "history": [dict(r) for r in self.history]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneStep:
+        return cls(TrainConfig.from_dict(d["config"]), d["data"], d["epochs_done"], d["best_accuracy"], tuple(d.get("history") or ()))

@@ -1,8 +1,9 @@
 """The fine-tuning loop and evaluation.
 
-`finetune` trains in place with the Gabor sparsity pressure, evaluates every epoch, and (on rank 0)
+`finetune_` trains in place with the Gabor sparsity pressure, evaluates every epoch, and (on rank 0)
 writes a resumable checkpoint every epoch, the best recipe, and a JSON-lines metrics log. It never
-prints: progress goes to the `on_step` / `on_epoch` callbacks.
+prints: progress goes to the `on_step` / `on_epoch` callbacks. It does not change the recipe it is
+given: its result's `step` is the run's record, which the caller appends (`recipe.with_step`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +22,13 @@ from torch import Tensor, nn
 
 from gaborprune._validate import check_int
 from gaborprune.convert.layer import GaborConv2d
-from gaborprune.errors import GaborPruneError
+from gaborprune.errors import TrainingError
 from gaborprune.probe import probe
 from gaborprune.recipe import Recipe
 from gaborprune.sparsity import GaborSparsity
 from gaborprune.train.checkpoint import Checkpoints
-from gaborprune.train.config import TrainConfig
+from gaborprune.train.config import FinetuneStep, TrainConfig
 from gaborprune.train.distributed import Dist
-
-
-class TrainingError(GaborPruneError):
-    """Training cannot go on (non-finite loss, wrong classes, ...)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,11 @@ class TrainResult:
     groups_notes: dict[str, str] = field(default_factory=dict)  # {label: condition on a dead group's channel}
     groups_missing: list[str] = field(default_factory=list)  # bank sides without groups, and why
     group_weights: str = ""  # what the groups are weighed by in the pressure: equal, macs or latency
-    cost_table: dict = field(default_factory=dict)  # --latency-aware: gaborprune.export.costs.CostTable.to_dict()
+    cost_table: dict = field(default_factory=dict)  # latency_aware: gaborprune.export.costs.CostTable.to_dict()
+    step: FinetuneStep | None = None  # what a recipe records of the run (`Recipe.with_step`)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "step"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def check_classes(model: nn.Module, recipe: Recipe, num_classes: int, data_name:
     if outputs != num_classes:
         raise TrainingError(
             f"model '{recipe.source.spec}' has {outputs} outputs but dataset '{data_name}' has {num_classes} classes; "
-            f"build the model with --num-classes {num_classes}"
+            f"build the model with `num_classes` {num_classes}"
         )
 
 
@@ -92,7 +91,7 @@ def evaluate(model: nn.Module, data, device: torch.device, *, batch_size: int = 
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy on `data`, sharded over ranks.
 
     A batch larger than the data is one batch of all of it (nothing is dropped in evaluation)."""
-    check_int(batch_size, "--batch-size")
+    check_int(batch_size, "`batch_size`")
     was_training = model.training
     model.eval()
     k = min(5, data.num_classes)
@@ -188,7 +187,7 @@ def _to(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def finetune(
+def finetune_(
     model: nn.Module,
     recipe: Recipe,
     train_data,
@@ -203,7 +202,12 @@ def finetune(
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place; returns the run's summary. See the module docstring.
+    """Train `model` in place; returns the run's summary, whose `step` the caller appends to its
+    recipe. See the module docstring.
+
+    Args:
+        recipe: the recipe `model` was built from: checks the classes, and the checkpoints written
+            are it with this run's step so far (it is not changed).
 
     Raises:
         TrainingError: among others, a model whose outputs do not match the classes, or a batch
@@ -225,8 +229,8 @@ def finetune(
     check_classes(model, recipe, train_data.num_classes, data_name)
     if config.batch_size > len(train_data):
         # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
-        raise TrainingError(f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
-                            f"give --batch-size {len(train_data)} or less")
+        raise TrainingError(f"`batch_size` {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
+                            f"give `batch_size` {len(train_data)} or less")
     sparsity = GaborSparsity(model, recipe.input_shape, config.structure, config.scope)  # the channel groups, found once, weighed by MACs
     cost_table = {}
     if config.latency_aware and config.sparsity and sparsity.groups.groups:
@@ -248,6 +252,7 @@ def finetune(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best, history = 0, -1.0, []
+    run = recipe  # the recipe with this run's step so far, as the checkpoints record it
     if resume is not None:
         state = Checkpoints.load_train_state(resume, model, recipe, config, data_name)
         Checkpoints.restore(resume, state, optimizer=optimizer, scheduler=scheduler, scaler=scaler, data_rng=data_rng, device=device)
@@ -270,7 +275,7 @@ def finetune(
     if checkpoints and dist.main:
         checkpoints.start(history)
         if resume is None:
-            checkpoints.save_last(model, recipe, train_state(0), config, data_name)  # Ctrl-C in epoch 1 is resumable
+            checkpoints.save_last(model, run, train_state(0), config, data_name)  # Ctrl-C in epoch 1 is resumable
 
     ips = 0.0
     # the penalty reuses the kernels of each step's forward pass (not under torch.compile, whose graphs keep no module state)
@@ -308,7 +313,7 @@ def finetune(
             elapsed = time.perf_counter() - t0
             if not math.isfinite(train_loss):
                 where = f"; the last good checkpoint is '{checkpoints.last}'" if checkpoints else ""
-                raise TrainingError(f"the loss became non-finite in epoch {epoch + 1}{where}; lower --lr or --sparsity")
+                raise TrainingError(f"the loss became non-finite in epoch {epoch + 1}{where}; lower `lr` or `sparsity`")
             ips = train_seen / elapsed
             if config.recalibrates:
                 recalibrate_norms_(model, train_data, per_rank, device, dist=dist, channels_last=channels_last)
@@ -326,17 +331,27 @@ def finetune(
             history.append(record)
             improved = result.top1 > best
             best = max(best, result.top1)
-            recipe.metadata["finetune"] = {"config": config.to_dict(), "data": data_name, "epochs_done": epoch + 1,
-                                           "best_accuracy": best, "history": history}
+            run = recipe.with_step(FinetuneStep(config, data_name, epoch + 1, best, tuple(history)))
             if checkpoints and dist.main:
-                checkpoints.save_last(model, recipe, train_state(epoch + 1), config, data_name)
+                checkpoints.save_last(model, run, train_state(epoch + 1), config, data_name)
                 checkpoints.log(record)
                 if improved:
-                    checkpoints.save_best(model, recipe)
+                    checkpoints.save_best(model, run)
             if on_epoch and dist.main:
                 on_epoch(record)
 
     final = history[-1]["test_top1"] if history else evaluate(model, test_data, device, dist=dist).top1
     notes = {g.label: g.note for g in sparsity.groups.groups if g.note}
-    return TrainResult(len(history), max(best, final), final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
-                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table)
+    best = max(best, final)
+    return TrainResult(len(history), best, final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
+                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table,
+                       FinetuneStep(config, data_name, len(history), best, tuple(history)))
+
+
+def finetune(model: nn.Module, recipe: Recipe, *args, **kwargs) -> TrainResult:
+    """Deprecated, for cli.py and demo.py while they move: `finetune_`, with the run's step appended to
+    `recipe` in place (new code appends it with `recipe.with_step`)."""
+    warnings.warn("finetune(model, recipe, ...) is deprecated; use finetune_(...) and recipe.with_step(result.step)", DeprecationWarning, stacklevel=2)
+    result = finetune_(model, recipe, *args, **kwargs)
+    recipe._append_(result.step)
+    return result
