@@ -111,7 +111,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     check_demo_outputs(out, force)
     report = DemoReport(config)
     torch.manual_seed(config.seed)
-    model, recipe = load_model(config.model, model_args=dict(config.model_args))
+    model, recipe = load_model(config.model, model_args=dict(config.model_args), seed=config.seed)
     train, test = load_data(config.data, recipe.input_shape)
     test_dev = test.to(device)
 

@@ -33,3 +33,23 @@ class TrainingError(GaborPruneError):
 
 class OutputExistsError(GaborPruneError):
     """An output file exists and --force was not given."""
+
+
+class ExportError(GaborPruneError):
+    """The model cannot be exported, or the exported model does not compute what the model does."""
+
+
+class SessionError(GaborPruneError):
+    """ONNX Runtime cannot load or run a model as asked."""
+
+
+class OnnxFileError(GaborPruneError):
+    """An ONNX file that is missing, corrupt, or does not fit the data or options it is used with."""
+
+
+class DataError(GaborPruneError):
+    """A dataset spec or folder that cannot be used."""
+
+
+class InputShapeError(GaborPruneError):
+    """A model that cannot run on (or makes no sense at) the input shape it was given."""

@@ -8,11 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gaborprune.errors import GaborPruneError
-
-
-class InputShapeError(GaborPruneError):
-    """A model that cannot run on (or makes no sense at) the input shape it was given."""
+from gaborprune.errors import InputShapeError
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from torch import nn
 
 from gaborprune import __version__
 from gaborprune._io import safe_torch_load, save_torch
-from gaborprune._validate import is_int
+from gaborprune._validate import check_seed, is_int
 from gaborprune.convert.spec import ConversionReport, ConversionSpec, ConversionStep, gaborize_
 from gaborprune.errors import GaborPruneError, ModelSourceError, RecipeError
 from gaborprune.models import TRUST_ENV, ModelSource, fit_state_dict, load_state_dict_file, non_finite, portable_state_dict, trusted_factory
@@ -485,6 +485,7 @@ def load_model(
     model_args: dict[str, Any] | None = None,
     input_shape: tuple[int, int, int] | None = None,
     trust_factory: bool = False,
+    seed: int = 0,
 ) -> tuple[nn.Module, Recipe]:
     """Build a model from any model source, with its weights, and the recipe that describes it.
 
@@ -496,6 +497,9 @@ def load_model(
         input_shape: (C, H, W) override.
         trust_factory: let a recipe file rebuild the `package.module:factory` it names (see
             `Recipe.build`); a factory given as `spec` itself is always called.
+        seed: a fresh source's initial weights are drawn from it, in a forked random stream (the
+            caller's is left as it was), so that `load_model("resnet20")` and `gaborprune convert
+            resnet20` build the same weights. A recipe carries its weights and ignores it.
 
     Returns:
         (model in train mode on the CPU, its recipe).
@@ -510,7 +514,9 @@ def load_model(
             recipe = dataclasses.replace(recipe, input_shape=tuple(input_shape))
         return model, recipe
     source = ModelSource(spec, num_classes, dict(model_args or {}))
-    model = source.build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(check_seed(seed))
+        model = source.build()
     if weights is not None:
         load_state_dict_file(model, weights, source)
     return model, Recipe(source, input_shape or source.input_shape(model))

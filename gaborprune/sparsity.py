@@ -174,15 +174,17 @@ class GaborSparsity:
             the kernel pressure, with the channel groups found and counted. "channel": the groups
             pressed too (see the module doc), weighed by the MACs each saves until `weigh` says
             otherwise; `weighed_by` names the source (equal, macs, latency).
+        scope: "banks" (default): the groups of the Gabor banks; "all" (needs "channel"): of every
+            ungrouped convolution, plain ones in `plain`, and the residual branches in `branches`.
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None, scope: str = "banks") -> None:
         if structure is not None and structure not in STRUCTURES:
-            raise GaborPruneError(f"unknown --structure '{structure}'; known: {', '.join(STRUCTURES)}")
+            raise GaborPruneError(f"unknown `structure` '{structure}'; known: {', '.join(STRUCTURES)}")
         if scope not in SCOPES:
-            raise GaborPruneError(f"unknown --scope '{scope}'; known: {', '.join(SCOPES)}")
+            raise GaborPruneError(f"unknown `scope` '{scope}'; known: {', '.join(SCOPES)}")
         if scope == "all" and structure != "channel":
-            raise GaborPruneError("--scope all presses channel groups of every convolution; it needs --structure channel")
+            raise GaborPruneError("`scope` all presses channel groups of every convolution; it needs `structure` channel")
         modules = dict(model.named_modules())
         norms = following_norms(model, input_shape)
         self.structure, self.scope = structure, scope

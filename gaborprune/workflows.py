@@ -57,14 +57,9 @@ def _stage(on_stage: Stage | None, text: str) -> None:
 
 def _load(source: str, *, seed: int = 0, **load: Any):
     """`load_model(source, **load)`, a fresh source's initial weights drawn from `seed`."""
-    import torch
-
-    from gaborprune._validate import check_seed
     from gaborprune.recipe import load_model
 
-    with torch.random.fork_rng(devices=[]):  # PENDING load_model(seed=): the caller's random stream is left as it was
-        torch.manual_seed(check_seed(seed))
-        return load_model(source, **load)
+    return load_model(source, seed=seed, **load)
 
 
 def _data(model, recipe, data: str, resize: int | None = None) -> tuple[Any, Any, str]:

@@ -302,7 +302,6 @@ def test_the_seed_draws_a_fresh_sources_weights_whatever_the_callers_random_stat
     assert _shared_equal(oracle, seeded[0]) and not _shared_equal(oracle, seeded[1])
 
 
-@pytest.mark.skipif("seed" not in inspect.signature(gp.load_model).parameters, reason="load_model(seed=) is not in gaborprune.recipe yet")
 def test_python_and_the_cli_build_the_same_initial_weights(tmp_path):
     """A fresh source's weights come from the library's seed (0), not from the caller's random state."""
     assert run("convert", "resnet20", "--target", "conv1", "--init", "random", "-o", tmp_path / "c.pt").exit_code == 0

@@ -268,3 +268,49 @@ def test_silenced_channels_go_exactly_across_topologies(name, norm, channels, ch
     prune_model_(model, recipe.input_shape, PruneSpec(threshold=0.01, scope="all", round_to=1))
     assert check(model)
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
+
+
+def silence_units_(model: nn.Module, shape, count: int = 2) -> list[str]:
+    """Silence `count` units of the first set with at least four that go by their out side (their
+    writers' BatchNorms: gain and shift 0). Returns the writers' names."""
+    from gaborprune.prune.structured import units
+
+    sparsity = GaborSparsity(model, shape, "channel", "all")
+    by_set = collections.defaultdict(list)
+    for u in units(sparsity):
+        if u.side == "out" and all(layer in sparsity.groups.norms for layer, _ in u.groups["out"].members):
+            by_set[u.set].append(u)
+    members = next(m for m in by_set.values() if len(m) >= 4)
+    writers = []
+    for u in members[:count]:
+        for layer, kernels in u.groups["out"].members:
+            silence_(model, sparsity.groups.norms[layer], [kernels[0][0]])
+            writers.append(layer)
+    return writers
+
+
+@pytest.mark.parametrize("family", ["Chain", "Folds", "Residual", "Dense", "Mobile"])
+def test_silenced_units_go_exactly_in_every_topology_family(family):
+    torch.manual_seed(0)
+    model, recipe = gp.load_model(f"tiny_models:{family}", trust_factory=True, input_shape=SHAPE)
+    randomize_norms(model).eval()
+    writers = silence_units_(model, recipe.input_shape)
+    x = torch.randn(3, *recipe.input_shape)
+    before = outputs(model, x)
+    report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert all(report.plan.channels[w]["out"] for w in writers)
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"])
+def test_silenced_units_go_exactly_in_torchvision_models(name):
+    torch.manual_seed(0)
+    model, recipe = gp.load_model(f"torchvision:{name}", num_classes=10, input_shape=(3, 64, 64))
+    randomize_norms(model).eval()
+    writers = silence_units_(model, recipe.input_shape)
+    x = torch.randn(2, *recipe.input_shape)
+    before = outputs(model, x)
+    report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=0.01, scope="all", round_to=1))
+    assert all(report.plan.channels[w]["out"] for w in writers) and report.after.macs < report.before.macs
+    torch.testing.assert_close(outputs(model, x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gaborprune._validate import check_batch_memory, check_int
 from gaborprune.data.tensor import TensorData
-from gaborprune.errors import GaborPruneError
+from gaborprune.errors import DataError
 
 KINDS = ("cifar10:DIR", "cifar100:DIR", "imagefolder:DIR", "digits", "fake:N[:CLASSES]")
 
@@ -26,10 +26,6 @@ _CIFAR = {
                      url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DataError(GaborPruneError):
-    """A dataset spec or folder that cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from gaborprune._validate import check_batch_memory, check_int, check_threads
-from gaborprune.errors import GaborPruneError
+from gaborprune.errors import OnnxFileError
 
 #: `evaluate_onnx`'s `provider`: ONNX Runtime's execution providers by the names `--device` takes.
 PROVIDERS = ("auto", "cpu", "cuda")
-
-
-class OnnxFileError(GaborPruneError):
-    """An ONNX file that is missing, corrupt, or does not fit the data or options it is used with."""
 
 
 def is_onnx_path(spec: str | os.PathLike) -> bool:

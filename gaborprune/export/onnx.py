@@ -12,11 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gaborprune.errors import GaborPruneError
-
-
-class ExportError(GaborPruneError):
-    """The model cannot be exported, or the exported model does not compute what the model does."""
+from gaborprune.errors import ExportError
 
 
 def to_onnx(model: nn.Module, input_shape: tuple[int, int, int, int], *, opset: int | None = None,

@@ -14,12 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gaborprune.errors import GaborPruneError
+from gaborprune.errors import GaborPruneError, SessionError
 from gaborprune.export.stats import Interval, median_interval
-
-
-class SessionError(GaborPruneError):
-    """ONNX Runtime cannot load or run a model as asked."""
 
 
 def providers(name: str = "cpu") -> list[str]:

@@ -24,8 +24,9 @@ A dead unit goes by that side. By its out side: the rows that write it are zeroe
 kernels masked, plain rows set to 0) with the producers' BatchNorm gains, so the channel holds its
 BatchNorm shift, a constant; that constant is folded into its readers (`analyse_channels` with
 `interior`: a zero-padded reader as if unpadded, so only its one-pixel border changes), and then
-every channel that analysis removes is set to exactly 0 (`clear_removed_`). By its in side: the columns that read it are zeroed. Either way the channel
-then holds exactly 0 or is unread, and is removed exactly. This, with the border of zero-padded
+every channel that analysis removes is set to exactly 0 (`clear_removed_`). By its in side: the
+columns that read it are zeroed. Either way the channel then holds exactly 0 or is unread, and is
+removed exactly. This, with the border of zero-padded
 readers, is where pruning changes the function (as removing weak kernels does); the folds go into
 the plan, and compaction after it is exact.
 """
@@ -39,10 +40,11 @@ import torch
 from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.errors import PruneError
 from gaborprune.prune.dataflow import direct_norms, trace_channels
 from gaborprune.prune.groups import ChannelGroup
-from gaborprune.errors import PruneError
 from gaborprune.prune.standins import ChannelConstant
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -90,7 +92,7 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
     found = units(sparsity) if sparsity.groups is not None else []
     if not found:
         why = "; ".join(sparsity.groups.reasons()) if sparsity.groups is not None else ""
-        raise PruneError(f"no channel of this model can be removed exactly{' (' + why + ')' if why else ''}; prune its Gabor banks with --scope banks")
+        raise PruneError(f"no channel of this model can be removed exactly{' (' + why + ')' if why else ''}; prune its Gabor banks with `scope` banks")
     sets: dict[str, list[Unit]] = defaultdict(list)
     for u in found:
         sets[u.set].append(u)
@@ -117,8 +119,8 @@ def analysis_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[
 
 @torch.no_grad()
 def zero_units_(model: nn.Module, dead: list[Unit], norms: dict[str, str]) -> dict[str, set[tuple[int, int]]]:
-    """Zero each dead unit's side in `model` (see the module doc; the shifts stay until
-    `clear_shifts_`). Returns the Gabor kernels masked, {bank: {(o, i)}}."""
+    """Zero each dead unit's side in `model` (see the module doc; the BatchNorm shifts stay, as the
+    constants `clear_removed_` clears once they are folded). Returns the Gabor kernels masked, {bank: {(o, i)}}."""
     modules = dict(model.named_modules())
     masked: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for u in dead:
@@ -164,13 +166,14 @@ def clear_removed_(model: nn.Module, remove: dict[str, dict[str, list[int]]]) ->
     return masked
 
 
-#: The thresholds `prune_all_to_target` chooses from, in increasing order of what they remove.
-TARGET_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+#: The thresholds `prune_all_to_target_` chooses from, in increasing order of what they remove (a
+#: branch near the median goes only above about 0.5).
+TARGET_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 @dataclass
 class ThresholdCandidate:
-    """One threshold of `prune_all_to_target`: what it removes, and its measured time."""
+    """One threshold of `prune_all_to_target_`: what it removes, and its measured time."""
 
     threshold: float
     mac_ratio: float  # MACs after / before
@@ -186,7 +189,7 @@ class ThresholdCandidate:
 
 @dataclass
 class ScopeTargetReport:
-    """What `prune_all_to_target` measured and chose (`chosen` None: nothing; `message` says why)."""
+    """What `prune_all_to_target_` measured and chose (`chosen` None: nothing; `message` says why)."""
 
     target: object  # TargetSpec
     batch_size: int
@@ -207,9 +210,9 @@ class ScopeTargetReport:
                 "chosen_threshold": self.chosen, "message": self.message, "candidates": [c.to_dict() for c in self.candidates]}
 
 
-def prune_all_to_target_(model: nn.Module, input_shape: tuple[int, int, int], *, speedup: float | None = None, latency_ms: float | None = None,
-                        batch_size: int = 1, threads: int = 1, round_to: int | None = None, timer=None,
-                        thresholds: tuple[float, ...] = TARGET_THRESHOLDS) -> ScopeTargetReport:
+def prune_all_to_target_(model: nn.Module, input_shape: tuple[int, int, int], *, speedup: float | None = None,
+                         latency_ms: float | None = None, batch_size: int = 1, threads: int = 1, round_to: int | None = None,
+                         timer=None, thresholds: tuple[float, ...] = TARGET_THRESHOLDS) -> ScopeTargetReport:
     """`prune --scope all --speedup X` (or `--latency-ms T`): the lowest threshold whose pruned model
     meets the measured target, so that the least is removed that reaches it.
 
