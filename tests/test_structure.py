@@ -254,7 +254,7 @@ def test_gradients_reach_every_gabor_parameter_and_are_finite():
 def test_structure_is_validated_where_the_library_receives_it():
     with pytest.raises(GaborPruneError, match=r"unknown `structure` 'channels'; known: channel, kernel"):
         TrainConfig(structure="channels")
-    with pytest.raises(GaborPruneError, match=r"unknown --structure 'group'"):
+    with pytest.raises(GaborPruneError, match=r"unknown `structure` 'group'"):
         GaborSparsity(tiny_models.Chain(), SHAPE, "group")
     assert TrainConfig().structure == "channel"
     assert all(e.train.structure == "kernel" for e in EXPERIMENTS.values())  # the seed paper counts kernels

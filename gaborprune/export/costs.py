@@ -58,6 +58,9 @@ class CostTable:
 def describe(table: dict) -> str:
     """One line for a `CostTable.to_dict()`: 'latency cost table (batch 1, 1 thread): conv1 out 16ch 0.041 / 8ch 0.025 ms, ...'."""
     sides = ", ".join(f"{k} " + " / ".join(f"{c}ch {t:.3f}" for c, t in v.items()) + " ms" for k, v in table["ms"].items())
+    if len(table["ms"]) > 8:  # --scope all: a side per layer; the JSON has them all
+        times = [t for v in table["ms"].values() for t in v.values()]
+        sides = f"{len(table['ms'])} layer sides timed, {min(times):.3f}-{max(times):.3f} ms (the JSON's cost_table lists them)"
     line = f"latency cost table (batch {table['batch']}, {table['threads']} thread{'s' if table['threads'] != 1 else ''}): {sides or 'nothing to time'}"
     if table["from_macs"]:
         line += f"; within the noise, priced from MACs: {', '.join(table['from_macs'])}"
