@@ -288,7 +288,7 @@ class GaborSparsity:
         """{branch label: B / the median branch's B} (scope "all"; {} without branches). The median, not
         the strongest: one dominant branch would make every other look dead, and below 1 at most
         half the branches can fall under it."""
-        strengths = {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
+        strengths = self._strengths()
         norms = {b: float(self._branch(b, strengths)) for b in self.branches}
         mid = float(torch.tensor(list(norms.values())).median()) if norms else 0.0
         return {b: v / mid if mid > 0 else 0.0 for b, v in norms.items()}
@@ -334,10 +334,14 @@ class GaborSparsity:
         r = self.relative_strengths()
         return {label: int((f.strongest(r) >= threshold).sum()) for label, f in self.families.items()}
 
+    def _strengths(self) -> dict[str, Tensor]:
+        """s of every layer the group terms read (banks and, with scope "all", plain convolutions), float."""
+        return {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
+
     @torch.no_grad()
     def relative_group_strengths(self) -> dict[str, Tensor]:
         """{label: G / the family's strongest G}, Tensor[groups] in [0, 1], on the CPU."""
-        strengths = {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
+        strengths = self._strengths()
         out = {}
         for label, f in self.families.items():
             g = f.strength(strengths).cpu()

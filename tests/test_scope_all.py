@@ -100,7 +100,7 @@ def test_dead_channels_go_in_multiples_of_round_to_and_the_output_does_not_chang
     prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=16))
     assert model.layer3[0].conv1.out_channels == 32 and model.layer3[0].conv2.in_channels == 32
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-5, atol=1e-5)
-    dead, counts = dead_units(*resnet20_silenced(), 0.01, 1)
+    dead, counts, _ = dead_units(*resnet20_silenced(), 0.01, 1)
     assert counts["layer3.0.conv1 out"] == [24, 64]
 
 

@@ -16,7 +16,7 @@ from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
 from gaborprune.prune.select import PruneSpec, select_kernels
-from gaborprune.prune.structured import analysis_norms, clear_removed_, dead_units, zero_units_
+from gaborprune.prune.structured import clear_removed_, dead_units, zero_units_
 from gaborprune.summary import summarize
 
 #: Compacted vs masked outputs may differ by float32 rounding only; more than this is a bug.
@@ -85,8 +85,7 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
     zeroed, folds = [], []
     if spec.scope == "all":
-        zeroed, _ = dead_units(masked, shape, spec.threshold, spec.round_to)
-        norms = analysis_norms(masked, shape)
+        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to)
         masks = zero_units_(masked, zeroed, norms)
         interior = analyse_channels(masked, shape, plain=True, interior=True)
         folds = interior.folds  # the removed channels' constants, exact away from zero-padded readers' borders

@@ -41,7 +41,6 @@ from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import PruneError
-from gaborprune.prune.dataflow import direct_norms, trace_channels
 from gaborprune.prune.groups import ChannelGroup
 from gaborprune.prune.standins import ChannelConstant
 
@@ -84,8 +83,10 @@ def units(sparsity) -> list[Unit]:
             for s in sides.values()]
 
 
-def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float, round_to: int | None) -> tuple[list[Unit], dict]:
-    """The units `prune --scope all` removes (see the module doc), and {set: [kept, total]}."""
+def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float,
+               round_to: int | None) -> tuple[list[Unit], dict, dict[str, str]]:
+    """The units `prune --scope all` removes (see the module doc), {set: [kept, total]}, and
+    {convolution: its direct BatchNorm} from the same graph analysis (what `zero_units_` needs)."""
     from gaborprune.sparsity import GaborSparsity
 
     sparsity = GaborSparsity(model, input_shape, "channel", "all")
@@ -109,12 +110,7 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
             alive = min(len(members), step)
         dead += ranked[alive:]
         counts[label] = [alive, len(members)]
-    return dead, counts
-
-
-def analysis_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
-    """{convolution: its direct BatchNorm}, from the model's graph."""
-    return direct_norms(trace_channels(model, input_shape))
+    return dead, counts, sparsity.groups.norms
 
 
 @torch.no_grad()
