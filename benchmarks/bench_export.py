@@ -73,7 +73,8 @@ def main() -> None:
         models = []
         for recipe_path in (pruned, base):
             model, recipe = gp.load_model(str(recipe_path))
-            report = export_model(model, recipe.input_shape, recipe_path.with_suffix(".onnx"), ExportConfig(dynamic_batch=True, threads=1), recipe=recipe, force=True)
+            report = export_model(model, recipe.input_shape, recipe_path.with_suffix(".onnx"), ExportConfig(dynamic_batch=True, threads=1), recipe=recipe,
+                                  force=True)
             models.append((load_onnx(recipe_path.with_suffix(".onnx"), name=recipe_path.stem), report))
         (m, m_report), (b, _) = models
         heavy = "resnet18" in case

@@ -342,7 +342,8 @@ def main() -> None:
                "epochs_after_training": info.get("sparse_finetune", {}).get("epochs", 0) + info["recovery"]["epochs"]}
         row["files"] = export_both(run, name, model, recipe, lowering)
         rows.append(row)
-        print(f"exported {name}: float {row['files']['float']['file_bytes'] / 1024:.0f} KiB, int8 {row['files']['int8']['file_bytes'] / 1024:.0f} KiB", flush=True)
+        print(f"exported {name}: float {row['files']['float']['file_bytes'] / 1024:.0f} KiB, int8 {row['files']['int8']['file_bytes'] / 1024:.0f} KiB",
+              flush=True)
 
     loaded = {(r["method"], p): load_onnx(r["files"][p]["path"], name=r["method"] + ("" if p == "float" else " (int8)"))
               for r in rows for p in ("float", "int8")}

@@ -3,6 +3,7 @@
 # torchvision, onnx, onnxruntime, typer, rich and scikit-learn). From the repository root:
 #
 #     OUT=out/gpu bash benchmarks/gpu_session.sh
+#     OUT=out/gpu CIFAR_TGZ=data/cifar10-jpeg.tar.gz CIFAR_EPOCHS=60 bash benchmarks/gpu_session.sh   # + the CIFAR-10 runs
 #
 # Writes $OUT/log (everything printed) and the benchmarks' JSON. Each step has its own time limit and
 # a failing step does not stop the next.
@@ -36,5 +37,19 @@ step "the same Gabor run with --compile"
 timeout 200 $PY -m gaborprune finetune /tmp/c.pt --data fake:50000 --epochs 3 --batch-size 256 --sparsity 0.01 --compile -o /tmp/gc.pt --force --json "$OUT/finetune_gabor_compile.json"
 step "cada-ablation on CUDA (bf16 autocast through CADA blocks), three settings, one seed"
 timeout 200 $PY -m gaborprune reproduce cada-ablation --data digits --settings dw7,cada7,cada7-none --out /tmp/abl --force
+
+# -- CIFAR-10 (JPEG copy), when the archive travels with the run: CIFAR_TGZ=path/to/cifar10-jpeg.tar.gz --
+if [ -n "${CIFAR_TGZ:-}" ] && [ -f "$CIFAR_TGZ" ]; then
+  C10=/tmp/cifar10; mkdir -p $C10 && tar -xzf "$CIFAR_TGZ" -C $C10; D=cifar10:$C10/cifar10-jpeg
+  E=${CIFAR_EPOCHS:-60}
+  step "plain resnet20 on CIFAR-10 (JPEG copy), $E epochs, lr 0.1, batch 128"
+  timeout 420 $PY -m gaborprune finetune resnet20 --data $D --epochs $E --lr 0.1 -o $OUT/resnet20-cifar10.pt --force --json "$OUT/resnet20_cifar10.json"
+  step "its stem converted with --data, then one fine-tuning epoch (trained defaults)"
+  timeout 120 $PY -m gaborprune convert $OUT/resnet20-cifar10.pt --target conv1 --target 're:layer1\.\d\.conv\d' --data $D -o /tmp/r20g.pt --force --json "$OUT/convert_cifar10.json"
+  timeout 120 $PY -m gaborprune finetune /tmp/r20g.pt --data $D --epochs 1 -o /tmp/r20g1.pt --force --json "$OUT/convert_finetune_cifar10.json"
+  step "the paper's altered ResNet-20 and VGG-16 first layer, one seed, $E epochs (the paper: 160)"
+  timeout 600 $PY -m gaborprune reproduce resnet20-altered-cifar10 --data $D --epochs $E --seeds 1 --out $OUT/r20a-repro
+  timeout 600 $PY -m gaborprune reproduce vgg16-cifar10 --data $D --epochs $E --seeds 1 --out $OUT/vgg16-repro
+fi
 
 step done

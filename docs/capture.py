@@ -142,6 +142,8 @@ CONVERT = Run(r"gaborprune convert resnet20 --target conv1 --target 're:layer1\.
 DEMO = Run("gaborprune demo --out out/demo --threads 1")
 # --scope all: a plain ResNet-20, its channels and residual branches pressed, pruned, exported, timed
 R20 = Run("gaborprune finetune resnet20 --data digits --epochs 6 --batch-size 64 -o out/r20-plain.pt --threads 1")
+CONVERT_DATA = Run(r"gaborprune convert out/r20-plain.pt --target conv1 --target 're:layer1\.\d\.conv\d' --data digits -o out/r20-gabor.pt "
+                   "--threads 1", (R20,))
 R20_ALL = Run("gaborprune finetune out/r20-plain.pt --data digits --epochs 12 --batch-size 64 --sparsity 0.3 --scope all "
               "-o out/r20-all.pt --threads 1", (R20,))
 R20_PRUNE = Run("gaborprune prune out/r20-all.pt --scope all --threshold 0.6 --data digits --finetune-epochs 2 --batch-size 64 "
@@ -158,6 +160,7 @@ PROFILE_ROWS = elide(r"^│ \S+ +│ +[\d.]+ │ +\d+% │$", 4, 0)
 CAPTURES: list[Capture] = [
     # README.md
     Capture("convert", README, (CONVERT,)),
+    Capture("convert-data", README, (CONVERT_DATA,)),
     Capture("inspect-onnx", README, (INSPECT_ONNX,)),
     Capture("finetune", README, (FINETUNE,), (EPOCHS,)),
     Capture("latency-cost-table", README, (LATENCY_AWARE,), (only(r"^latency cost table"),)),

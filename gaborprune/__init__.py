@@ -5,7 +5,7 @@
     report = gp.gaborize_(model, gp.ConversionSpec(first=2), recipe.input_shape)   # verbs ending in _ change the model
     recipe = recipe.with_step(report.step)                                        # the recipe records it
     gp.save_recipe("resnet20-gabor.pt", model, recipe)
-    report = gp.prune_model_(model, recipe.input_shape, gp.PruneSpec(threshold=0.05))   # after fine-tuning with sparsity
+    report = gp.prune_model_(model, recipe.input_shape, gp.PruneSpec(threshold=0.02))   # after fine-tuning with sparsity
     recipe = recipe.with_step(report.step)
 
 Names are imported on first use, so `gaborprune --help` does not wait for torch.
@@ -35,6 +35,7 @@ _EXPORTS = {
     "evaluate_onnx": "gaborprune.export.inspect_onnx",
     "lower": "gaborprune.export.lower",
     "ModelSource": "gaborprune.models",
+    "recalibrate_norms_": "gaborprune.norms",
     "PrunePlan": "gaborprune.prune",
     "PruneReport": "gaborprune.prune",
     "PruneSpec": "gaborprune.prune",

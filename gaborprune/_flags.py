@@ -21,7 +21,7 @@ FLAGS: dict[str, str] = {
     # ConversionSpec
     "first": "--layers", "targets": "--target", "kernel_size": "--kernel-size", "init": "--init", "freeze": "--freeze",
     "to": "--to", "heads": "--heads", "bases": "--bases", "context": "--context", "invariance": "--invariance",
-    "rel_pos": "--rel-pos", "basis": "--basis",
+    "rel_pos": "--rel-pos", "basis": "--basis", "calibration_images": "--calibration-images",
     # PruneSpec, TargetSpec
     "threshold": "--threshold", "ratio": "--ratio", "keep": "--keep", "layer_ratio": "--ratio", "layer_keep": "--keep",
     "round_to": "--round-to", "speedup": "--speedup", "latency_ms": "--latency-ms",

@@ -185,7 +185,8 @@ def safe_torch_load(path: Path, what: str, error: type[GaborPruneError]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():  # a class or function reference, not data
-            raise error(f"refusing to load '{path}': it needs arbitrary unpickling, which could run code; {what} must hold only tensors and plain data") from None
+            raise error(f"refusing to load '{path}': it needs arbitrary unpickling, which could run code; "
+                        f"{what} must hold only tensors and plain data") from None
         raise error(f"'{path}' is not a readable {what} (corrupt, not a torch file, or a pickle the safe loader refuses)") from None
     except Exception as e:  # torch raises several types for a corrupt or foreign file
         raise error(f"'{path}' is not a readable {what} (corrupt or not a torch file: {_first_line(e)})") from None

@@ -13,13 +13,9 @@ import os
 
 import torch
 
+from gaborprune._validate import check_threads, usable_cores
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+__all__ = ["busy_warning", "load_average", "machine_note", "set_threads", "usable_cores"]
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -31,8 +27,6 @@ def set_threads(threads: int | None = None) -> int:
     Raises:
         GaborPruneError: `threads` out of range.
     """
-    from gaborprune._validate import check_threads
-
     if threads is not None:
         torch.set_num_threads(check_threads(threads))
     return torch.get_num_threads()

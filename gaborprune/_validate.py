@@ -15,6 +15,14 @@ from gaborprune.errors import GaborPruneError
 MAX_SEED = 2**63 - 1  # non-negative int64: a seed every consumer here (torch, its generators, numpy, JSON) holds exactly
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def is_int(value: object) -> bool:
     """An int that is not a bool (True is an int in Python; as a count or a seed it is a mistake)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -43,8 +51,6 @@ def check_int(value: object, what: str, minimum: int = 1, error: type[GaborPrune
 
 def check_threads(threads: object, what: str = "--threads", error: type[GaborPruneError] = GaborPruneError) -> int:
     """A thread count from 1 to the cores this process may use (more only oversubscribes them; 100000 hangs)."""
-    from gaborprune._threads import usable_cores
-
     cores = usable_cores()
     if not is_int(threads) or not 1 <= threads <= cores:
         raise error(f"{what} must be from 1 to {cores} (the cores this process may use), not {threads!r}")

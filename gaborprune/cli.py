@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gaborprune import workflows
-from gaborprune._flags import cli_message
+from gaborprune._flags import FLAGS, cli_message
 from gaborprune.errors import GaborPruneError
 from gaborprune.train.config import TrainConfig
 from gaborprune.workflows import given
@@ -38,19 +38,26 @@ err = Console(stderr=True, highlight=False, emoji=False)
 _TRAIN = TrainConfig()  # the library defaults, quoted in --help
 
 # -- shared options ------------------------------------------------------------------------------
-Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19|cada_net, torchvision:NAME, package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
+Source = Annotated[str, typer.Argument(help="Model: resnet20|resnet32|resnet56|resnet20_altered|vgg11|vgg13|vgg16|vgg19|cada_net, torchvision:NAME, "
+                                            "package.module:factory, or a recipe .pt file.", metavar="SOURCE", show_default=False)]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs (default: the model's own).", show_default=False)]
 Weights = Annotated[Optional[str], typer.Option("--weights", metavar="FILE", help="Local state_dict file to load (nothing is downloaded).", show_default=False)]
-ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", metavar="KEY=VALUE", help="Builder keyword argument KEY=VALUE, repeatable (e.g. k1=9 for resnet20_altered).", show_default=False)]
-InputShape = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input C,H,W (default: from the model source).", show_default=False)]
+ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", metavar="KEY=VALUE", help="Builder keyword argument KEY=VALUE, repeatable "
+                                                                                                "(e.g. k1=9 for resnet20_altered).", show_default=False)]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input C,H,W (default: from the model source).",
+                                                   show_default=False)]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Also write a machine-readable report here.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-TrustFactory = Annotated[bool, typer.Option("--trust-factory", help="Let a recipe file import and call the package.module:factory it names as its model source (that runs code from the file's author; only for files you trust).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads torch computes with (default: one per core; on a busy machine 1 is often several times faster).", show_default=False)]
+TrustFactory = Annotated[bool, typer.Option("--trust-factory", help="Let a recipe file import and call the package.module:factory it names as its model source "
+                                                                    "(that runs code from the file's author; only for files you trust).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads torch computes with (default: one per core; "
+                                                                               "on a busy machine 1 is often several times faster).", show_default=False)]
 
 
-Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda", help=f"auto: CUDA when available (default {workflows.DEVICE}).", show_default=False)]
-DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: digits, fake:N[:CLASSES], cifar10:DIR, cifar100:DIR or imagefolder:DIR (with train/ and val/).", show_default=False)]
+Device = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda", help=f"auto: CUDA when available (default {workflows.DEVICE}).",
+                                               show_default=False)]
+DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: digits, fake:N[:CLASSES], cifar10:DIR, "
+                                                                     "cifar100:DIR or imagefolder:DIR (with train/ and val/).", show_default=False)]
 
 
 def _command(fn):
@@ -270,19 +277,41 @@ def _brief_epoch(r: dict) -> None:
 def convert(
     source: Source,
     output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe file to write.", show_default=False)],
-    layers: Annotated[Optional[int], typer.Option("--layers", metavar="N", help="Convert the first N convolutions in execution order.", show_default=False)] = None,
-    target: Annotated[Optional[list[str]], typer.Option("--target", metavar="NAME", help="Convert this layer (qualified name, or re:REGEX); repeatable.", show_default=False)] = None,
-    init: Annotated[Optional[str], typer.Option("--init", metavar="fit|random", help="fit: least squares to the trained kernels (default); random: a spread bank.", show_default=False)] = None,
-    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K", help="Enlarge kernels to K x K (padding grows, output shapes stay): K - k even, at most 31 and at most 2*min(H,W)-1 of each layer's input (wider taps only see padding).", show_default=False)] = None,
-    freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, wavelength, psi, gamma; repeatable.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a fresh source's initial weights and of the random bank (default 0).", show_default=False)] = None,
-    to: Annotated[Optional[str], typer.Option("--to", metavar="gabor|cada", help="gabor: learnable Gabor banks (default); cada: context-aware decomposed attention blocks.", show_default=False)] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", metavar="N", help="Convert the first N convolutions in execution order.",
+                                                  show_default=False)] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", metavar="NAME", help="Convert this layer (qualified name, or re:REGEX); repeatable.",
+                                                        show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option("--init", metavar="fit|random",
+                                                help="fit: least squares to the trained kernels (default); random: a spread bank.", show_default=False)] = None,
+    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", metavar="K",
+                                                       help="Enlarge kernels to K x K (padding grows, output shapes stay): K - k even, at most 31 and at most "
+                                                            "2*min(H,W)-1 of each layer's input (wider taps only see padding).", show_default=False)] = None,
+    freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="PARAM", help="Keep a Gabor parameter fixed in training: amplitude, theta, sigma, "
+                                                                                          "wavelength, psi, gamma; repeatable.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a fresh source's initial weights and of the random bank (default 0).",
+                                                show_default=False)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", metavar="gabor|cada", help="gabor: learnable Gabor banks (default); cada: "
+                                                                                 "context-aware decomposed attention blocks.", show_default=False)] = None,
     heads: Annotated[Optional[int], typer.Option("--heads", help="CADA: heads (default 1).", show_default=False)] = None,
-    bases: Annotated[Optional[int], typer.Option("--bases", metavar="B", help="CADA: base kernels per head (default 4; 1 for strict/none).", show_default=False)] = None,
-    context: Annotated[Optional[int], typer.Option("--context", metavar="R", help="CADA: size of the coefficients' context window, 0 for constant coefficients (default 3).", show_default=False)] = None,
-    invariance: Annotated[Optional[str], typer.Option("--invariance", metavar="strict|relaxed|none", help="CADA: spatial invariance (default relaxed).", show_default=False)] = None,
-    rel_pos: Annotated[Optional[bool], typer.Option("--rel-pos/--no-rel-pos", help="CADA: add a relative-position kernel per head (default off).", show_default=False)] = None,
-    basis: Annotated[Optional[str], typer.Option("--basis", metavar="free|gabor", help="CADA: learned taps or Gabor functions as base kernels (default free).", show_default=False)] = None,
+    bases: Annotated[Optional[int], typer.Option("--bases", metavar="B", help="CADA: base kernels per head (default 4; 1 for strict/none).",
+                                                 show_default=False)] = None,
+    context: Annotated[Optional[int], typer.Option("--context", metavar="R", help="CADA: size of the coefficients' context window, "
+                                                                                  "0 for constant coefficients (default 3).", show_default=False)] = None,
+    invariance: Annotated[Optional[str], typer.Option("--invariance", metavar="strict|relaxed|none", help="CADA: spatial invariance (default relaxed).",
+                                                      show_default=False)] = None,
+    rel_pos: Annotated[Optional[bool], typer.Option("--rel-pos/--no-rel-pos", help="CADA: add a relative-position kernel per head (default off).",
+                                                    show_default=False)] = None,
+    basis: Annotated[Optional[str], typer.Option("--basis", metavar="free|gabor", help="CADA: learned taps or Gabor functions as base kernels (default free).",
+                                                 show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC",
+                                                help="Fit each bank to the trained layer's outputs on training images of SPEC (not only to its weights), "
+                                                     "re-estimate BatchNorm statistics, and report top-1 before and after.", show_default=False)] = None,
+    calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", metavar="N", help="Training images the --data fit and statistics use "
+                                                                                                        f"(default {workflows.CALIBRATION_IMAGES}).",
+                                                              show_default=False)] = None,
+    device: Device = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre "
+                                                                                "crop, H to 8*H (default H*256/224).", show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
@@ -298,11 +327,21 @@ def convert(
 
     spec = ConversionSpec(**given(first=layers, kernel_size=kernel_size, init=init, seed=seed, to=to, heads=heads, bases=bases, context=context,
                                   invariance=invariance, rel_pos=rel_pos, basis=basis), targets=tuple(target or ()), freeze=tuple(freeze or ()))
+    if calibration_images is not None and data is None:
+        raise GaborPruneError("--calibration-images counts the training images of --data; add --data SPEC")
     with _Feedback() as show:
-        run = workflows.convert(source, spec, output, force=force, extra_outputs=[json_path], on_stage=show.stage,
+        run = workflows.convert(source, spec, output, data=data, force=force, extra_outputs=[json_path], on_stage=show.stage,
+                                **given(calibration_images=calibration_images, device=device, resize=resize),
                                 **_source(num_classes, weights, model_arg, input_shape, trust_factory))
     out.print(_convert_table(run))
-    out.print(f"parameters: {_count(run.params_before)} -> {_count(run.params_after)}   (fit error = ||w - g|| / ||w|| over the layer)")
+    fitted = "fit error = ||w - g|| / ||w|| over the layer"
+    if run.calibration is not None:
+        fitted += "; output error = ||conv_g(x') - conv_w(x)|| / ||conv_w(x)|| on the calibration images, of the weight fit -> the output fit"
+    out.print(f"parameters: {_count(run.params_before)} -> {_count(run.params_after)}   ({fitted})")
+    if run.calibration is not None:
+        c = run.calibration
+        out.print(f"top-1 on {c.data} (test split, no fine-tuning): {c.accuracy_before:.2f}% before -> {c.accuracy_after:.2f}% converted "
+                  f"({c.accuracy_after - c.accuracy_before:+.2f} points; fitted to outputs on {c.images} training images, BatchNorm statistics re-estimated)")
     _json(json_path, run, force)
     if run.untrained:  # built-in, torchvision and factory sources start from seeded random weights; a recipe carries its own
         _warn(f"{source} has no --weights, so its kernels are untrained (seeded random) and the Gabor fit to them is meaningless; "
@@ -316,16 +355,21 @@ def _convert_table(run) -> Table:
         if layer.kernel_size != layer.original_kernel_size:
             kernel = f"{'x'.join(map(str, layer.original_kernel_size))} -> {kernel}"
         random = "random init" if run.conversion.spec.to == "gabor" else "CADA, random init"
-        rows.append([layer.name, kernel, f"{layer.in_channels} -> {layer.out_channels}", str(layer.groups), str(layer.kernels),
-                     random if layer.fit_rel_error is None else f"{layer.fit_rel_error:.3f}"])
-    return _table(f"{run.source} -> {run.output}", ("layer", "kernel", "in -> out", "groups", "kernels", "fit error"), ("layer",), rows)
+        row = [layer.name, kernel, f"{layer.in_channels} -> {layer.out_channels}", str(layer.groups), str(layer.kernels),
+               random if layer.fit_rel_error is None else f"{layer.fit_rel_error:.3f}"]
+        if run.calibration is not None:
+            row.append("-" if layer.output_error is None else f"{layer.weight_fit_output_error:.3f} -> {layer.output_error:.3f}")
+        rows.append(row)
+    columns = ("layer", "kernel", "in -> out", "groups", "kernels", "fit error") + (("output error",) if run.calibration is not None else ())
+    return _table(f"{run.source} -> {run.output}", columns, ("layer",), rows)
 
 
 # -- inspect ---------------------------------------------------------------------------------------
 @_command
 def inspect(
     source: Source,
-    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Draw the Gabor banks (or the first conv) as a grid of kernels.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Draw the Gabor banks (or the first conv) as a grid of kernels.",
+                                                show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
@@ -335,7 +379,8 @@ def inspect(
     force: Force = False,
     threads: Threads = None,
 ) -> None:
-    """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs; for an .onnx file, its operators, parameters, MACs, input, output and metadata."""
+    """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs; for an .onnx file,
+    its operators, parameters, MACs, input, output and metadata."""
     _threads(threads)
     run = workflows.inspect(source, png=png, force=force, extra_outputs=[json_path], **_source(num_classes, weights, model_arg, input_shape, trust_factory))
     (_print_onnx if run.onnx else _print_summary)(source, run.summary)
@@ -350,18 +395,21 @@ def _print_summary(source: str, s) -> None:
     out.print(_table(f"{source}  (input {'x'.join(map(str, s.input_shape))})",
                      ("layer", "type", "kernel", "groups", "in -> out", "kernels", "alive", "params", "MACs"), ("layer", "type"), rows,
                      ["cyan" if layer.type == "gabor" else None for layer in s.layers]))
-    out.print(f"parameters: {_count(s.params)}   MACs: {_count(s.macs)}   FLOPs: {_count(s.flops)}   (FLOPs = 2 x MACs; conv, CADA and linear layers, removed kernels skipped)")
+    out.print(f"parameters: {_count(s.params)}   MACs: {_count(s.macs)}   FLOPs: {_count(s.flops)}   (FLOPs = 2 x MACs; conv, "
+              "CADA and linear layers, removed kernels skipped)")
 
 
 def _print_onnx(source: str, s) -> None:
     import json
 
     out.print(_table(f"{source}: operators", ("op", "nodes"), ("op",), [[op, str(n)] for op, n in s.ops.items()]))
-    out.print(f"ONNX opset {s.opset}, IR version {s.ir_version}, {s.precision}, {s.nodes} nodes, {s.file_bytes / 1024:.1f} KiB, producer: {s.producer or 'not recorded'}")
+    out.print(f"ONNX opset {s.opset}, IR version {s.ir_version}, {s.precision}, {s.nodes} nodes, {s.file_bytes / 1024:.1f} KiB, producer: "
+              f"{s.producer or 'not recorded'}")
     for kind, values in (("input", s.inputs), ("output", s.outputs)):
         for v in values:
             out.print(f"{kind}: {v['name']} {v['shape']} {v['dtype']}")
-    out.print(f"parameters: {_count(s.params)}   MACs: {_count(s.macs)} (executed: {_count(s.macs_executed)})   FLOPs: {_count(s.flops)}   (per image; FLOPs = 2 x MACs)")
+    out.print(f"parameters: {_count(s.params)}   MACs: {_count(s.macs)} (executed: {_count(s.macs_executed)})   FLOPs: "
+              f"{_count(s.flops)}   (per image; FLOPs = 2 x MACs)")
     for key, value in s.metadata.items():
         if key == "gaborprune.kernels_kept" and isinstance(value, dict):  # {layer: [kept, kernels]}
             value = ", ".join(f"{layer} {k[0]}/{k[1]}" for layer, k in value.items()) if value else "no Gabor banks"
@@ -378,30 +426,58 @@ def _print_onnx(source: str, s) -> None:
 def finetune(
     source: Source,
     data: DataOpt,
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe to write; checkpoints go beside it (FILE.last.pt, FILE.best.pt, FILE.metrics.jsonl).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Recipe to write; checkpoints go beside it (FILE.last.pt, "
+                                                                                "FILE.best.pt, FILE.metrics.jsonl).", show_default=False)],
     epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help=f"Epochs (default {_TRAIN.epochs}).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Global batch size (default {_TRAIN.batch_size}; split over torchrun processes).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Peak learning rate (default {_TRAIN.lr}), linear warm-up then cosine.", show_default=False)] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", metavar="sgd|adamw", help=f"sgd (momentum 0.9, Nesterov) or adamw (default {_TRAIN.optimizer}).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Global batch size (default {_TRAIN.batch_size}; "
+                                                                                        "split over torchrun processes).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Peak learning rate (default {_TRAIN.lr}), linear warm-up then cosine.",
+                                                show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", metavar="sgd|adamw",
+                                                     help=f"sgd (momentum 0.9, Nesterov) or adamw (default {_TRAIN.optimizer}).", show_default=False)] = None,
     momentum: Annotated[Optional[float], typer.Option("--momentum", help=f"SGD momentum (default {_TRAIN.momentum}).", show_default=False)] = None,
-    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help=f"Nesterov momentum (default {'on' if _TRAIN.nesterov else 'off'}).", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help=f"On conv/linear weights and Gabor amplitudes, never on Gabor shape parameters (default {_TRAIN.weight_decay}).", show_default=False)] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=f"Linear warm-up length (default {_TRAIN.warmup_epochs}).", show_default=False)] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help=f"Nesterov momentum (default {'on' if _TRAIN.nesterov else 'off'}).",
+                                                     show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="On conv/linear weights and Gabor amplitudes, never on Gabor shape parameters "
+                                                                                 f"(default {_TRAIN.weight_decay}).", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=f"Linear warm-up length (default {_TRAIN.warmup_epochs}).",
+                                                           show_default=False)] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help=f"Default {_TRAIN.label_smoothing}.", show_default=False)] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH", help=f"Gabor sparsity pressure: 0 off (default {_TRAIN.sparsity:g}), 1e-3 gentle ... 1e-1 strong.", show_default=False)] = None,
-    structure: Annotated[Optional[str], typer.Option("--structure", metavar="channel|kernel", help=f"What the pressure pushes to zero (default {_TRAIN.structure}): channel: whole channel groups too, which is what runs faster; kernel: single kernels (the seed paper's).", show_default=False)] = None,
-    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all", help=f"Where channel groups are pressed (default {_TRAIN.scope}): banks: the Gabor banks; all: every convolution too, plain ones by their BatchNorm gain.", show_default=False)] = None,
-    latency_aware: Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help=f"Weigh each channel group by the ONNX Runtime time its removal saves, from a per-layer cost table measured before training (default {'on' if _TRAIN.latency_aware else 'off'}: by the MACs it saves).", show_default=False)] = None,
-    recalibrate: Annotated[Optional[bool], typer.Option("--recalibrate/--no-recalibrate", help="Re-estimate BatchNorm statistics on the training split before each evaluation (default: on with --scope all and --sparsity > 0).", show_default=False)] = None,
-    latency_batch: Annotated[Optional[int], typer.Option("--latency-batch", metavar="N", help=f"Batch size the --latency-aware cost table is measured at, 1 thread (default {_TRAIN.latency_batch}).", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).", show_default=False)] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", metavar="STRENGTH",
+                                                      help=f"Gabor sparsity pressure: 0 off (default {_TRAIN.sparsity:g}), 1e-3 gentle ... 1e-1 strong.",
+                                                      show_default=False)] = None,
+    structure: Annotated[Optional[str], typer.Option("--structure", metavar="channel|kernel",
+                                                     help=f"What the pressure pushes to zero (default {_TRAIN.structure}): channel: whole channel groups too, "
+                                                          "which is what runs faster; kernel: single kernels (the seed paper's).", show_default=False)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all",
+                                                 help=f"Where channel groups are pressed (default {_TRAIN.scope}): banks: the Gabor banks; all: "
+                                                      "every convolution too, plain ones by their BatchNorm gain.", show_default=False)] = None,
+    latency_aware: Annotated[Optional[bool],
+                             typer.Option("--latency-aware/--no-latency-aware",
+                                          help="Weigh each channel group by the ONNX Runtime time its removal saves, from a per-layer cost table measured "
+                                               f"before training (default {'on' if _TRAIN.latency_aware else 'off'}: by the MACs it saves).",
+                                          show_default=False)] = None,
+    recalibrate: Annotated[Optional[bool], typer.Option("--recalibrate/--no-recalibrate",
+                                                        help="Re-estimate BatchNorm statistics on the training split before each evaluation (default: "
+                                                             "on with --scope all and --sparsity > 0).", show_default=False)] = None,
+    latency_batch: Annotated[Optional[int], typer.Option("--latency-batch", metavar="N", help="Batch size the --latency-aware cost table is measured at, "
+                                                                                              f"1 thread (default {_TRAIN.latency_batch}).",
+                                                         show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed for initial weights, data order and augmentation (default {_TRAIN.seed}).",
+                                                show_default=False)] = None,
     device: Device = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help=f"Mixed precision on CUDA (default {'on' if _TRAIN.amp else 'off'}; bf16 where supported).", show_default=False)] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default "
+                                                                       f"{'on' if _TRAIN.amp else 'off'}; bf16 where supported).", show_default=False)] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Default: on for CUDA.", show_default=False)] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=f"torch.compile the model (default {'on' if _TRAIN.compile else 'off'}).", show_default=False)] = None,
-    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help=f"Deterministic algorithms (default {'on' if _TRAIN.deterministic else 'off'}).", show_default=False)] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="FILE", help="Continue the run saved in FILE (an OUT.last.pt).", show_default=False)] = None,
-    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre crop, H to 8*H (default H*256/224).", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=f"torch.compile the model (default {'on' if _TRAIN.compile else 'off'}).",
+                                                    show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic",
+                                                          help=f"Deterministic algorithms (default {'on' if _TRAIN.deterministic else 'off'}).",
+                                                          show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="FILE", help="Continue the run saved in FILE (an OUT.last.pt).",
+                                                   show_default=False)] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize the shorter side to N before the centre "
+                                                                                "crop, H to 8*H (default H*256/224).", show_default=False)] = None,
     num_classes: NumClasses = None,
     weights: Weights = None,
     model_arg: ModelArg = None,
@@ -413,10 +489,16 @@ def finetune(
 ) -> None:
     """Fine-tune any model source (Gabor banks get the sparsity pressure); writes a recipe."""
     _threads(threads)
-    config = TrainConfig(**given(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
-                                 weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
-                                 structure=structure, scope=scope, latency_aware=latency_aware, latency_batch=latency_batch, recalibrate=recalibrate,
-                                 seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic))
+    chosen = given(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+                   weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, sparsity=sparsity,
+                   structure=structure, scope=scope, latency_aware=latency_aware, latency_batch=latency_batch, recalibrate=recalibrate,
+                   seed=seed, amp=amp, channels_last=channels_last, compile=compile, deterministic=deterministic)
+    defaults = workflows.finetune_defaults(source, weights, chosen.get("sparsity", _TRAIN.sparsity)) if resume is None else {}
+    trained = {k: v for k, v in defaults.items() if k not in chosen}
+    config = TrainConfig(**(trained | chosen))
+    if trained:
+        out.print(f"{source} is trained: fine-tuning with {', '.join(f'{FLAGS[k]} {v:g}' for k, v in trained.items())} "
+                  "(training from scratch warms up to a higher rate, which would undo what it learned); pass them to change")
     with _Feedback(config.epochs) as show:
         run = workflows.finetune(source, data, output, config, resume=resume, force=force, extra_outputs=[json_path], on_stage=out.print,
                                  on_step=show.step, on_epoch=_epoch_line(config.epochs), **given(device=device, resize=resize),
@@ -435,8 +517,10 @@ def _print_finetune(run) -> None:
 
         out.print(describe(result.cost_table), soft_wrap=True)  # one line, however many layers
     elif config.latency_aware:
-        out.print(f"--latency-aware: no cost table measured ({'--sparsity is 0' if not config.sparsity else 'no channel groups'}); groups weigh {result.group_weights}")
-    out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {run.output}  (checkpoints: {run.checkpoints.last}, {run.checkpoints.best})")
+        out.print(f"--latency-aware: no cost table measured ({'--sparsity is 0' if not config.sparsity else 'no channel groups'}); "
+                  f"groups weigh {result.group_weights}")
+    out.print(f"best {result.best_accuracy:.2f}%  final {result.final_accuracy:.2f}%  -> {run.output}  (checkpoints: "
+              f"{run.checkpoints.last}, {run.checkpoints.best})")
 
 
 def _groups_report(result, structure: str) -> list[str]:
@@ -467,7 +551,8 @@ def eval(
 ) -> None:
     """Top-1 / top-5 accuracy and loss on the test split of a dataset (an .onnx file: in ONNX Runtime)."""
     _threads(threads)
-    run = workflows.evaluate(source, data, force=force, extra_outputs=[json_path], **given(batch_size=batch_size, device=device, resize=resize, threads=threads),
+    run = workflows.evaluate(source, data, force=force, extra_outputs=[json_path],
+                             **given(batch_size=batch_size, device=device, resize=resize, threads=threads),
                              **_source(num_classes, weights, model_arg, input_shape, trust_factory))
     r = run.result
     where = f"onnxruntime {r.provider}, batch {r.batch_size}" if run.runtime == "onnxruntime" else run.device
@@ -478,22 +563,44 @@ def eval(
 # -- prune -----------------------------------------------------------------------------------------
 @_command
 def prune(
-    source: Annotated[str, typer.Argument(help="A recipe .pt with Gabor banks (from convert or finetune), or any model source that has them.", metavar="RECIPE", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Recipe to write (the compacted model and its prune plan).", show_default=False)] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="T", help="Remove kernels weaker than T x the strongest of their layer (default 0.05; BatchNorm-scale invariant).", show_default=False)] = None,
-    ratio: Annotated[Optional[list[str]], typer.Option("--ratio", metavar="R|NAME=R", help="Remove this fraction of the kernels: R across all Gabor banks (weakest first), or NAME=R for one layer; repeatable.", show_default=False)] = None,
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, or NAME=N for one layer; repeatable.", show_default=False)] = None,
-    speedup: Annotated[Optional[float], typer.Option("--speedup", metavar="X", help="Remove the weakest channel groups until the pruned ONNX runs X times as fast as the unpruned one, measured with ONNX Runtime (batch 1, --threads or 1 thread).", show_default=False)] = None,
-    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", metavar="T", help="Like --speedup, until a run takes at most T milliseconds.", show_default=False)] = None,
-    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all", help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose channel group is below --threshold (fine-tune with --scope all first).", show_default=False)] = None,
-    round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N", help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
+    source: Annotated[str, typer.Argument(help="A recipe .pt with Gabor banks (from convert or finetune), or any model source that has them.", metavar="RECIPE",
+                                          show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Recipe to write (the compacted model and its prune plan).",
+                                                   show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="T", help="Remove kernels weaker than T x the strongest of their layer (default "
+                                                                                        "0.02; BatchNorm-scale invariant).", show_default=False)] = None,
+    ratio: Annotated[Optional[list[str]], typer.Option("--ratio", metavar="R|NAME=R",
+                                                       help="Remove this fraction of the kernels: R across all Gabor banks (weakest first), "
+                                                            "or NAME=R for one layer; repeatable.", show_default=False)] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, "
+                                                                                         "or NAME=N for one layer; repeatable.", show_default=False)] = None,
+    speedup: Annotated[Optional[float], typer.Option("--speedup", metavar="X",
+                                                     help="Remove the weakest channel groups until the pruned ONNX runs X times as fast as the unpruned one, "
+                                                          "measured with ONNX Runtime (batch 1, --threads or 1 thread).", show_default=False)] = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", metavar="T", help="Like --speedup, until a run takes at most T milliseconds.",
+                                                        show_default=False)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all",
+                                                 help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose "
+                                                      "channel group is below --threshold (fine-tune with --scope all first).", show_default=False)] = None,
+    round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N",
+                                                    help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime "
+                                                         "channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
-    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset (digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
-    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", metavar="N", help="Recover accuracy with N epochs of fine-tuning, removed kernels staying removed (needs --data).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Recovery fine-tuning peak learning rate (default {workflows.RECOVERY_LR}).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Recovery and evaluation batch size (default {_TRAIN.batch_size}).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset "
+                                                                               "(digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
+    recalibrate: Annotated[Optional[bool], typer.Option("--recalibrate/--no-recalibrate",
+                                                        help=f"With --data: re-estimate BatchNorm statistics on {workflows.CALIBRATION_IMAGES} training "
+                                                             "images after pruning, no gradient steps (default on).", show_default=False)] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", metavar="N", help="Recover accuracy with N epochs of fine-tuning, "
+                                                                                                  "removed kernels staying removed (needs --data).",
+                                                           show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Recovery fine-tuning peak learning rate (default {workflows.RECOVERY_LR}).",
+                                                show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help=f"Recovery and evaluation batch size (default {_TRAIN.batch_size}).",
+                                                      show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"Recovery fine-tuning seed (default {_TRAIN.seed}).", show_default=False)] = None,
-    sweep: Annotated[Optional[str], typer.Option("--sweep", metavar="T1,T2,...", help="Prune at each threshold, evaluate on --data, print and plot accuracy vs kernels kept; writes no recipe.", show_default=False)] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", metavar="T1,T2,...", help="Prune at each threshold, evaluate on --data, print and plot accuracy vs "
+                                                                                      "kernels kept; writes no recipe.", show_default=False)] = None,
     png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help=f"--sweep's plot (default {workflows.SWEEP_PNG}).", show_default=False)] = None,
     device: Device = None,
     resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", help="imagefolder: resize before the centre crop.", show_default=False)] = None,
@@ -507,15 +614,22 @@ def prune(
     _threads(threads)
     spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, sweep)
     common = dict(data=data, trust_factory=trust_factory, force=force, extra_outputs=[json_path], on_epoch=_epoch_line(finetune_epochs),
-                  **given(finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, resize=resize, input_shape=_shape(input_shape)))
+                  **given(finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, resize=resize,
+                          input_shape=_shape(input_shape)))
     if sweep is not None:
         return _sweep(source, _thresholds(sweep), spec, output, png, json_path, force, common)
     with _Feedback(finetune_epochs) as show:
         run = workflows.prune(source, output, spec, target=target, dry_run=dry_run, on_stage=show.stage, on_step=show.step,
-                              on_pruned=_print_prune, **given(threads=threads), **common)
+                              on_pruned=_print_prune, **given(threads=threads, recalibrate=recalibrate), **common)
+    r = run.report
     if run.data is not None:
-        recovered = f"  after recovery {run.report.accuracy_after:.2f}%" if run.recovery_epochs else ""
-        out.print(f"top-1 accuracy on {run.data}: before {run.report.accuracy_before:.2f}%  pruned {run.report.accuracy_pruned:.2f}%{recovered}")
+        recalibrated = f"  BatchNorm recalibrated {r.accuracy_recalibrated:.2f}%" if r.accuracy_recalibrated is not None else ""
+        recovered = f"  after recovery {r.accuracy_after:.2f}%" if run.recovery_epochs else ""
+        out.print(f"top-1 accuracy on {run.data} (test split): before {r.accuracy_before:.2f}%  pruned {r.accuracy_pruned:.2f}%{recalibrated}{recovered}"
+                  f"  ({r.accuracy_after - r.accuracy_before:+.2f} points)")
+    else:
+        out.print("accuracy not measured: add --data SPEC to measure top-1 before and after (BatchNorm statistics re-estimated), "
+                  "and --finetune-epochs N to recover what the prune cost", soft_wrap=True)
     if run.output is not None:
         out.print(f"-> {run.output}")
     _json(json_path, run, force)
@@ -576,7 +690,8 @@ def _change(a: int, b: int) -> str:
 def _print_target(report, source: str) -> None:
     """The timed candidates of `prune --speedup/--latency-ms`, predicted and measured side by side, and the search's notes."""
     if not hasattr(report, "groups"):  # --scope all: candidates are thresholds
-        rows = [[f"{c.threshold:g}", f"{c.mac_ratio:.3f}", ", ".join(c.branches) or "-", f"{c.measured.median:.3f} [{c.measured.low:.3f}-{c.measured.high:.3f}]",
+        rows = [[f"{c.threshold:g}", f"{c.mac_ratio:.3f}", ", ".join(c.branches) or "-",
+                 f"{c.measured.median:.3f} [{c.measured.low:.3f}-{c.measured.high:.3f}]",
                  f"{c.speedup.median:.2f}x [{c.speedup.low:.2f}-{c.speedup.high:.2f}]",
                  ("met, chosen" if c.threshold == report.chosen else "met") if c.meets else "not met"] for c in report.candidates]
         out.print(_table(f"{source}: pruning to {report.target.describe()} with --scope all (ONNX Runtime, batch {report.batch_size}, "
@@ -607,15 +722,26 @@ def _print_target(report, source: str) -> None:
 def export(
     source: Annotated[str, typer.Argument(help="A recipe .pt (or any model source) to export.", metavar="RECIPE", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="ONNX file to write.", show_default=False)],
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W", help="Static input shape, e.g. 1,3,32,32 (default: batch 1 and the model's C,H,W).", show_default=False)] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W", help="Static input shape, e.g. 1,3,32,32 (default: "
+                                                                                                "batch 1 and the model's C,H,W).", show_default=False)] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Let the batch dimension vary (default: static, for embedded runtimes).")] = False,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 to 23 (default: the exporter's).", show_default=False)] = None,
-    lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse", help="auto (default) times the plain dense export against cut, padded and split forms in ONNX Runtime and keeps another only when faster beyond the noise; dense: the plain dense export; sparse: cut and split, unmeasured.", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of torch and of the ONNX Runtime sessions that measure and check (default: one per core).", show_default=False)] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.", show_default=False)] = None,
-    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N", help="Grow channel counts pruning left off a multiple of N with zero channels, where exact: 0 (off) or a power of two from 2 to 64 (default: auto also times padding to this CPU's block, 16 with AVX-512, 8 with AVX2, and keeps it only when faster).", show_default=False)] = None,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on --data) or, without --data, dynamic.", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.", show_default=False)] = None,
+    lowering: Annotated[Optional[str], typer.Option("--lowering", metavar="auto|dense|sparse",
+                                                    help="auto (default) times the plain dense export against cut, padded and split forms in ONNX Runtime "
+                                                         "and keeps another only when faster beyond the noise; dense: the plain dense export; "
+                                                         "sparse: cut and split, unmeasured.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of torch and of the ONNX Runtime sessions that measure and "
+                                                                                  "check (default: one per core).", show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Largest accepted |onnxruntime - PyTorch| (default 1e-4); beyond it nothing is written.",
+                                                  show_default=False)] = None,
+    pad_channels: Annotated[Optional[int], typer.Option("--pad-channels", metavar="N",
+                                                        help="Grow channel counts pruning left off a multiple of N with zero channels, where exact: "
+                                                             "0 (off) or a power of two from 2 to 64 (default: auto also times padding to this CPU's block, "
+                                                             "16 with AVX-512, 8 with AVX2, and keeps it only when faster).", show_default=False)] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Write an int8 model: static (calibrated on "
+                                                                                       "--data) or, without --data, dynamic.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.",
+                                                show_default=False)] = None,
     json_path: JsonOut = None,
     trust_factory: TrustFactory = False,
     force: Force = False,
@@ -656,7 +782,8 @@ def _print_export(run) -> None:
     if report.padded:
         out.print(f"grown with zero channels to a multiple of {report.pad}: {', '.join(report.padded)}")
     out.print(f"parameters: {_count(report.params)}   MACs: {_count(report.macs)} (executed: {_count(report.macs_executed)})   FLOPs: {_count(report.flops)}")
-    out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
+    out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, "
+              f"cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
     if report.quantization:
         q = report.quantization
         out.print(f"int8 ({q['mode']}): max |diff| vs PyTorch {q['max_abs_diff']:.3g}, cosine {q['cosine']:.5f} on {q['compared_on']}")
@@ -670,21 +797,34 @@ def _print_export(run) -> None:
 # -- bench -----------------------------------------------------------------------------------------
 @_command
 def bench(
-    models: Annotated[list[str], typer.Argument(help="ONNX files (float or int8), or recipes / model sources (exported on the fly).", metavar="MODEL...", show_default=False)],
-    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", metavar="MODEL", help="Reference timed in the same runs (speedup, executed-MAC ratio, efficiency); repeat to give a float and an int8 one: each model is compared with its own precision's.", show_default=False)] = None,
+    models: Annotated[list[str], typer.Argument(help="ONNX files (float or int8), or recipes / model sources (exported on the fly).", metavar="MODEL...",
+                                                show_default=False)],
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", metavar="MODEL",
+                                                          help="Reference timed in the same runs (speedup, executed-MAC ratio, efficiency); "
+                                                               "repeat to give a float and an int8 one: each model is compared with its own precision's.",
+                                                          show_default=False)] = None,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", metavar="B1,B2,...", help="Batch sizes (default 1).", show_default=False)] = None,
-    threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts, each 1 to the cores available (default 1).", show_default=False)] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", metavar="T1,T2,...", help="Intra-op thread counts, each 1 to the cores available (default 1).",
+                                                   show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Untimed runs per model and configuration (default 10).", show_default=False)] = None,
-    runs: Annotated[Optional[int], typer.Option("--runs", help="Timed runs per model in one round (default 100); rounds repeat until --precision or --max-seconds.", show_default=False)] = None,
-    precision: Annotated[Optional[float], typer.Option("--precision", metavar="R", help="Stop when every median's 95% interval is narrower than R times the median (default 0.02: +-1%).", show_default=False)] = None,
-    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", metavar="S", help="Timing budget, all configurations together (default 60).", show_default=False)] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Also time an int8 copy of every float model and baseline (static on --data, else dynamic), against the int8 baseline.")] = False,
-    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Images to calibrate --int8 on (static quantisation).", show_default=False)] = None,
-    provider: Annotated[Optional[str], typer.Option("--provider", metavar="cpu|cuda", help="ONNX Runtime execution provider (default cpu).", show_default=False)] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration), and the share spent in the converted layers.")] = False,
+    runs: Annotated[Optional[int], typer.Option("--runs", help="Timed runs per model in one round (default 100); "
+                                                               "rounds repeat until --precision or --max-seconds.", show_default=False)] = None,
+    precision: Annotated[Optional[float], typer.Option("--precision", metavar="R", help="Stop when every median's 95% interval is narrower than R times "
+                                                                                        "the median (default 0.02: +-1%).", show_default=False)] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", metavar="S", help="Timing budget, all configurations together (default 60).",
+                                                         show_default=False)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also time an int8 copy of every float model and baseline (static on --data, "
+                                                      "else dynamic), against the int8 baseline.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Images to calibrate --int8 on (static quantisation).",
+                                                show_default=False)] = None,
+    provider: Annotated[Optional[str], typer.Option("--provider", metavar="cpu|cuda", help="ONNX Runtime execution provider (default cpu).",
+                                                    show_default=False)] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Per-layer time from ONNX Runtime's profiler (first configuration), "
+                                                            "and the share spent in the converted layers.")] = False,
     torch_eager: Annotated[bool, typer.Option("--torch", help="Also time PyTorch eager (models given as recipes / sources).")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Write a Markdown report.", show_default=False)] = None,
-    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration (bars: p25-p75 of the runs), with the speedups.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="Plot median latency per configuration (bars: "
+                                                                              "p25-p75 of the runs), with the speedups.", show_default=False)] = None,
     json_path: JsonOut = None,
     trust_factory: TrustFactory = False,
     force: Force = False,
@@ -765,12 +905,15 @@ def demo(
 
 @_command
 def reproduce(
-    experiment: Annotated[str, typer.Argument(help="vgg16-cifar10, resnet20-altered-cifar10 (Gabor paper) or cada-ablation (CADA paper).", metavar="EXPERIMENT", show_default=False)],
+    experiment: Annotated[str, typer.Argument(help="vgg16-cifar10, resnet20-altered-cifar10 (Gabor paper) or cada-ablation (CADA paper).", metavar="EXPERIMENT",
+                                              show_default=False)],
     data: DataOpt,
     seeds: Annotated[Optional[int], typer.Option("--seeds", metavar="K", help="Seeds 0..K-1; mean and std over them (default 1).", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="N", help="Override the recipe's epochs (toy runs).", show_default=False)] = None,
-    settings: Annotated[Optional[str], typer.Option("--settings", metavar="A,B,...", help="cada-ablation: run only these settings (default all).", show_default=False)] = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="cada-ablation: image size (default 3,16,16 for digits and fake, else 3,32,32).", show_default=False)] = None,
+    settings: Annotated[Optional[str], typer.Option("--settings", metavar="A,B,...", help="cada-ablation: run only these settings (default all).",
+                                                    show_default=False)] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="cada-ablation: image size (default 3,16,16 for "
+                                                                                              "digits and fake, else 3,32,32).", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where recipes and results.md / results.json go.")] = Path("reproduce-out"),
     device: Device = None,
     force: Force = False,

@@ -53,3 +53,7 @@ class DataError(GaborPruneError):
 
 class InputShapeError(GaborPruneError):
     """A model that cannot run on (or makes no sense at) the input shape it was given."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (`gaborprune.train.interrupt`); a KeyboardInterrupt, so whatever handles Ctrl-C handles it too."""

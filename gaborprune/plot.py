@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from gaborprune._io import save_figure
-from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.layer import GaborConv2d, alive_kernels
 from gaborprune.convert.spec import conv_modules
-from gaborprune.sparsity import DEFAULT_THRESHOLD, GaborSparsity
-from gaborprune.summary import alive_kernels
+from gaborprune.prune.plan import PrunePlan
+from gaborprune.sparsity import GaborSparsity
+from gaborprune.strength import DEFAULT_THRESHOLD
 
 ALIVE, WEAK, REMOVED = 0, 1, 2  # the states of a kernel in a `BankView`
 SEPARATOR = (0.25, 0.25, 0.25)  # dark grey lines between kernels
@@ -76,25 +77,26 @@ class BankView:
         return int((self.state == WEAK).sum())
 
 
-def _unpruned_index(name: str, size: int, side: str, plans: Sequence[dict]) -> tuple[np.ndarray, int]:
+def _unpruned_index(name: str, size: int, side: str, plans: Sequence[PrunePlan]) -> tuple[np.ndarray, int]:
     """Where each of a layer's `size` current channels on `side` ("out" or "in") sat before `plans`
     cut any, and how many there were. A plan's indices refer to the model before it, so the plans
     are undone last first."""
     idx = np.arange(size)
     for plan in reversed(list(plans)):
-        cut = set(plan.get("channels", {}).get(name, {}).get(side, []))
+        cut = set(plan.channels.get(name, {}).get(side, ()))
         before = size + len(cut)
         kept = np.array([i for i in range(before) if i not in cut], dtype=int)
         idx, size = kept[idx], before
     return idx, size
 
 
-def bank_views(model: nn.Module, input_shape: tuple[int, int, int], plans: Sequence[dict] = (), *,
+def bank_views(model: nn.Module, input_shape: tuple[int, int, int], plans: Sequence[PrunePlan] = (), *,
                threshold: float = DEFAULT_THRESHOLD, layers: list[str] | None = None) -> list[BankView]:
     """Snapshots of the Gabor banks of `model` (or its first convolution if it has none).
 
     Args:
-        plans: the recipe's `prune_plans`, to place a compacted bank's kernels where they were.
+        plans: the recipe's prune plans (`[s.plan for s in recipe.prunes]`), to place a compacted
+            bank's kernels where they were.
         threshold: a kept Gabor kernel weaker than this x its layer's strongest is "weak" (the
             default is the "alive" of `finetune`'s log; pass the threshold a prune used to mark
             what it would remove).
@@ -131,10 +133,10 @@ def stage_of(recipe) -> str:
     model built with its banks and never trained). A plain network fine-tuned without pressure and
     converted afterwards reads as converted; one converted and fine-tuned without pressure too (the
     recipe keeps no order between the two)."""
-    if recipe.prune_plans:
+    if recipe.prunes:
         return "pruned"
-    tuned = recipe.metadata.get("finetune")
-    if tuned and (not recipe.conversions or tuned.get("config", {}).get("sparsity", 0) > 0):
+    tuned = recipe.finetunes[-1] if recipe.finetunes else None
+    if tuned and (not recipe.conversions or tuned.config.sparsity > 0):
         return "fine-tuned"
     return "converted" if recipe.conversions else ""
 
@@ -252,7 +254,7 @@ def plot_banks(stages: Sequence[tuple[str, list[BankView]]], path: str | os.Path
 
 def plot_recipe_banks(model: nn.Module, recipe, path: str | os.PathLike, *, force: bool = False) -> list[str]:
     """The banks of a loaded recipe at its stage (`stage_of`), removed kernels where they were."""
-    return plot_banks([(stage_of(recipe), bank_views(model, recipe.input_shape, recipe.prune_plans))], path, force=force)
+    return plot_banks([(stage_of(recipe), bank_views(model, recipe.input_shape, [s.plan for s in recipe.prunes]))], path, force=force)
 
 
 # -- latency ---------------------------------------------------------------------------------------

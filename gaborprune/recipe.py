@@ -40,7 +40,6 @@ import math
 import os
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from torch import nn
 from gaborprune import __version__
 from gaborprune._io import safe_torch_load, save_torch
 from gaborprune._validate import check_seed, is_int
-from gaborprune.convert.spec import ConversionReport, ConversionSpec, ConversionStep, gaborize_
+from gaborprune.convert.spec import ConversionSpec, ConversionStep
 from gaborprune.errors import GaborPruneError, ModelSourceError, RecipeError
 from gaborprune.models import TRUST_ENV, ModelSource, fit_state_dict, load_state_dict_file, non_finite, portable_state_dict, trusted_factory
 from gaborprune.prune.plan import PrunePlan, PruneStep, fold_problem
@@ -115,16 +114,6 @@ class Recipe:
     @property
     def finetunes(self) -> tuple[FinetuneStep, ...]:
         return tuple(s for s in self.steps if isinstance(s, FinetuneStep))
-
-    @property
-    def prune_plans(self) -> list[dict[str, Any]]:
-        """Deprecated (plot.py and demo.py while they move): the prune plans as dicts; use `prunes`."""
-        return [s.plan.to_dict() for s in self.prunes]
-
-    def _append_(self, step: Step) -> None:
-        """Append in place: only for the deprecated aliases (`convert_model`, `prune_model`,
-        `finetune`), and goes with them."""
-        object.__setattr__(self, "steps", (*self.steps, _check_step(step)))
 
     def build(self, *, trust_factory: bool = False) -> nn.Module:
         """The architecture by replay, with fresh (not trained) weights.
@@ -213,16 +202,6 @@ def _steps_of_v1(obj: dict[str, Any], metadata: dict[str, Any]) -> list[Step]:
         if k < len(conversions):
             steps.append(conversions[k])
     return steps
-
-
-def convert_model(model: nn.Module, recipe: Recipe, spec: ConversionSpec) -> ConversionReport:
-    """Deprecated, for cli.py and demo.py while they move: `gaborize_(model, spec, recipe.input_shape)`,
-    with its step appended to `recipe` in place (new code appends it with `recipe.with_step`)."""
-    warnings.warn("convert_model(model, recipe, spec) is deprecated; use gaborize_(model, spec, input_shape) and recipe.with_step(report.step)",
-                  DeprecationWarning, stacklevel=2)
-    report = gaborize_(model, spec, recipe.input_shape)
-    recipe._append_(report.step)
-    return report
 
 
 def save_recipe(path: str | os.PathLike, model: nn.Module, recipe: Recipe, *, force: bool = False) -> Path:
@@ -369,7 +348,8 @@ def _validate(obj: Any, p: Path) -> None:
     bad_tensors = non_finite(state)
     if bad_tensors:
         more = f" (and {len(bad_tensors) - 1} more)" if len(bad_tensors) > 1 else ""
-        raise RecipeError(f"recipe '{p}' is unusable: 'state_dict[{bad_tensors[0]!r}]' holds NaN or infinite values{more}; it is from a diverged run or damaged")
+        raise RecipeError(f"recipe '{p}' is unusable: 'state_dict[{bad_tensors[0]!r}]' holds NaN or infinite values{more}; "
+                          "it is from a diverged run or damaged")
 
 
 def _validate_v1(obj: dict[str, Any], bad) -> None:

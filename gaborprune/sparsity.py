@@ -1,15 +1,9 @@
-"""How strong each Gabor kernel is, measured so that BatchNorm cannot fake sparsity, and the
-sparsity pressure built on it.
-
-A convolution followed by BatchNorm computes the same function when all kernels of an output channel
-are scaled together: BN divides the scale out. So a kernel's raw norm means nothing on its own. The
-strength used here is the kernel's share of its output channel times the BN gain of that channel:
+"""The sparsity pressure: a penalty on the kernel strengths of `gaborprune.strength`,
 
     s[o, i] = |bn.weight[o]| * ||g[o, i]|| / ||g[o, :]||         (BN follows the layer)
     s[o, i] = ||g[o, i]||                                          (no BN follows)
 
-which is invariant to that per-channel scale, still lets a whole channel die (its BN gain goes to 0),
-and matches the BN-folded deploy weight up to the channel's input statistics.
+invariant to the per-channel scale BatchNorm absorbs.
 
 The pressure is built from the ratio of L1 and L2 norms,
     R(v) = ||v||_1 / ||v||_2       in [1, sqrt(n)]  (R^2 is a smooth count of the live entries of v),
@@ -71,50 +65,15 @@ from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
-from gaborprune.probe import probe
+from gaborprune.strength import DEFAULT_THRESHOLD, following_norms, kernel_strength, relative_strengths
 from gaborprune.train.config import SCOPES, STRUCTURES
 
-#: A kernel is alive while its strength is at least this fraction of the strongest in its layer.
-DEFAULT_THRESHOLD = 0.05
+__all__ = ["BRANCH_WEIGHT", "DEFAULT_THRESHOLD", "GROUP_WEIGHT", "GaborSparsity", "following_norms", "kernel_strength", "l1_l2_ratio"]
+
 #: The weight of each family's group term against the kernel term (see the module doc).
 GROUP_WEIGHT = 2.0
 #: The weight of the branch term (scope "all", see the module doc).
 BRANCH_WEIGHT = 2.0
-
-
-def following_norms(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
-    """For each Gabor layer, the BatchNorm2d that directly consumes its output, found by one
-    forward pass on zeros (a tensor passed straight from the conv to the BN)."""
-    modules = dict(model.named_modules())
-    gabors = {n for n, m in modules.items() if isinstance(m, GaborConv2d)}
-    outputs: dict[int, str] = {}
-    pairs: dict[str, str] = {}
-
-    def conv_hook(name):
-        return lambda mod, args, out: outputs.__setitem__(id(out), name)
-
-    def bn_hook(name):
-        def hook(mod, args):
-            conv = outputs.get(id(args[0]))
-            if conv is not None and mod.num_features == modules[conv].out_channels:
-                pairs.setdefault(conv, name)
-        return hook
-
-    hooks = [modules[n].register_forward_hook(conv_hook(n)) for n in gabors]
-    hooks += [m.register_forward_pre_hook(bn_hook(n)) for n, m in modules.items() if isinstance(m, nn.BatchNorm2d)]
-    probe(model, input_shape, hooks)
-    return pairs
-
-
-def kernel_strength(layer: GaborConv2d, norm: nn.BatchNorm2d | None = None, weight: Tensor | None = None) -> Tensor:
-    """Scale-invariant strength of each kernel, Tensor[C_out, C_in / groups] (0 for removed ones).
-
-    Differentiable: the regulariser calls it with autograd on. `weight`: the layer's kernels when
-    already computed (default: computed here)."""
-    s = (layer.weight if weight is None else weight).flatten(2).norm(dim=2)  # [O, I]
-    if norm is not None and norm.affine:
-        s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12) * norm.weight.abs()[:, None]
-    return s
 
 
 def l1_l2_ratio(s: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -306,14 +265,9 @@ class GaborSparsity:
             for m in self.layers.values():
                 m.keep_weight, m.last_weight = False, None
 
-    @torch.no_grad()
     def relative_strengths(self) -> dict[str, Tensor]:
         """Strength / the layer's strongest kernel, Tensor[C_out, C_in / groups] per layer, in [0, 1]."""
-        out = {}
-        for n, m in self.layers.items():
-            s = kernel_strength(m, self.norms[n]).float()
-            out[n] = s / s.max().clamp_min(1e-30)
-        return out
+        return relative_strengths(self.layers, self.norms)
 
     def alive(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
         """Kernels per layer whose relative strength is at least `threshold` (and not masked)."""

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from gaborprune.convert.cada import CADAConv2d
-from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.layer import GaborConv2d, alive_kernels
 from gaborprune.convert.spec import conv_modules
 from gaborprune.probe import probe
-from gaborprune.sparsity import GaborSparsity
+from gaborprune.strength import alive_counts
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,12 @@ class ModelSummary:
         }
 
 
-def alive_kernels(conv: nn.Module) -> torch.Tensor:
-    """Bool Tensor[C_out, C_in / groups]: which 2-D kernels are present (not removed, not all-zero)."""
-    if isinstance(conv, GaborConv2d):
-        return conv.mask != 0
-    return conv.weight.detach().flatten(2).abs().amax(dim=2) > 0
-
-
 @torch.no_grad()
 def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
     """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape].
 
     A Gabor kernel is alive when it is not removed (masked) and its strength is at least
-    `DEFAULT_THRESHOLD` of the strongest in its layer: the count `finetune` logs and `prune` keeps by
+    `gaborprune.strength.DEFAULT_THRESHOLD` of the strongest in its layer: the count `finetune` logs and `prune` keeps by
     default. A plain kernel is alive when it is not all zeros. MACs skip removed kernels only: weak
     ones are still computed until they are pruned.
     """
@@ -90,7 +83,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     probe(model, input_shape, hooks)
 
-    strong = GaborSparsity(model, input_shape).alive()
+    strong = alive_counts(model, input_shape)
     layers = []
     for name, m in blocks.items():  # before their own 1x1 convolutions, as in named_modules
         base = m.heads * m.bases if m.invariance != "none" else 0

@@ -13,7 +13,7 @@ from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.spec import select_layers
 from gaborprune.data import DataSpec
 from gaborprune.export.runtime import run, session
-from test_cli import one_line_error, run as cli
+from helpers import one_line_error, run as cli
 
 
 def test_settings_convert_exactly_the_layers_they_name():

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 import gaborprune as gp
-from gaborprune.export import bench as bench_mod
-from gaborprune.export import runtime
+from gaborprune.export import bench as bench_mod, runtime
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.bench import BenchModel, bench, converted_share, load_onnx, precision_of, quantized
 from gaborprune.export.onnx import ExportError
 from gaborprune.export.runtime import Latency
-from test_cli import one_line_error, run as cli
+from helpers import one_line_error, run as cli
 
 SHAPE = (3, 16, 16)
 # executed MACs per image of `net(width)`: the 5x5 bank, the strided 3x3 conv, the linear head

@@ -150,7 +150,7 @@ def test_knob_combinations_that_make_no_sense_are_refused(kwargs, message):
 # -- conversion, recipes, export -----------------------------------------------------------------
 import gaborprune as gp  # noqa: E402
 from gaborprune.export.api import ExportConfig, export_model  # noqa: E402
-from test_cli import one_line_error, run as cli  # noqa: E402
+from helpers import one_line_error, run as cli  # noqa: E402
 
 
 @pytest.mark.parametrize("knobs", [dict(invariance="relaxed", rel_pos=True), dict(invariance="strict"),

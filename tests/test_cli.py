@@ -6,24 +6,8 @@ import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from gaborprune.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from helpers import one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +21,9 @@ def recipe(tmp_path_factory):
 def test_convert_writes_recipe_and_report(recipe):
     report = json.loads((recipe / "v.json").read_text())
     assert report["model"] == "vgg16"
-    assert [(l["name"], l["kernels"], l["kernel_size"], l["groups"]) for l in report["layers"]] == [
+    assert [(layer["name"], layer["kernels"], layer["kernel_size"], layer["groups"]) for layer in report["layers"]] == [
         ("features.0", 192, [3, 3], 1), ("features.3", 4096, [3, 3], 1)]
-    assert all(0 < l["fit_rel_error"] < 1 for l in report["layers"])
+    assert all(0 < layer["fit_rel_error"] < 1 for layer in report["layers"])
     # 9 weights per 3x3 kernel become 6 Gabor parameters
     assert report["params_before"] - report["params_after"] == (192 + 4096) * 3
     saved = torch.load(recipe / "v.pt", weights_only=True)
@@ -63,17 +47,38 @@ def test_convert_options(tmp_path):
                  "--kernel-size", "5", "--freeze", "psi", "--num-classes", "100", "-o", tmp_path / "r.pt", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [l["name"] for l in report["layers"]] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
-    assert all(l["kernel_size"] == [5, 5] and l["fit_rel_error"] is None for l in report["layers"])
+    assert [layer["name"] for layer in report["layers"]] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert all(layer["kernel_size"] == [5, 5] and layer["fit_rel_error"] is None for layer in report["layers"])
     result = run("inspect", tmp_path / "r.pt", "--json", tmp_path / "i.json")
     assert result.exit_code == 0, result.output
-    layers = {l["name"]: l for l in json.loads((tmp_path / "i.json").read_text())["layers"]}
+    layers = {layer["name"]: layer for layer in json.loads((tmp_path / "i.json").read_text())["layers"]}
     assert (layers["conv1"]["type"], layers["conv1"]["kernel_size"]) == ("gabor", [5, 5])
     assert layers["layer1.1.conv1"]["type"] == "conv"
 
 
+def test_convert_with_data_fits_outputs_and_reports_top1(tmp_path):
+    result = run("convert", "resnet20", "--layers", "2", "--num-classes", "4", "--data", "fake:64:4", "--calibration-images", "32",
+                 "-o", tmp_path / "r.pt", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    calibration = report["calibration"]
+    assert (calibration["data"], calibration["images"]) == ("fake:64:4", 32)
+    assert f"{calibration['accuracy_before']:.2f}% before -> {calibration['accuracy_after']:.2f}% converted" in result.stdout
+    for layer in report["layers"]:
+        assert 0 <= layer["output_error"] <= layer["weight_fit_output_error"]
+        assert f"{layer['weight_fit_output_error']:.3f} -> {layer['output_error']:.3f}" in result.stdout
+    saved = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert saved["metadata"]["calibration"] == calibration
+    one_line_error(run("convert", "resnet20", "--layers", "1", "--calibration-images", "8", "-o", tmp_path / "x.pt"),
+                   "--calibration-images counts the training images of --data")
+    one_line_error(run("convert", "resnet20", "--layers", "1", "--data", "fake:64:4", "--calibration-images", "1", "-o", tmp_path / "x.pt"),
+                   "--calibration-images must be an integer of at least 2, not 1")
+    assert not (tmp_path / "x.pt").exists()
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["convert", "resnet2", "--layers", "1"], ["unknown model 'resnet2'", "known: resnet20"]),
+    (["convert", "resnet20", "--layers", "1", "--data", "mnist"], ["unknown dataset 'mnist'"]),
     (["convert", "resnet20", "--target", "fc"], ["target 'fc' is a Linear, not a Conv2d"]),
     (["convert", "resnet20", "--target", "layer9"], ["target 'layer9' matches no layer"]),
     (["convert", "resnet20", "--layers", "1", "--kernel-size", "1"], ["kernel size (1, 1) is smaller than the original (3, 3)"]),

@@ -21,7 +21,7 @@ from gaborprune.export.bench import BenchReport
 from gaborprune.prune import PruneSpec, TargetSpec
 from gaborprune.train import TrainConfig
 from gaborprune.train.loop import EvalResult, TrainResult
-from test_cli import one_line_error, run
+from helpers import one_line_error, run
 
 ENV = {"cpu": "test CPU", "cores": 2, "onnxruntime": "1.0", "torch": "2", "provider": "cpu", "load_average": None, "date": "today"}
 

@@ -7,13 +7,15 @@ import pytest
 import gaborprune as gp
 from gaborprune.demo import DemoConfig, run_demo
 from gaborprune.reproduce import EXPERIMENTS, reproduce
-from test_cli import one_line_error, run as cli
+from helpers import one_line_error, run as cli
 
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_and_writes_its_report(tmp_path):
     stages = []
-    report = run_demo(tmp_path, DemoConfig(train_epochs=1, finetune_epochs=2, sparsity=0.3, recovery_epochs=1, bench_runs=5, bench_seconds=5), on_stage=stages.append)
+    # at toy length the output-fitted banks start close to the trained layers and few kernels fall below 0.03: prune at 0.1
+    config = DemoConfig(train_epochs=1, finetune_epochs=2, sparsity=0.3, threshold=0.1, recovery_epochs=1, bench_runs=5, bench_seconds=5)
+    report = run_demo(tmp_path, config, on_stage=stages.append)
     assert len(stages) == 6 and stages[0].startswith("1/6")
     data = json.loads((tmp_path / "report.json").read_text())
     assert [s["name"].split(" ")[0] for s in data["stages"]] == ["resnet20_altered", "converted", "fine-tuned,", "pruned", "recovered"]
@@ -24,8 +26,11 @@ def test_demo_runs_the_whole_pipeline_and_writes_its_report(tmp_path):
         assert data["onnx"][name]["max_abs_diff"] <= 1e-4
         assert abs(data["onnx"][name]["accuracy"]["onnx"] - torch_top1[name]) <= 0.6, (name, data["onnx"][name]["accuracy"], torch_top1)
     for name in ("baseline-int8", "pruned-int8"):  # calibrated int8 files, scored by ONNX Runtime
-        assert data["onnx"][name]["quantization"]["mode"] == "static" and (tmp_path / f"{name}.onnx").stat().st_size < data["onnx"][name.removesuffix("-int8")]["file_bytes"]
-    assert data["onnx"]["pruned"]["macs_executed"] < data["onnx"]["baseline"]["macs_executed"]
+        assert (data["onnx"][name]["quantization"]["mode"] == "static"
+                and (tmp_path / f"{name}.onnx").stat().st_size < data["onnx"][name.removesuffix("-int8")]["file_bytes"])
+    assert data["stages"][-1]["macs"] < data["stages"][0]["macs"]  # the pruned network computes less
+    # which form the file takes is export's timed, never-slower choice (a measured decision, not asserted here)
+    assert data["onnx"]["pruned"]["macs_executed"] <= data["onnx"]["baseline"]["macs_executed"]
     finetuned, _ = gp.load_model(str(tmp_path / "finetuned.pt"))  # kept for other thresholds: the banks before pruning
     assert finetuned.conv1.out_channels == 16 and finetuned.conv2.in_channels == 16
     pairs = {(c["model"], c["baseline"], c["batch_size"]) for c in data["latency"]["comparisons"]}

@@ -11,7 +11,7 @@ import pytest
 import typer.main
 
 from gaborprune.cli import app
-from test_cli import run
+from helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = {"README.md": ROOT / "README.md", "docs/guide.md": ROOT / "docs" / "guide.md"}
@@ -102,7 +102,7 @@ def reports(tmp_path_factory):
     import gaborprune.export.search as search
     from gaborprune.prune import target as target_mod
     from gaborprune.recipe import save_recipe
-    from test_prune_target import FakeTimer, ranked_model
+    from helpers import FakeTimer, ranked_model
 
     d = tmp_path_factory.mktemp("docs")
     tiny = ["--trust-factory"]
@@ -113,7 +113,8 @@ def reports(tmp_path_factory):
         assert result.exit_code == 0, result.output
         return result
 
-    ok("convert", "resnet20", "--layers", "1", "--input-shape", "3,16,16", "-o", d / "c.pt", "--json", d / "convert.json")
+    ok("convert", "resnet20", "--layers", "1", "--input-shape", "3,16,16", "--num-classes", "4", *data, "--calibration-images", "16",
+       "-o", d / "c.pt", "--json", d / "convert.json")
     ok("finetune", "tiny_models:gabor_net", "--input-shape", "3,16,16", *data, "--epochs", "1", "--batch-size", "16",
        "--sparsity", "0.01", "--latency-aware", "-o", d / "f.pt", "--json", d / "finetune.json")
     ok("inspect", d / "f.pt", *tiny, "--json", d / "inspect.json")
@@ -152,7 +153,7 @@ def test_documented_json_keys_are_the_written_ones(reports):
 
 def test_the_key_tables_parse():
     tables = documented_keys()
-    assert {"model", "output", "params_before", "params_after", "layers"} == tables["convert"]
+    assert {"model", "output", "params_before", "params_after", "layers", "calibration"} == tables["convert"]
     assert {"model", "padded", "pad", "opset"} <= tables["export"]
 
 

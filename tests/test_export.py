@@ -15,27 +15,10 @@ from gaborprune.export import MapBias, SplitConv, lower, output_groups
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.runtime import layer_of, run, session
-from gaborprune.prune import prune_model_
-from gaborprune.recipe import Recipe, save_recipe
-from test_cli import one_line_error, run as cli
-from test_prune import FAMILIES, ONLY_DEAD, SHAPE, randomize_norms
+from gaborprune.recipe import save_recipe
+from helpers import FAMILIES, SHAPE, one_line_error, pruned_family, randomize_norms, run as cli
 
 torch.set_grad_enabled(True)
-
-
-def pruned_family(family, seed=0, sparsify=True):
-    """A family model with its dead channels pruned and (sparsify) random kernels of its Gabor banks masked."""
-    build, setup = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = randomize_norms(build()).eval()
-    setup(model)
-    recipe = Recipe(gp.ModelSource(f"tiny_models:{build.__name__}"), SHAPE, (prune_model_(model, SHAPE, ONLY_DEAD).step,))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules() if sparsify else []:
-            if isinstance(m, gp.GaborConv2d):
-                m.mask.mul_((torch.rand(m.mask.shape, generator=g) > 0.5).float())  # kernel-sparse inside live channels
-    return model, recipe
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -101,7 +84,8 @@ def test_onnxruntime_matches_pytorch_and_metadata_is_there(exported):
     proto = onnx.load(d / "r.onnx")
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["gaborprune.version"] == gp.__version__ and json.loads(meta["gaborprune.kernels_kept"])["g1"][1] == 6 * 3
-    assert {n.op_type for n in proto.graph.node} <= {"Conv", "Relu", "Add", "Gather", "Concat", "ReduceMean", "Gemm", "Reshape", "Flatten", "Expand", "Shape", "GlobalAveragePool", "Slice", "Unsqueeze", "MatMul", "Squeeze", "Identity"}
+    assert {n.op_type for n in proto.graph.node} <= {"Conv", "Relu", "Add", "Gather", "Concat", "ReduceMean", "Gemm", "Reshape", "Flatten", "Expand", "Shape",
+                                                     "GlobalAveragePool", "Slice", "Unsqueeze", "MatMul", "Squeeze", "Identity"}
     assert report.file_bytes == (d / "r.onnx").stat().st_size and report.lowering["g2"].startswith("split")
 
 

@@ -9,22 +9,18 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import gaborprune as gp
 import tiny_models
-from gaborprune.export import MapBias, lower
-from gaborprune.export import search as search_module
+from gaborprune.export import MapBias, lower, search as search_module
 from gaborprune.export.api import KERNELS_NOT_TIME, ExportConfig, export_model, speed_note
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.runtime import Latency, run, session
 from gaborprune.export.search import Form, Lowerings, cpu_block, decide
 from gaborprune.recipe import Recipe, save_recipe
-from test_cli import run as cli
-from test_export import pruned_family
-from test_prune import SHAPE, randomize_norms
+from helpers import SHAPE, pruned_family, randomize_norms, run as cli
 
 torch.set_grad_enabled(True)
 

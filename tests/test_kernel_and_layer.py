@@ -140,7 +140,8 @@ def test_device_dtype_and_module_to():
     assert layer(torch.randn(1, 3, 6, 6)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0), dict(kernel_size=3, padding="same"), dict(kernel_size=1), dict(kernel_size=3, padding="valid", stride=2)])
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0), dict(kernel_size=3, padding="same"), dict(kernel_size=1),
+                                    dict(kernel_size=3, padding="valid", stride=2)])
 def test_from_conv2d_enlarged_kernel_keeps_output_shape(kwargs):
     conv = nn.Conv2d(3, 4, **kwargs)
     layer, target = GaborConv2d.from_conv2d(conv, kernel_size=kwargs["kernel_size"] + 4, fit_steps=5)

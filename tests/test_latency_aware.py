@@ -14,9 +14,7 @@ from gaborprune.export import costs
 from gaborprune.prune.groups import channel_groups
 from gaborprune.sparsity import GROUP_WEIGHT, GaborSparsity, kernel_strength, l1_l2_ratio
 from gaborprune.train import TrainConfig
-from test_cli import one_line_error, run
-from test_prune import SHAPE, randomize_norms
-from test_structure import scale_channels_with_their_norms_
+from helpers import SHAPE, one_line_error, randomize_norms, run, scale_channels_with_their_norms_
 
 FOLDS_MACS = {"g1 out": 3 * 9 * 16 * 16 + 8 * 1 * 8 * 8,  # g1's row (3x3 on 16x16) + g2's column (1x1 on 8x8 after pooling)
               "g2 in": 3 * 9 * 16 * 16 + 8 * 1 * 8 * 8,  # the same channel

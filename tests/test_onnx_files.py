@@ -19,8 +19,7 @@ from gaborprune.data import load_data
 from gaborprune.export import quantize
 from gaborprune.export.api import ExportConfig, export_model
 from gaborprune.recipe import Recipe, save_recipe
-from test_cli import one_line_error, run
-from test_prune import SHAPE, randomize_norms
+from helpers import SHAPE, one_line_error, randomize_norms, run
 
 DATA = "fake:200:4"  # 40 test images: a fixed batch of 7 leaves a short last batch of 5
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_line_error, run
 
 import gaborprune._io as gio
 from gaborprune.errors import GaborPruneError
 from gaborprune.train import Checkpoints
 from gaborprune.train.checkpoint import NOT_RESUMABLE
+from helpers import one_line_error, run
 
 TESTS = Path(__file__).parent
 TINY = ["tiny_models:gabor_net", "--input-shape", "3,16,16"]

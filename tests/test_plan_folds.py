@@ -10,8 +10,7 @@ import gaborprune as gp
 import tiny_models
 from gaborprune.prune import PruneError, PrunePlan, PruneStep, apply_plan_, prune_model_
 from gaborprune.recipe import Recipe, read_recipe, save_recipe
-from test_cli import one_line_error, run
-from test_prune import FAMILIES, ONLY_DEAD, SHAPE, randomize_norms
+from helpers import FAMILIES, ONLY_DEAD, SHAPE, one_line_error, randomize_norms, run
 
 
 def pruned(family):

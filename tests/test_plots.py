@@ -13,8 +13,24 @@ import tiny_models
 from gaborprune.convert import GaborConv2d
 from gaborprune.export.bench import BenchResult
 from gaborprune.export.runtime import Latency
-from gaborprune.plot import (REMOVED, REMOVED_FILL, SEPARATOR, WEAK, WEAK_RING, bank_image, bank_views, banks_figure, latency_figure,
-                             plot_banks, plot_latency, plot_summary, plot_sweep, stage_of, summary_figure, sweep_figure)
+from gaborprune.plot import (
+    REMOVED,
+    REMOVED_FILL,
+    SEPARATOR,
+    WEAK,
+    WEAK_RING,
+    bank_image,
+    bank_views,
+    banks_figure,
+    latency_figure,
+    plot_banks,
+    plot_latency,
+    plot_summary,
+    plot_sweep,
+    stage_of,
+    summary_figure,
+    sweep_figure,
+)
 from gaborprune.prune import PruneSpec, SweepPoint, prune_model_
 from gaborprune.recipe import Recipe
 from gaborprune.sparsity import GaborSparsity
@@ -52,7 +68,7 @@ def test_bank_counts_are_the_reports_counts_before_and_after_pruning(tmp_path):
     recipe = recipe.with_step(report.step)
     change = report.gabor_layers[0]
     assert model.g1.out_channels < 8  # channels were cut out: the compacted layer is smaller than the grid drawn
-    after = bank_views(model, SHAPE, recipe.prune_plans)
+    after = bank_views(model, SHAPE, [s.plan for s in recipe.prunes])
     assert (after[0].kept, after[0].total) == (change.kernels_after, change.kernels_before)
     assert (after[0].state[[0, 1, 2]] == REMOVED).all()  # the cut channels, in their places
     fig = banks_figure([("fine-tuned", before), ("pruned", after)])
@@ -66,7 +82,9 @@ def test_bank_counts_are_the_reports_counts_before_and_after_pruning(tmp_path):
 def test_stage_of_a_recipe():
     model, recipe = chain_with_dead_channels()
     assert stage_of(recipe) == ""
-    recipe.metadata["finetune"] = {"config": {"sparsity": 0.1}}
+    from gaborprune.train.config import FinetuneStep, TrainConfig
+
+    recipe = recipe.with_step(FinetuneStep(TrainConfig(sparsity=0.1), "digits", 1, 50.0))
     assert stage_of(recipe) == "fine-tuned"
     recipe = recipe.with_step(prune_model_(model, SHAPE, PruneSpec(threshold=0.01)).step)
     assert stage_of(recipe) == "pruned"

@@ -13,39 +13,7 @@ import tiny_models
 from gaborprune.convert import GaborConv2d
 from gaborprune.prune import PruneError, PrunePlan, PruneSpec, apply_plan_, prune_model_, select_kernels, slice_module
 from gaborprune.recipe import Recipe, read_recipe, save_recipe
-
-SHAPE = (3, 16, 16)
-ONLY_DEAD = PruneSpec(threshold=1e-6)  # removes exactly the kernels of channels whose BN gain is 0
-
-
-def randomize_norms(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model
-
-
-def kill(norm, channels, beta):
-    """Make channels dead: BN gain 0 gives their kernels strength 0; the channel then emits act(beta)."""
-    with torch.no_grad():
-        norm.weight[channels] = 0
-        norm.bias[channels] = beta
-
-
-def masked_reference(model, plan):
-    """The oracle: the original model with the plan's kernels masked, nothing cut out."""
-    ref = copy.deepcopy(model)
-    modules = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, pairs in plan.kernels.items():
-            for o, i in pairs:
-                modules[name].mask[o, i] = 0
-    return ref
+from helpers import FAMILIES, ONLY_DEAD, SHAPE, kill, masked_reference, randomize_norms, setup_chain, setup_dense, setup_residual
 
 
 def out_in(model, name):
@@ -55,48 +23,6 @@ def out_in(model, name):
     if isinstance(m, nn.Linear):
         return m.in_features
     return (m.out_channels, m.in_channels)
-
-
-def setup_chain(m):
-    kill(m.bn1, [0, 1, 2], -1.0)  # relu(-1) = 0: removable
-    kill(m.bn1, [3, 4], 0.5)  # 0.5 into a zero-padded 3x3 conv: kept
-    return {"g1": (5, 3), "bn1": 5, "conv2": (16, 5)}, {("g1", 3), ("g1", 4)}
-
-
-def setup_folds(m):
-    kill(m.bn1, [0, 1], -1.0)
-    kill(m.bn1, [2, 3], 0.5)  # folds into g2's bias (1x1, no padding)
-    kill(m.bn2, [0], -1.0)
-    kill(m.bn2, [1, 2], 0.5)  # folds into bn3's running mean (p has no bias) and the head's bias
-    return {"g1": (4, 3), "g2": (5, 4), "bn2": 5, "p": (8, 5), "head": 13}, set()
-
-
-def setup_residual(m):
-    kill(m.bn1, [0, 1, 2], -1.0)
-    kill(m.bn2, [0, 1, 3], -1.0)  # 0 and 1 are dead on both sides of the addition: removable
-    return {"g1": (6, 3), "bn1": 6, "g2": (6, 6), "bn2": 6, "conv3": (16, 6), "shortcut": (16, 6)}, {("g1", 2), ("g2", 3)}
-
-
-def setup_dense(m):
-    kill(m.norm0, [0, 1], -1.0)
-    kill(m.norm0, [2], 0.5)  # reaches only 1x1 convs after BN + ReLU: folds everywhere
-    return {"stem": (5, 3), "layers.0.norm1": 5, "layers.0.conv1": (8, 5), "layers.1.norm1": 9,
-            "layers.1.conv1": (8, 9), "norm_t": 13, "conv_t": (8, 13)}, set()
-
-
-def setup_mobile(m):
-    kill(m.stem[1], [0, 1], -1.0)  # 0 through the depthwise conv stays 0, then folds into pw's BN
-    kill(m.stem[1], [2], 0.5)  # a zero-padded depthwise conv makes the constant uneven: kept
-    return {"stem.0": (6, 3), "stem.1": 6, "dw.0": (6, 6), "dw.1": 6, "pw.0": (16, 6)}, {("stem.0", 2)}
-
-
-FAMILIES = {
-    "vgg-chain": (tiny_models.Chain, setup_chain),
-    "folds": (tiny_models.Folds, setup_folds),
-    "resnet-residual": (tiny_models.Residual, setup_residual),
-    "densenet-concat": (tiny_models.Dense, setup_dense),
-    "mobilenet-depthwise": (tiny_models.Mobile, setup_mobile),
-}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -199,9 +125,11 @@ def test_plan_replays_from_the_recipe_in_a_fresh_interpreter(tmp_path):
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         torch.save({"x": x, "y": model.eval()(x)}, tmp_path / "io.pt")
-    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}, trust_factory=True); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
+    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}, trust_factory=True); "
+            f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
             "print(float((m.eval()(io['x']) - io['y']).abs().max()), m.stem.out_channels, len(r.prunes))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tiny_models.__file__.rsplit("/", 1)[0]), "PATH": ""})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(tiny_models.__file__.rsplit("/", 1)[0]), "PATH": ""})
     assert done.returncode == 0, done.stderr
     diff, channels, plans = done.stdout.split()
     assert float(diff) == 0.0 and int(channels) == model.stem.out_channels and int(plans) == 2
@@ -290,7 +218,7 @@ def test_read_recipe_keeps_plans(tmp_path):
 
 
 # -- the command line ------------------------------------------------------------------------------
-from test_cli import one_line_error, run  # noqa: E402
+from helpers import one_line_error, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +244,24 @@ def test_cli_dry_run_reports_and_writes_nothing(chain_recipe, tmp_path):
     assert (g1["name"], g1["kernels_before"], g1["kernels_after"], g1["channels_before"], g1["channels_after"]) == ("g1", 24, 9, 8, 5)
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
     assert report["max_abs_diff"] <= 1e-5 and "accuracy_before" not in report
+    assert "accuracy not measured: add --data SPEC" in result.stdout and "--finetune-epochs N" in result.stdout
+
+
+def test_cli_prune_recalibrates_batchnorm_only_and_can_skip_it(chain_recipe, tmp_path):
+    import json
+
+    for flag, name in (("--recalibrate", "r"), ("--no-recalibrate", "n")):
+        result = run("prune", chain_recipe, "--trust-factory", "-o", tmp_path / f"{name}.pt", "--ratio", "g1=0.5", "--data", "fake:64:4",
+                     "--batch-size", "16", flag, "--json", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+    on, off = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("r", "n"))
+    assert on["accuracy_after"] == on["accuracy_recalibrated"]
+    assert "accuracy_recalibrated" not in off and off["accuracy_after"] == off["accuracy_pruned"] == on["accuracy_pruned"]
+    recalibrated, _ = gp.load_model(str(tmp_path / "r.pt"), trust_factory=True)
+    skipped, _ = gp.load_model(str(tmp_path / "n.pt"), trust_factory=True)
+    a, b = recalibrated.state_dict(), skipped.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved), moved
 
 
 def test_cli_prune_evaluates_recovers_and_keeps_the_mask(chain_recipe, tmp_path):
@@ -326,8 +272,9 @@ def test_cli_prune_evaluates_recovers_and_keeps_the_mask(chain_recipe, tmp_path)
                  "--batch-size", "16", "--json", tmp_path / "p.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "p.json").read_text())
-    assert {"accuracy_before", "accuracy_pruned", "accuracy_after"} <= set(report)
-    assert report["layers"][0]["kernels_after"] == 12 and "top-1 accuracy on fake:64:4: before" in result.stdout
+    assert {"accuracy_before", "accuracy_pruned", "accuracy_recalibrated", "accuracy_after"} <= set(report)
+    assert report["layers"][0]["kernels_after"] == 12 and "top-1 accuracy on fake:64:4 (test split): before" in result.stdout
+    assert "BatchNorm recalibrated" in result.stdout and "after recovery" in result.stdout
     model, recipe = gp.load_model(str(out), trust_factory=True)
     assert model.g1.kernels_alive == 12 and (model.g1.weight.detach()[model.g1.mask == 0] == 0).all()
     assert recipe.metadata["prunes"][0]["accuracy_after"] == report["accuracy_after"]
@@ -338,7 +285,8 @@ def test_cli_prune_evaluates_recovers_and_keeps_the_mask(chain_recipe, tmp_path)
 def test_cli_sweep_prints_a_table_and_plots(chain_recipe, tmp_path):
     import json
 
-    result = run("prune", chain_recipe, "--trust-factory", "--sweep", "0.01,0.9", "--data", "fake:64:4", "--png", tmp_path / "s.png", "--json", tmp_path / "s.json")
+    result = run("prune", chain_recipe, "--trust-factory", "--sweep", "0.01,0.9", "--data", "fake:64:4", "--png", tmp_path / "s.png", "--json",
+                 tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     points = json.loads((tmp_path / "s.json").read_text())["points"]
     assert [p["threshold"] for p in points] == [0.01, 0.9] and points[0]["kernels_kept"] > points[1]["kernels_kept"]

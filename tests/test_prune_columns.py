@@ -14,11 +14,10 @@ from torch import nn
 import gaborprune as gp
 import tiny_models
 from gaborprune.convert import GaborConv2d
+from gaborprune.convert.layer import alive_kernels
 from gaborprune.prune import prune_model_
 from gaborprune.recipe import Recipe, save_recipe
-from gaborprune.summary import alive_kernels
-from test_cli import run
-from test_prune import ONLY_DEAD, SHAPE, kill, masked_reference, randomize_norms
+from helpers import ONLY_DEAD, SHAPE, kill, masked_reference, randomize_norms, run
 
 
 class Concat(nn.Module):
@@ -284,7 +283,8 @@ def test_the_plan_replays_from_the_recipe_in_a_fresh_interpreter(tmp_path):
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         torch.save({"x": x, "y": model.eval()(x)}, tmp_path / "io.pt")
-    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
+    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); "
+            f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
             "print(float((m.eval()(io['x']) - io['y']).abs().max()), m.conv1.out_channels, m.bn1.num_features, m.conv2.in_channels, m.conv1.kernels_alive)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PATH": ""})
     assert done.returncode == 0, done.stderr

@@ -21,8 +21,7 @@ from gaborprune.prune.structured import dead_units
 from gaborprune.recipe import save_recipe
 from gaborprune.sparsity import GaborSparsity, kernel_strength
 from gaborprune.train.loop import recalibrate_norms_
-from test_cli import one_line_error, run
-from test_prune import randomize_norms
+from helpers import one_line_error, randomize_norms, run
 
 SHAPE = (3, 16, 16)
 
@@ -157,7 +156,8 @@ def test_the_plan_alone_replays_on_the_unpruned_weights_and_in_a_fresh_interpret
     torch.testing.assert_close(outputs(fresh, x), outputs(model, x), rtol=1e-5, atol=1e-5)
     save_recipe(tmp_path / "p.pt", model, recipe)
     torch.save({"x": x, "y": outputs(model, x)}, tmp_path / "io.pt")
-    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
+    code = (f"import torch, gaborprune as gp; m, r = gp.load_model({str(tmp_path / 'p.pt')!r}); "
+            f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
             "print(float((m.eval()(io['x']) - io['y']).abs().max()), type(m.layer1[1].conv2).__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -206,7 +206,8 @@ def test_recalibration_gives_the_statistics_of_the_whole_split():
 
 def test_scope_options_give_one_line_errors(tmp_path):
     for args, words in [
-        (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "all", "--structure", "kernel", "-o", str(tmp_path / "a.pt")], "--structure channel"),
+        (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "all", "--structure", "kernel", "-o", str(tmp_path / "a.pt")],
+         "--structure channel"),
         (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "every", "-o", str(tmp_path / "b.pt")], "every"),
         (["prune", "resnet20", "--input-shape", "3,16,16", "--round-to", "16", "-o", str(tmp_path / "c.pt")], "--scope all"),
         (["prune", "resnet20", "--input-shape", "3,16,16", "--scope", "all", "--ratio", "0.5", "-o", str(tmp_path / "d.pt")], "--threshold"),

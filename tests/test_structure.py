@@ -19,8 +19,7 @@ from gaborprune.prune.groups import ChannelGroup, channel_groups
 from gaborprune.reproduce import EXPERIMENTS
 from gaborprune.sparsity import GROUP_WEIGHT, GaborSparsity, following_norms, kernel_strength, l1_l2_ratio
 from gaborprune.train import TrainConfig
-from test_cli import one_line_error, run
-from test_prune import ONLY_DEAD, SHAPE, masked_reference, randomize_norms
+from helpers import ONLY_DEAD, SHAPE, masked_reference, one_line_error, randomize_norms, run, scale_channels_with_their_norms_
 
 INPUT = "part of the model's input"
 
@@ -174,15 +173,6 @@ def test_channel_penalty_is_the_kernel_term_plus_the_group_ratios():
     s1, s2 = kernel_strength(model.conv1, model.bn1), kernel_strength(model.conv2, model.bn2)
     expected = old_penalty(model, SHAPE) + GROUP_WEIGHT * (l1_l2_ratio(s1.norm(dim=1)) + l1_l2_ratio(s2.norm(dim=0)))
     torch.testing.assert_close(GaborSparsity(model, SHAPE, "channel").penalty(), expected)
-
-
-def scale_channels_with_their_norms_(changes) -> None:
-    """For each (bank, BatchNorm, output channel o, factor k): scale the channel's amplitudes by k and
-    the BatchNorm's statistics to match, which leaves the function unchanged (eps 0)."""
-    for bank, bn, o, k in changes:
-        bank.amplitude[o] *= k
-        bn.running_mean[o] *= k
-        bn.running_var[o] *= k * k
 
 
 def test_the_penalty_is_invariant_to_the_scale_batchnorm_absorbs():

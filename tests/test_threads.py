@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from gaborprune import _threads
-from gaborprune.cli import app
-from test_cli import one_line_error, run
+from helpers import one_line_error, run
 
 CORES = _threads.usable_cores()
 

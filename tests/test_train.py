@@ -138,6 +138,19 @@ def test_cli_finetune_and_eval(tmp_path):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["samples"] == 40 and ev["top1"] == pytest.approx(report["final_accuracy"]) and ev["top5"] == 100.0
 
+    # fine-tuning it again: a trained recipe gets the low rate without warm-up, unless the flags say otherwise
+    again = ["finetune", str(out), "--trust-factory", "--data", "fake:200:4", "--epochs", "1", "--device", "cpu"]
+    result = runner.invoke(app, again + ["-o", str(tmp_path / "ft2.pt"), "--warmup-epochs", "0.5", "--json", str(tmp_path / "ft2.json")])
+    assert result.exit_code == 0, result.output
+    assert "is trained: fine-tuning with --lr 0.01 (training from scratch" in result.output
+    config = torch.load(tmp_path / "ft2.pt", weights_only=True)["steps"][-1]["config"]
+    assert (config["lr"], config["warmup_epochs"]) == (0.01, 0.5)
+    from gaborprune import workflows
+
+    assert workflows.finetune_defaults(str(out)) == {"lr": 0.01, "warmup_epochs": 0.0}
+    assert workflows.finetune_defaults("resnet20") == {} and workflows.finetune_defaults("resnet20", "w.pt")["lr"] == 0.01
+    assert workflows.finetune_defaults(str(out), sparsity=0.1) == {}  # the pressure keeps the larger steps
+
     for bad, message in ((["--data", "mnist"], "unknown dataset 'mnist'"),
                          (["--data", f"cifar10:{tmp_path}"], "lacks data_batch_1"),
                          (["--data", "fake:100:7"], "has 7 classes; build the model with --num-classes 7")):

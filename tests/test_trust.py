@@ -12,7 +12,7 @@ from torch import nn
 import gaborprune as gp
 from gaborprune.errors import RecipeError
 from gaborprune.models import TRUST_ENV, trusted_factory
-from test_cli import one_line_error, run
+from helpers import one_line_error, run
 
 STEALTH = '''
 import pathlib

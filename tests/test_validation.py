@@ -15,17 +15,16 @@ from gaborprune._threads import usable_cores
 from gaborprune._validate import MAX_SEED, check_batch_memory, check_finite, check_int, check_seed, check_threads
 from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import load_data
-from gaborprune.errors import ConversionError, GaborPruneError, ModelSourceError
+from gaborprune.errors import ConversionError, GaborPruneError, ModelSourceError, TrainingError
 from gaborprune.export.api import ExportConfig
 from gaborprune.export.bench import BenchModel
 from gaborprune.export.onnx import ExportError
 from gaborprune.models import ModelSource
 from gaborprune.models.cifar import CADANet, CifarResNet, CifarVGG, resnet20_altered
 from gaborprune.probe import InputShapeError, activation_bytes, probe
-from gaborprune.errors import TrainingError
 from gaborprune.train import TrainConfig, evaluate, finetune_
 from gaborprune.train.loop import make_optimizer
-from test_cli import one_line_error, run
+from helpers import one_line_error, run
 
 HUGE_SEED = "99999999999999999999999"
 CPU = torch.device("cpu")
@@ -101,7 +100,8 @@ CASES = [
     (_inspect("cada_net", "widths=8"), ["model argument widths must be a non-empty list"]),
     (_inspect("resnet20", "num_classes=0"), ["model argument num_classes must be an integer of at least 1, not 0"]),
     # input shapes a model cannot take (resnet20 "ran" on 1x1 pixels), or whose memory does not fit
-    (["inspect", "resnet20", "--input-shape", "3,1,1"], ["the model cannot run on input 3x1x1", "layer 'layer2.0.conv1' (stride 2x2) gets a 1x1 input", "give a larger --input-shape"]),
+    (["inspect", "resnet20", "--input-shape", "3,1,1"], ["the model cannot run on input 3x1x1", "layer 'layer2.0.conv1' (stride 2x2) gets a 1x1 input",
+                                                         "give a larger --input-shape"]),
     (["inspect", "resnet20", "--input-shape", "3,2,2"], ["cannot run on input 3x2x2", "layer 'layer3.0.conv1'"]),
     (["convert", "resnet20", "--target", "conv1", "--input-shape", "3,1,1", "-o", "{out}/c.pt"], ["cannot run on input 3x1x1"]),
     (_finetune("--batch-size", "16", "--input-shape", "3,1,1"), ["cannot run on input 3x1x1"]),
@@ -115,7 +115,8 @@ CASES = [
     (_convert("--layers", "1", "--kernel-size", "1001"), ["--kernel-size 1001 is too large; give at most 31"]),
     (_convert("--target", "conv1", "--kernel-size", "21", "--input-shape", "3,8,8"),
      ["--kernel-size 21 is too large for the 8x8 input of layer 'conv1' (its outer taps would only ever see padding); give at most 15"]),
-    (_convert("--layers", "9", "--kernel-size", "17", *SMALL), ["--kernel-size 17 is too large for the 8x8 input of layer 'layer2.0.conv2'", "give at most 15"]),
+    (_convert("--layers", "9", "--kernel-size", "17", *SMALL), ["--kernel-size 17 is too large for the 8x8 input of layer 'layer2.0.conv2'",
+                                                                "give at most 15"]),
     (_convert("--layers", "10000", *SMALL), ["the model has only 21 convolutions to convert; give --layers 21 or fewer"]),
     (_convert("--layers", "1", "--to", "cada", "--kernel-size", "1001"), ["--kernel-size 1001 is too large"]),
     (_convert("--layers", "1", "--to", "cada", "--bases", "100000"), ["--bases 100000 is too many; give at most 64"]),
@@ -214,7 +215,13 @@ def test_conversion_spec_refuses(kwargs, message):
 
 
 def test_conversion_spec_knob_check_allocates_nothing():
-    ConversionSpec(first=1, to="cada", heads=100000)  # a trial block of 10**5 heads was 40 GB; divisibility is the layer's check
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the peak so far
+    spec = ConversionSpec(first=1, to="cada", heads=100000)  # a trial block of 10**5 heads was 40 GB; divisibility is the layer's check
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert spec.heads == 100000 and spec.cada_knobs()["bases"] == 4
+    assert grown < 200 * 1024, f"the check raised the peak memory by {grown} KiB"
 
 
 def test_kernels_larger_than_a_layer_input_are_refused_before_fitting():
@@ -305,7 +312,8 @@ def test_shared_checks_return_the_value_and_name_it_when_refused():
 def test_batch_memory_is_refused_against_what_is_available(monkeypatch):
     monkeypatch.setattr(_validate, "available_memory", lambda: 1000)
     check_batch_memory(100, 10, "timing at batch 10")  # exactly fits
-    with pytest.raises(GaborPruneError, match="timing at batch 11 needs about .* for 11 samples .*more than the .* available; give a smaller --batch-size \\(at most about 10\\)"):
+    with pytest.raises(GaborPruneError, match="timing at batch 11 needs about .* for 11 samples .*more than the .* available; "
+                                              "give a smaller --batch-size \\(at most about 10\\)"):
         check_batch_memory(100, 11, "timing at batch 11")
     with pytest.raises(GaborPruneError, match="give a smaller input"):
         check_batch_memory(2000, 1, "one sample")

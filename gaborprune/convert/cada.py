@@ -29,7 +29,6 @@ padding k // 2, so H_out = (H - 1) // stride + 1 for odd k.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -214,3 +214,10 @@ class GaborConv2d(nn.Module):
         if self.bias is not None:
             conv.bias.copy_(self.bias)
         return conv
+
+
+def alive_kernels(conv: nn.Module) -> torch.Tensor:
+    """Bool Tensor[C_out, C_in / groups]: which 2-D kernels are present (not removed, not all-zero)."""
+    if isinstance(conv, GaborConv2d):
+        return conv.mask != 0
+    return conv.weight.detach().flatten(2).abs().amax(dim=2) > 0

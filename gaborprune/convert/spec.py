@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gaborprune._validate import check_int, check_seed
 from gaborprune.convert.kernel import GABOR_PARAMS
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import ConversionError
+from gaborprune.norms import recalibrate_norms_
 from gaborprune.probe import probe
 
 INITS = ("fit", "random")
@@ -129,6 +132,10 @@ class LayerConversion:
     groups: int
     kernels: int
     fit_rel_error: float | None  # ||w - g||_F / ||w||_F over the layer; None for a random init
+    #: Relative output error on the calibration images (`gaborprune.convert.outputs.output_error`)
+    #: of the weight fit, then of the output fit that replaced it; None without calibration images.
+    weight_fit_output_error: float | None = None
+    output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,7 @@ def gaborize_(
     *,
     layers: list[str] | None = None,
     init: str | None = None,
+    calibration: Sequence[Tensor] | None = None,
 ) -> ConversionReport:
     """Replace the convolutions that `spec` selects with Gabor banks (or CADA blocks), in place.
 
@@ -269,6 +277,11 @@ def gaborize_(
             enlarged `spec.kernel_size` is also checked against each layer's input size.
         layers: the resolved names, when replaying a recorded conversion (skips selection).
         init: override `spec.init`; replay passes "none" because a state_dict follows.
+        calibration: normalised input batches, each Tensor[B, *input_shape] on the model's device
+            (training images). With them, each fitted bank is refitted to the trained layer's
+            outputs (`gaborprune.convert.outputs`), layer by layer in the order given, and every
+            BatchNorm's statistics are re-estimated on them after each layer, so each layer's fit
+            sees the inputs the converted network really gives it.
 
     Returns:
         A report per converted layer, with the relative fit error of the whole layer.
@@ -277,6 +290,7 @@ def gaborize_(
     if spec.kernel_size is not None and layers is None and input_shape is not None:
         _check_kernel_fits(model, names, spec.kernel_size, input_shape)
     generator = torch.Generator().manual_seed(spec.seed)
+    original = copy.deepcopy(model).eval() if calibration is not None else None
     results = []
     for name in names:
         conv = model.get_submodule(name)
@@ -290,6 +304,8 @@ def gaborize_(
             except ConversionError as e:
                 raise ConversionError(f"layer '{name}': {e}") from None
             replace_module(model, name, block)
+            if original is not None:
+                recalibrate_norms_(model, calibration)
             k = (block.kernel_size, block.kernel_size)
             bases = 0 if block.invariance == "none" else block.heads * block.bases  # base kernels, shared by all positions
             results.append(LayerConversion(name, k, conv.kernel_size, conv.in_channels, conv.out_channels, conv.groups, bases, None))
@@ -301,15 +317,67 @@ def gaborize_(
             )
         except ValueError as e:
             raise ConversionError(f"layer '{name}': {e}") from None
-        error = None
+        error = outputs = None
         if target is not None:
             with torch.no_grad():
                 denom = target.norm()
                 error = float((target - layer.weight).norm() / denom) if denom > 0 else 0.0
+            if original is not None:
+                outputs = _fit_to_outputs(model, original, name, layer, target, calibration, spec)
         layer.train(conv.training)
         replace_module(model, name, layer)
+        if original is not None:
+            recalibrate_norms_(model, calibration)
         results.append(LayerConversion(
             name, layer.kernel_size, conv.kernel_size, conv.in_channels, conv.out_channels, conv.groups,
-            layer.mask.numel(), error,
+            layer.mask.numel(), error, *(outputs or (None, None)),
         ))
     return ConversionReport(spec, tuple(results))
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to stop a forward pass once the layer's input is seen."""
+
+
+def _layer_input(model: nn.Module, name: str, x: Tensor) -> Tensor:
+    """The input `model`'s submodule `name` receives for the batch `x` (the pass stops there)."""
+    seen: list[Tensor] = []
+
+    def capture(module, args):
+        seen.append(args[0])
+        raise _Captured
+
+    handle = model.get_submodule(name).register_forward_pre_hook(capture)
+    try:
+        model(x)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ConversionError(f"layer '{name}' is not called in the model's forward pass; it cannot be fitted to its outputs")
+    return seen[0]
+
+
+@torch.no_grad()
+def _fit_to_outputs(model: nn.Module, original: nn.Module, name: str, layer: GaborConv2d, target: Tensor,
+                    calibration: Sequence[Tensor], spec: ConversionSpec) -> tuple[float, float]:
+    """Refit `layer` (the weight fit of the plain layer `name` of `model`) to that layer's outputs in
+    `original`; returns the relative output errors of the weight fit and of the output fit."""
+    from gaborprune.convert.outputs import MomentSum, fit_outputs_, output_error
+
+    was_training = model.training
+    model.eval()
+    try:
+        moments = MomentSum(layer, torch.Generator().manual_seed(spec.seed))
+        for x in calibration:
+            moments.add(_layer_input(model, name, x), _layer_input(original, name, x))
+    finally:
+        model.train(was_training)
+    m = moments.moments()
+    before = output_error(layer, target, m)
+    if {"amplitude", "psi"} & set(spec.freeze):  # the solve sets amplitudes and phases: leave a frozen one alone
+        return before, before
+    with torch.enable_grad():
+        fit_outputs_(layer, target, m, steps=spec.fit_steps)
+    return before, output_error(layer, target, m)

@@ -6,6 +6,6 @@ use DataLoader workers with pinned memory (`FolderData`).
 """
 
 from gaborprune.data.specs import DataError, DataSpec, load_data
-from gaborprune.data.tensor import TensorData
+from gaborprune.data.tensor import TensorData, calibration_batches
 
-__all__ = ["DataError", "DataSpec", "TensorData", "load_data"]
+__all__ = ["DataError", "DataSpec", "TensorData", "calibration_batches", "load_data"]

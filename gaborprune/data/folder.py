@@ -1,4 +1,4 @@
-"""ImageFolder trees (DIR/train/CLASS/*.jpg, DIR/val/CLASS/*.jpg), read by DataLoader workers."""
+"""ImageFolder trees (DIR/train/CLASS/*.jpg, DIR/val/CLASS/*.jpg or DIR/test/), read by DataLoader workers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gaborprune.data.specs import IMAGENET_MEAN, IMAGENET_STD, DataError
 from gaborprune.data.tensor import shard_order
+from gaborprune.errors import DataError
+
+#: ImageNet's channel statistics: what ImageFolder trees (and torchvision's pretrained weights) are normalised by.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class _Unreadable:
@@ -50,7 +53,7 @@ def _collate(samples: list):
 class FolderData:
     """One split of an ImageFolder tree, with the `TensorData.batches` interface (CPU pinned batches)."""
 
-    def __init__(self, root: Path, transform, num_workers: int) -> None:
+    def __init__(self, root: Path, transform, num_workers: int, eval_transform=None) -> None:
         from torchvision.datasets import ImageFolder
 
         try:
@@ -59,9 +62,21 @@ class FolderData:
             raise DataError(f"image folder '{root}' has no images: {e}") from None
         self.num_classes = len(self.dataset.classes)
         self.num_workers = num_workers
+        self.eval_transform = eval_transform or transform
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def sample(self, count: int, *, seed: int = 0) -> FolderData:
+        """`count` images drawn at random (seeded), read with the evaluation transform (no augmentation)."""
+        import copy
+
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        subset = copy.copy(self)
+        subset.dataset = copy.copy(self.dataset)
+        subset.dataset.samples = [self.dataset.samples[i] for i in idx]
+        subset.dataset.transform = self.eval_transform
+        return subset
 
     def to(self, device) -> FolderData:
         return self  # images are decoded per batch; the trainer moves each batch
@@ -83,16 +98,18 @@ def load_image_folder(root: Path, input_shape: tuple[int, int, int], resize: int
     """Train split: random resized crop + flip; val split: resize (default size * 256 / 224) + centre crop."""
     from torchvision import transforms as T
 
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    held_out = "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
+    missing = [s for s in ("train", held_out) if not (root / s).is_dir()]
     if missing:
-        raise DataError(f"image folder '{root}' lacks {' and '.join(f'{s}/' for s in missing)}; expected {root}/train/CLASS/*.jpg and {root}/val/CLASS/*.jpg")
+        raise DataError(f"image folder '{root}' lacks {' and '.join(f'{s}/' for s in missing)}; expected {root}/train/CLASS/*.jpg "
+                        f"and {root}/val/CLASS/*.jpg (or test/)")
     size = input_shape[1]
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     rgb = [T.Grayscale(1)] if input_shape[0] == 1 else []  # ImageFolder's loader already gives RGB
     train = T.Compose(rgb + [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + normalize)
     val = T.Compose(rgb + [T.Resize(resize or round(size * 256 / 224)), T.CenterCrop(size)] + normalize)
     workers = min(8, os.cpu_count() or 1)
-    splits = FolderData(root / "train", train, workers), FolderData(root / "val", val, workers)
+    splits = FolderData(root / "train", train, workers, eval_transform=val), FolderData(root / held_out, val, workers)
     if splits[0].dataset.classes != splits[1].dataset.classes:
-        raise DataError(f"image folder '{root}': train/ and val/ have different class folders")
+        raise DataError(f"image folder '{root}': train/ and {held_out}/ have different class folders")
     return splits

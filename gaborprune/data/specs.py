@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gaborprune._validate import check_batch_memory, check_int
+from gaborprune.data import tree
 from gaborprune.data.tensor import TensorData
 from gaborprune.errors import DataError
 
@@ -25,7 +26,6 @@ _CIFAR = {
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
                      url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,14 @@ def _cifar(spec: DataSpec, input_shape):
     folder = root / info["folder"] if (root / info["folder"]).is_dir() else root
     expected = info["train"] + info["test"]
     missing = [f for f in expected if not (folder / f).is_file()]
+    if missing and tree.is_tree(root):
+        arrays, _ = tree.load_tree(root, info["classes"])
+        return _cifar_splits(info, input_shape, *(tuple(torch.from_numpy(a) for a in arrays[s]) for s in ("train", "test")))
     if missing:
         raise DataError(
             f"{spec.kind} folder '{root}' lacks {', '.join(missing)}; expected the python-version batches "
-            f"({', '.join(expected)}) in '{root / info['folder']}' or '{root}'. Download {info['url']} on a machine "
+            f"({', '.join(expected)}) in '{root / info['folder']}' or '{root}', or an image tree "
+            f"('{root}/train/CLASS/*.png' and '{root}/test/CLASS/*.png'). Download {info['url']} on a machine "
             f"with internet and extract it into '{root}'"
         )
 
@@ -135,13 +139,15 @@ def _cifar(spec: DataSpec, input_shape):
                 raise DataError(f"'{folder / name}' is not a {spec.kind} batch ({e}); re-extract {info['url']}") from None
         return torch.from_numpy(np.concatenate(data)), torch.tensor(labels, dtype=torch.int64)
 
+    return _cifar_splits(info, input_shape, read(info["train"]), read(info["test"]))
+
+
+def _cifar_splits(info: dict, input_shape, train: tuple, test: tuple):
+    """(images uint8 [N, 3, 32, 32], labels [N]) per split -> two `TensorData` with CIFAR's augmentation."""
     mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
-    splits = []
-    for names, train in ((info["train"], True), (info["test"], False)):
-        images, labels = read(names)
-        splits.append(TensorData(_fit_images(images, input_shape), labels, mean, std, info["classes"],
-                                 crop_padding=4 * input_shape[1] // 32 if train else 0, flip=train))
-    return tuple(splits)
+    return tuple(TensorData(_fit_images(images, input_shape), labels, mean, std, info["classes"],
+                            crop_padding=4 * input_shape[1] // 32 if is_train else 0, flip=is_train)
+                 for (images, labels), is_train in ((train, True), (test, False)))
 
 
 def _digits(input_shape):

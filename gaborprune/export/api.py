@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,9 @@ from gaborprune.export.runtime import session
 from gaborprune.export.search import Lowerings, search
 from gaborprune.models import non_finite
 from gaborprune.probe import activation_bytes
-from gaborprune.recipe import Recipe
+
+if TYPE_CHECKING:  # read for its steps and source only; export never builds or saves one
+    from gaborprune.recipe import Recipe
 
 LOWERINGS = ("auto", "dense", "sparse")
 PAD_CHANNELS = (0, 2, 4, 8, 16, 32, 64)
@@ -75,7 +77,8 @@ class ExportConfig:
         if self.threads is not None:
             check_threads(self.threads, "`threads`", ExportError)
         if self.pad_channels is not None and self.pad_channels not in PAD_CHANNELS:
-            raise ExportError(f"`pad_channels` must be 0 (off) or a power of two from 2 to 64 (ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
+            raise ExportError("`pad_channels` must be 0 (off) or a power of two from 2 to 64 "
+                              f"(ONNX Runtime's channel blocks are 8 or 16), not {self.pad_channels}")
         if self.opset is not None and not 18 <= self.opset <= 23:
             raise ExportError(f"`opset` {self.opset} is not supported by the dynamo exporter; use 18 to 23 (default: its own)")
 
@@ -173,19 +176,17 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
         ExportError: the model cannot be exported, has NaN or infinite weights or outputs, or
             onnxruntime differs from PyTorch by more than `config.atol` (nothing is written).
     """
-    if isinstance(input_shape, Recipe):  # deprecated: export_model(model, recipe, path, ...), while cli.py and demo.py move
-        warnings.warn("export_model(model, recipe, ...) is deprecated; use export_model(model, recipe.input_shape, ..., recipe=recipe)",
-                      DeprecationWarning, stacklevel=2)
-        recipe, input_shape = input_shape, input_shape.input_shape
     input_shape = tuple(input_shape)
     check_output(path, force)
     model = copy.deepcopy(model).cpu().float().eval()  # the caller's model keeps its device, dtype and mode
     bad = non_finite(model.state_dict())
     if bad:
-        raise ExportError(f"the model's '{bad[0]}' holds NaN or infinite values" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "") + "; nothing was written")
+        raise ExportError(f"the model's '{bad[0]}' holds NaN or infinite values" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                          + "; nothing was written")
     per_sample = activation_bytes(model, input_shape)  # also a clear error for an input the model cannot take
     # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
-    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W", ExportError)  # the CLI sets the batch there
+    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W",
+                       ExportError)  # the CLI sets the batch there
     shape = (config.batch_size, *input_shape)
     train, test = data if data is not None else (None, None)
     calibration = calibration_batches(train, config.batch_size) if config.quantize and train is not None else None

@@ -536,7 +536,8 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
     everyone = models + baselines
     shapes = {m.chw for m in everyone}
     if len(shapes) > 1:
-        raise ExportError(f"the models take different inputs ({', '.join('x'.join(map(str, s)) for s in sorted(shapes))}); bench models of one input shape together")
+        raise ExportError(f"the models take different inputs ({', '.join('x'.join(map(str, s)) for s in sorted(shapes))}); "
+                          "bench models of one input shape together")
     for m in everyone:
         bad = [b for b in batch_sizes if m.fixed_batch is not None and b != m.fixed_batch]
         if bad:

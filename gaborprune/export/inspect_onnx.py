@@ -108,7 +108,8 @@ def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
     try:
         counts = _counts(proto)
     except Exception as e:  # a graph ONNX shape inference cannot follow
-        raise OnnxFileError(f"cannot count the arithmetic of '{p}': ONNX shape inference fails ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+        raise OnnxFileError(f"cannot count the arithmetic of '{p}': "
+                            f"ONNX shape inference fails ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
     try:
         opset = opset_of(proto)
     except StopIteration:

@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.convert.cada import CADAConv2d
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.convert.spec import replace_module
@@ -33,6 +32,7 @@ from gaborprune.errors import GaborPruneError
 from gaborprune.export.onnx import ExportError
 from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
+from gaborprune.prune.standins import ChannelConstant, Dropped
 
 FORMS = ("dense", "split")
 #: SplitConv merges its groups of output channels down to this many (each group is one Conv op).

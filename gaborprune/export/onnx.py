@@ -37,7 +37,8 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, int, int, int], *, opset: 
     except Exception as e:
         cause = e.__cause__ or e
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
-        raise ExportError(f"torch.onnx could not export the model for input {list(input_shape)} ({detail[0][:200] if detail else type(cause).__name__})") from None
+        raise ExportError(f"torch.onnx could not export the model for input {list(input_shape)} "
+                          f"({detail[0][:200] if detail else type(cause).__name__})") from None
     proto = program.model_proto
     proto.producer_name = "gaborprune"
     for key, value in (metadata or {}).items():

@@ -125,9 +125,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def calibration_batches(data, batch_size: int, limit: int = 256) -> list[np.ndarray]:
-    """Up to `limit` training images as full batches of `batch_size` (normalised, no augmentation)."""
+    """Up to `limit` training images, drawn at random (seeded: an image tree lists its classes in
+    order), as full batches of `batch_size` (normalised, no augmentation)."""
     batches, seen = [], 0
-    for x, _ in data.batches(batch_size, train=False):
+    for x, _ in data.sample(limit + batch_size).batches(batch_size, train=False):
         if len(x) < batch_size or seen >= limit:
             break
         batches.append(x.float().cpu().numpy())

@@ -123,7 +123,8 @@ def _torchvision(spec: str):
     known = torchvision_classifiers()
     if name not in known:
         close = [k for k in known if k.startswith(name[:4])][:8] or known[:8]
-        raise ModelSourceError(f"unknown torchvision classification model '{name}'; e.g. {', '.join(close)} (all: python -c 'import torchvision; print(torchvision.models.list_models())')")
+        raise ModelSourceError(f"unknown torchvision classification model '{name}'; e.g. {', '.join(close)} "
+                               "(all: python -c 'import torchvision; print(torchvision.models.list_models())')")
 
     def build(**kwargs):
         if kwargs.get("weights") is not None:
@@ -197,7 +198,8 @@ def load_state_dict_file(model: nn.Module, path: str, source: ModelSource) -> No
         raise ModelSourceError(f"weights file '{path}' does not hold a state_dict of tensors")
     bad = non_finite(obj)
     if bad:
-        raise ModelSourceError(f"weights file '{path}' has NaN or infinite values in '{bad[0]}'" + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "") + "; it is corrupt or from a diverged run")
+        raise ModelSourceError(f"weights file '{path}' has NaN or infinite values in '{bad[0]}'"
+                               + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "") + "; it is corrupt or from a diverged run")
     metadata = getattr(obj, "_metadata", None)
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
         obj = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())

@@ -4,7 +4,7 @@ from gaborprune.errors import PruneError
 from gaborprune.prune.graph import ChannelAnalysis, KeptChannel, analyse_channels
 from gaborprune.prune.plan import PrunePlan, PruneStep, apply_plan_, slice_module
 from gaborprune.prune.report import LayerChange, PruneReport
-from gaborprune.prune.run import SweepPoint, prune_model, prune_model_, sweep
+from gaborprune.prune.run import SweepPoint, prune_model_, sweep
 from gaborprune.prune.select import PruneSpec, select_kernels
 from gaborprune.prune.target import TargetCandidate, TargetReport, TargetSpec, prune_to_target_
 

@@ -27,9 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.layer import GaborConv2d, alive_kernels
 from gaborprune.prune.standins import ChannelConstant, Dropped
-from gaborprune.summary import alive_kernels
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,

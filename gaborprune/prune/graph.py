@@ -32,10 +32,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.layer import GaborConv2d, alive_kernels
 from gaborprune.prune.dataflow import ChannelGraph, Component, direct_norms, node_name, trace_channels
 from gaborprune.prune.fold import Fold, fold
-from gaborprune.summary import alive_kernels
 
 __all__ = ["ChannelAnalysis", "Fold", "KeptChannel", "analyse_channels"]
 

@@ -46,8 +46,8 @@ from torch import nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
-from gaborprune.train.config import SCOPES
 from gaborprune.prune.dataflow import ChannelGraph, Component, direct_norms, node_name, trace_channels, zero_padded
+from gaborprune.train.config import SCOPES
 
 _TIE = "(through an addition, product, concatenation or depthwise convolution)"
 

@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from gaborprune.convert.layer import GaborConv2d
+from gaborprune.convert.layer import GaborConv2d, alive_kernels
 from gaborprune.prune.graph import KeptChannel
 from gaborprune.prune.plan import PrunePlan, PruneStep
 from gaborprune.prune.select import PruneSpec
 from gaborprune.prune.standins import ChannelConstant, Dropped
-from gaborprune.summary import ModelSummary, alive_kernels
+from gaborprune.summary import ModelSummary
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ class PruneReport:
     max_abs_diff: float
     warnings: list[str] = field(default_factory=list)
     accuracy_before: float | None = None  # top-1 percent, when data is given
-    accuracy_pruned: float | None = None  # after pruning, before recovery fine-tuning
-    accuracy_after: float | None = None  # final (after recovery, when it ran)
+    accuracy_pruned: float | None = None  # right after pruning
+    accuracy_recalibrated: float | None = None  # after re-estimating BatchNorm statistics, when that ran
+    accuracy_after: float | None = None  # final (after recalibration and recovery, when they ran)
 
     @property
     def step(self) -> PruneStep:
@@ -94,7 +95,7 @@ class PruneReport:
             "max_abs_diff": self.max_abs_diff,
             "warnings": self.warnings,
         }
-        for key in ("accuracy_before", "accuracy_pruned", "accuracy_after"):
+        for key in ("accuracy_before", "accuracy_pruned", "accuracy_recalibrated", "accuracy_after"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d

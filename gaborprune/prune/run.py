@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,13 +145,3 @@ def sweep(model: nn.Module, input_shape: tuple[int, int, int], thresholds: list[
         points.append(SweepPoint(t, sum(c.kernels_after for c in gabor), sum(c.kernels_before for c in gabor),
                                  report.after.params, report.after.macs, accuracy(m, report)))
     return points
-
-
-def prune_model(model: nn.Module, recipe, spec: PruneSpec = PruneSpec()) -> PruneReport:
-    """Deprecated, for demo.py and prune.structured while they move: `prune_model_(model, recipe.input_shape, spec)`, with its
-    step appended to `recipe` in place (new code appends it with `recipe.with_step`)."""
-    warnings.warn("prune_model(model, recipe, spec) is deprecated; use prune_model_(model, input_shape, spec) and recipe.with_step(report.step)",
-                  DeprecationWarning, stacklevel=2)
-    report = prune_model_(model, recipe.input_shape, spec)
-    recipe._append_(report.step)
-    return report

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from gaborprune._validate import is_int
 from gaborprune.errors import PruneError
-from gaborprune.sparsity import DEFAULT_THRESHOLD, GaborSparsity
+from gaborprune.sparsity import GaborSparsity
+from gaborprune.strength import DEFAULT_THRESHOLD
 from gaborprune.train.config import SCOPES
 
 
@@ -58,7 +59,8 @@ class PruneSpec:
             raise PruneError("give a global `ratio` or a global `keep`, not both")
         for name, r in [("", self.ratio)] + list(self.layer_ratio.items()):
             if r is not None and not 0 <= r < 1:
-                raise PruneError(f"`{'layer_ratio' if name else 'ratio'}` {name + '=' if name else ''}{r} is out of range; it is the fraction of kernels removed, in [0, 1)")
+                raise PruneError(f"`{'layer_ratio' if name else 'ratio'}` {name + '=' if name else ''}{r} is out of range; "
+                                 "it is the fraction of kernels removed, in [0, 1)")
         for name, k in [("", self.keep)] + list(self.layer_keep.items()):
             if k is not None and k < 1:
                 raise PruneError(f"`{'layer_keep' if name else 'keep'}` {name + '=' if name else ''}{k} would remove every kernel; keep at least 1")

@@ -15,7 +15,6 @@ _EXPORTS = {
     "StepInfo": "gaborprune.train.loop",
     "TrainResult": "gaborprune.train.loop",
     "evaluate": "gaborprune.train.loop",
-    "finetune": "gaborprune.train.loop",  # deprecated: finetune_ (cli.py and demo.py while they move)
     "finetune_": "gaborprune.train.loop",
 }
 __all__ = list(_EXPORTS)

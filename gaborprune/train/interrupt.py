@@ -8,9 +8,9 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from gaborprune.errors import Terminated
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too."""
+__all__ = ["Terminated", "sigterm_as_interrupt"]
 
 
 @contextlib.contextmanager

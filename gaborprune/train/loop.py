@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from gaborprune._validate import check_int
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import TrainingError
+from gaborprune.norms import batch_norms, recalibrate_norms_ as recalibrate_batches_
 from gaborprune.probe import probe
 from gaborprune.recipe import Recipe
 from gaborprune.sparsity import GaborSparsity
@@ -117,26 +117,12 @@ def evaluate(model: nn.Module, data, device: torch.device, *, batch_size: int = 
 def recalibrate_norms_(model: nn.Module, data, batch_size: int, device: torch.device, *, dist: Dist = Dist(),
                        channels_last: bool = False) -> None:
     """Re-estimate every BatchNorm's running statistics as the plain average over one pass of `data`
-    (this rank's shard; averaged over processes), without augmentation and without gradients.
-    Nothing else changes; the model's train/eval mode is restored."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
-    was_training = model.training
-    model.train()
-    try:
-        for x, _ in data.batches(batch_size, train=False, rank=dist.rank, world=dist.world):
-            if len(x) > 1:  # BatchNorm cannot train on a batch of one
-                model(_to(x, device, channels_last))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    dist.average_([t for m in norms for t in (m.running_mean, m.running_var)])
+    (this rank's shard; averaged over processes), without augmentation and without gradients
+    (`gaborprune.norms.recalibrate_norms_`)."""
+    batches = (x for x, _ in data.batches(batch_size, train=False, rank=dist.rank, world=dist.world))
+    recalibrate_batches_(model, batches, forward=lambda x: model(_to(x, device, channels_last)))
+    if batch_norms(model):  # every rank joins the collective
+        dist.average_([t for m in batch_norms(model) for t in (m.running_mean, m.running_var)])
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -346,12 +332,3 @@ def finetune_(
     return TrainResult(len(history), best, final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
                        sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table,
                        FinetuneStep(config, data_name, len(history), best, tuple(history)))
-
-
-def finetune(model: nn.Module, recipe: Recipe, *args, **kwargs) -> TrainResult:
-    """Deprecated, for cli.py and demo.py while they move: `finetune_`, with the run's step appended to
-    `recipe` in place (new code appends it with `recipe.with_step`)."""
-    warnings.warn("finetune(model, recipe, ...) is deprecated; use finetune_(...) and recipe.with_step(result.step)", DeprecationWarning, stacklevel=2)
-    result = finetune_(model, recipe, *args, **kwargs)
-    recipe._append_(result.step)
-    return result

@@ -10,9 +10,9 @@ import gaborprune as gp
 import gaborprune.recipe
 
 assert gaborprune.recipe.VERSION == 1, "this script writes the format-1 fixture; it needs the code of commit 1a4c26c"
-import gaborprune.train
-from gaborprune.prune import PruneSpec, prune_model
-from test_prune import kill, randomize_norms
+import gaborprune.train  # noqa: E402
+from gaborprune.prune import PruneSpec, prune_model  # noqa: E402
+from helpers import kill, randomize_norms  # noqa: E402
 
 torch.manual_seed(0)
 model, recipe = gp.load_model("tiny_models:Steps", input_shape=(3, 16, 16))
