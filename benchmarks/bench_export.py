@@ -31,7 +31,8 @@ from pathlib import Path
 import gaborprune as gp
 from gaborprune._threads import machine_note
 from gaborprune.export.api import ExportConfig, export_model
-from gaborprune.export.bench import bench, load_onnx
+from gaborprune.export.bench import bench
+from gaborprune.export.bench_models import load_onnx
 
 GP = [sys.executable, "-m", "gaborprune"]
 
@@ -73,8 +74,8 @@ def main() -> None:
         models = []
         for recipe_path in (pruned, base):
             model, recipe = gp.load_model(str(recipe_path))
-            report = export_model(model, recipe.input_shape, recipe_path.with_suffix(".onnx"), ExportConfig(dynamic_batch=True, threads=1), recipe=recipe,
-                                  force=True)
+            report = export_model(model, recipe.input_shape, recipe_path.with_suffix(".onnx"), ExportConfig(dynamic_batch=True, threads=1),
+                                  provenance=recipe.provenance(), force=True)
             models.append((load_onnx(recipe_path.with_suffix(".onnx"), name=recipe_path.stem), report))
         (m, m_report), (b, _) = models
         heavy = "resnet18" in case

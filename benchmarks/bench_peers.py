@@ -55,7 +55,8 @@ from gaborprune._io import write_json
 from gaborprune._threads import machine_note
 from gaborprune.data import load_data
 from gaborprune.export.api import ExportConfig, export_model
-from gaborprune.export.bench import bench, load_onnx
+from gaborprune.export.bench import bench
+from gaborprune.export.bench_models import load_onnx
 from gaborprune.models import ModelSource
 from gaborprune.prune import PruneSpec, prune_model_
 from gaborprune.prune.structured import default_round_to
@@ -260,7 +261,7 @@ def export_both(run: Run, name: str, model: nn.Module, recipe: Recipe, lowering:
     for precision, quantize in (("float", False), ("int8", True)):
         path = out / f"{name}-{precision}.onnx"
         config = ExportConfig(dynamic_batch=True, threads=1, lowering=lowering, quantize=quantize)
-        report = export_model(model, recipe.input_shape, path, config, recipe=recipe, data=(run.train, run.test), force=True)
+        report = export_model(model, recipe.input_shape, path, config, provenance=recipe.provenance(), data=(run.train, run.test), force=True)
         files[precision] = {"path": str(path), "file_bytes": report.file_bytes, "params": report.params, "macs_onnx": report.macs,
                             "macs_executed": report.macs_executed, "accuracy": report.accuracy["int8" if quantize else "onnx"],
                             "lowering": report.lowering, "lowering_note": report.lowering_note, "note": report.note}

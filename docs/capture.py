@@ -274,7 +274,7 @@ class Session:
     """Runs each command line once, in one work directory, after the runs it needs."""
 
     def __init__(self, work: Path, saved: dict[str, dict] | None = None):
-        from gaborprune.export.bench import environment
+        from gaborprune.export.environment import environment
 
         self.work, self.saved, self.results = work, saved or {}, {}
         self._environment = lambda: environment([1], "cpu")

@@ -34,7 +34,7 @@ def check_output(path: str | os.PathLike | None, force: bool = False) -> None:
     if p.is_dir():
         raise GaborPruneError(f"output '{p}' is a directory; give a file path")
     if p.exists() and not force:
-        raise OutputExistsError(f"output '{p}' exists; pass --force to overwrite it")
+        raise OutputExistsError(f"output '{p}' exists; pass `force` to overwrite it")
 
 
 def check_outputs(paths: Iterable[str | os.PathLike | None], force: bool = False, *,

@@ -47,7 +47,7 @@ def busy_warning(threads: int) -> str | None:
     if load is None or threads < 2 or load <= cores:
         return None
     return (f"the machine is busy (1-minute load {load:.1f} on {cores} cores) and torch would use {threads} threads, "
-            "which then wait for each other at every step (several times slower); pass --threads 1, or run when the machine is quiet")
+            "which then wait for each other at every step (several times slower); pass `threads` 1, or run when the machine is quiet")
 
 
 def machine_note() -> str:

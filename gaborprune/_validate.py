@@ -28,7 +28,7 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_seed(seed: object, what: str = "--seed", error: type[GaborPruneError] = GaborPruneError) -> int:
+def check_seed(seed: object, what: str = "`seed`", error: type[GaborPruneError] = GaborPruneError) -> int:
     """A seed: an int in 0..2**63-1."""
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise error(f"{what} must be an integer from 0 to 2**63-1, not {seed!r}")
@@ -49,7 +49,7 @@ def check_int(value: object, what: str, minimum: int = 1, error: type[GaborPrune
     return value
 
 
-def check_threads(threads: object, what: str = "--threads", error: type[GaborPruneError] = GaborPruneError) -> int:
+def check_threads(threads: object, what: str = "`threads`", error: type[GaborPruneError] = GaborPruneError) -> int:
     """A thread count from 1 to the cores this process may use (more only oversubscribes them; 100000 hangs)."""
     cores = usable_cores()
     if not is_int(threads) or not 1 <= threads <= cores:
@@ -77,7 +77,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def check_batch_memory(per_sample: int, count: int, what: str, option: str = "--batch-size",
+def check_batch_memory(per_sample: int, count: int, what: str, option: str = "`batch_size`",
                        error: type[GaborPruneError] = GaborPruneError) -> None:
     """Refuse `count` samples of `per_sample` bytes each (an estimate such as
     `gaborprune.probe.activation_bytes`) when they exceed the memory available now, before anything

@@ -200,7 +200,7 @@ class AblationReport:
                   "A difference counts when it exceeds the noise: two standard errors of the difference of the means "
                   "over seeds, and at least one test image. `consistent`: a finding that predicts no difference (a small "
                   "context is enough, saturation, a stand-in) found none, which near an accuracy ceiling says little."
-                  + (" With one seed the spread over seeds is unknown and only the one-image floor applies: run --seeds 3 or more."
+                  + (" With one seed the spread over seeds is unknown and only the one-image floor applies: run `seeds` 3 or more."
                      if self.seeds == 1 else ""), "",
                   "| finding | comparison (difference of mean top-1, points) | verdict |", "|---|---|---|"]
         for v in self.verdicts():
@@ -238,7 +238,7 @@ def run_ablation(data: str, *, seeds: int = 1, settings: list[str] | None = None
     (SETTING.onnx, with the recipes SETTING-seedK.pt and results.md / results.json) and time them.
     `epochs` and `input_shape` override the scale's (toy runs, other image sizes)."""
     if seeds < 1:
-        raise GaborPruneError(f"--seeds must be at least 1, not {seeds}")
+        raise GaborPruneError(f"`seeds` must be at least 1, not {seeds}")
     unknown = [s for s in settings or [] if s not in SETTING_NAMES]
     if unknown:
         raise GaborPruneError(f"unknown ablation setting '{unknown[0]}'; known: {', '.join(SETTING_NAMES)}")
@@ -294,7 +294,7 @@ def _time_exports(report: AblationReport, models: dict, out: Path, runs: int, on
     config = ExportConfig(threads=report.latency_threads)
     for name, (model, recipe) in models.items():
         on_stage(f"{name}: exporting to ONNX")
-        export_model(model, recipe.input_shape, out / f"{name}.onnx", config, recipe=recipe, force=force)
+        export_model(model, recipe.input_shape, out / f"{name}.onnx", config, provenance=recipe.provenance(), force=force)
     on_stage(f"timing {len(models)} ONNX models side by side ({runs} runs each)")
     sessions = [session(out / f"{name}.onnx", threads=report.latency_threads) for name in models]
     x = np.random.default_rng(0).standard_normal((1, *report.scale.input_shape), dtype=np.float32)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gaborprune import workflows
-from gaborprune._flags import FLAGS, cli_message
+from gaborprune._flags import COMMANDS, cli_message
 from gaborprune.errors import GaborPruneError
 from gaborprune.train.config import TrainConfig
 from gaborprune.workflows import given
@@ -60,18 +60,31 @@ DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help="Dataset: d
                                                                      "cifar100:DIR or imagefolder:DIR (with train/ and val/).", show_default=False)]
 
 
+#: The command that runs: the library's texts it shows name its flags (`_say`).
+_running = ""
+
+
 def _command(fn):
-    """Register a command whose GaborPruneErrors become one red line (library names shown as flags) and exit code 1."""
+    """Register a command whose GaborPruneErrors become one red line (library names shown as the command's flags)
+    and exit code 1."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _running
+        _running = name
         try:
             return fn(*args, **kwargs)
         except GaborPruneError as e:
-            err.print(f"[bold red]error:[/] {escape(cli_message(str(e)))}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(cli_message(str(e), name))}", soft_wrap=True)
             raise typer.Exit(1) from None
 
-    return app.command()(wrapper)
+    return app.command(name)(wrapper)
+
+
+def _say(text: str) -> str:
+    """A library text (a warning, a note, a report) as the running command shows it: arguments as its flags."""
+    return cli_message(text, _running) if _running else text
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -103,10 +116,9 @@ def _model_args(items: list[str] | None) -> dict:
     return args
 
 
-def _source(num_classes=None, weights=None, model_arg=None, input_shape=None, trust_factory: bool = False) -> dict:
-    """The model-source options, as `load_model` takes them (those not given left out)."""
-    return given(num_classes=num_classes, weights=weights, model_args=_model_args(model_arg) or None, input_shape=_shape(input_shape)) | {
-        "trust_factory": trust_factory}
+def _source(source: str, num_classes=None, weights=None, model_arg=None, input_shape=None, trust_factory: bool = False) -> workflows.Source:
+    """The model source with its loading options (those not given left to the source)."""
+    return workflows.Source(source, weights, num_classes, _model_args(model_arg) or {}, _shape(input_shape), trust_factory)
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -150,8 +162,11 @@ def _thresholds(text: str) -> list[float]:
 
 
 def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, sweep):
-    """(PruneSpec or None, TargetSpec or None) from prune's options; which of them combine is said in flags."""
-    from gaborprune.prune import PruneSpec, TargetSpec
+    """(PruneSpec or None, TargetSpec or None) from prune's options. A spec refuses its own fields that do not combine
+    (`round_to` without `scope` all, ...) and `workflows.prune` specs that do not; refused here is only what the command
+    line alone sees: a kernel rule or --sweep given with a target (the library cannot tell --threshold 0.02 from its default)."""
+    from gaborprune.prune import PruneSpec
+    from gaborprune.search import TargetSpec
 
     if speedup is None and latency_ms is None:
         (global_ratio, layer_ratio), (global_keep, layer_keep) = _budgets(ratio, "--ratio", float), _budgets(keep, "--keep", int)
@@ -178,8 +193,13 @@ def _threads(threads: int | None) -> int:
     return used
 
 
+def _said(rows: list[list[str]]) -> list[list[str]]:
+    """Table rows of a library report (notes among them) as `_say` shows them."""
+    return [[_say(cell) for cell in row] for row in rows]
+
+
 def _warn(text: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(_say(text))}", soft_wrap=True)
 
 
 def _count(n: int) -> str:
@@ -330,9 +350,9 @@ def convert(
     if calibration_images is not None and data is None:
         raise GaborPruneError("--calibration-images counts the training images of --data; add --data SPEC")
     with _Feedback() as show:
-        run = workflows.convert(source, spec, output, data=data, force=force, extra_outputs=[json_path], on_stage=show.stage,
-                                **given(calibration_images=calibration_images, device=device, resize=resize),
-                                **_source(num_classes, weights, model_arg, input_shape, trust_factory))
+        run = workflows.convert(_source(source, num_classes, weights, model_arg, input_shape, trust_factory), spec, output, data=data,
+                                **given(calibration_images=calibration_images, resize=resize),
+                                options=workflows.Options(force, [json_path], **given(device=device), on_stage=show.stage))
     out.print(_convert_table(run))
     fitted = "fit error = ||w - g|| / ||w|| over the layer"
     if run.calibration is not None:
@@ -382,7 +402,8 @@ def inspect(
     """Show every convolution (kernels total/alive, parameters) and the model's parameters, MACs and FLOPs; for an .onnx file,
     its operators, parameters, MACs, input, output and metadata."""
     _threads(threads)
-    run = workflows.inspect(source, png=png, force=force, extra_outputs=[json_path], **_source(num_classes, weights, model_arg, input_shape, trust_factory))
+    run = workflows.inspect(_source(source, num_classes, weights, model_arg, input_shape, trust_factory), png=png,
+                            options=workflows.Options(force, [json_path]))
     (_print_onnx if run.onnx else _print_summary)(source, run.summary)
     if run.drawn:
         out.print(f"drew {', '.join(run.drawn)} -> {png}")
@@ -497,12 +518,13 @@ def finetune(
     trained = {k: v for k, v in defaults.items() if k not in chosen}
     config = TrainConfig(**(trained | chosen))
     if trained:
-        out.print(f"{source} is trained: fine-tuning with {', '.join(f'{FLAGS[k]} {v:g}' for k, v in trained.items())} "
+        flags = COMMANDS["finetune"]
+        out.print(f"{source} is trained: fine-tuning with {', '.join(f'{flags[k]} {v:g}' for k, v in trained.items())} "
                   "(training from scratch warms up to a higher rate, which would undo what it learned); pass them to change")
     with _Feedback(config.epochs) as show:
-        run = workflows.finetune(source, data, output, config, resume=resume, force=force, extra_outputs=[json_path], on_stage=out.print,
-                                 on_step=show.step, on_epoch=_epoch_line(config.epochs), **given(device=device, resize=resize),
-                                 **_source(num_classes, weights, model_arg, input_shape, trust_factory))
+        run = workflows.finetune(_source(source, num_classes, weights, model_arg, input_shape, trust_factory), data, output, config, resume=resume,
+                                 **given(resize=resize), options=workflows.Options(force, [json_path], **given(device=device), on_stage=out.print,
+                                                                                   on_step=show.step, on_epoch=_epoch_line(config.epochs)))
     if run.main:  # under torchrun, rank 0 reports and writes
         _print_finetune(run)
         _json(json_path, run, force)
@@ -551,9 +573,9 @@ def eval(
 ) -> None:
     """Top-1 / top-5 accuracy and loss on the test split of a dataset (an .onnx file: in ONNX Runtime)."""
     _threads(threads)
-    run = workflows.evaluate(source, data, force=force, extra_outputs=[json_path],
-                             **given(batch_size=batch_size, device=device, resize=resize, threads=threads),
-                             **_source(num_classes, weights, model_arg, input_shape, trust_factory))
+    run = workflows.evaluate(_source(source, num_classes, weights, model_arg, input_shape, trust_factory), data,
+                             **given(batch_size=batch_size, resize=resize, threads=threads),
+                             options=workflows.Options(force, [json_path], **given(device=device)))
     r = run.result
     where = f"onnxruntime {r.provider}, batch {r.batch_size}" if run.runtime == "onnxruntime" else run.device
     out.print(f"{source} on {run.data}: top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  ({r.samples} test images, {where})")
@@ -613,14 +635,17 @@ def prune(
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
     spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, sweep)
-    common = dict(data=data, trust_factory=trust_factory, force=force, extra_outputs=[json_path], on_epoch=_epoch_line(finetune_epochs),
-                  **given(finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, resize=resize,
-                          input_shape=_shape(input_shape)))
+    if finetune_epochs is not None and data is None:
+        raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
+    model = _source(source, input_shape=input_shape, trust_factory=trust_factory)
+    accuracy = workflows.Accuracy(data, **given(recalibrate=recalibrate, recovery_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                                                seed=seed, resize=resize)) if data is not None else None
     if sweep is not None:
-        return _sweep(source, _thresholds(sweep), spec, output, png, json_path, force, common)
+        return _sweep(model, _thresholds(sweep), spec, output, png, json_path, force, accuracy, device)
     with _Feedback(finetune_epochs) as show:
-        run = workflows.prune(source, output, spec, target=target, dry_run=dry_run, on_stage=show.stage, on_step=show.step,
-                              on_pruned=_print_prune, **given(threads=threads, recalibrate=recalibrate), **common)
+        run = workflows.prune(model, output, spec, target=target, accuracy=accuracy, dry_run=dry_run, on_pruned=_print_prune, **given(threads=threads),
+                              options=workflows.Options(force, [json_path], **given(device=device), on_stage=show.stage, on_step=show.step,
+                                                        on_epoch=_epoch_line(finetune_epochs)))
     r = run.report
     if run.data is not None:
         recalibrated = f"  BatchNorm recalibrated {r.accuracy_recalibrated:.2f}%" if r.accuracy_recalibrated is not None else ""
@@ -635,12 +660,15 @@ def prune(
     _json(json_path, run, force)
 
 
-def _sweep(source: str, thresholds: list[float], spec, output, png, json_path, force: bool, common: dict) -> None:
+def _sweep(source, thresholds: list[float], spec, output, png, json_path, force: bool, accuracy, device) -> None:
     if output is not None:
         raise GaborPruneError("a sweep writes no recipe; drop -o, pick a threshold from its table, then prune with --threshold")
     png = png or Path(workflows.SWEEP_PNG)
-    with _Feedback(common.get("finetune_epochs")) as show:
-        run = workflows.sweep(source, thresholds, spec, png=png, on_stage=show.stage, on_step=show.step, **common)
+    epochs = accuracy.recovery_epochs if accuracy is not None else None
+    with _Feedback(epochs) as show:
+        run = workflows.sweep(source, thresholds, spec, accuracy=accuracy, png=png,
+                              options=workflows.Options(force, [json_path], **given(device=device), on_stage=show.stage, on_step=show.step,
+                                                        on_epoch=_epoch_line(epochs)))
     rows = [[f"{p.threshold:g}", f"{p.kernels_kept}/{p.kernels_total}", f"{p.kernels_kept / p.kernels_total:.1%}" if p.kernels_total else "-",
              _count(p.params), _count(p.macs), f"{p.accuracy:.2f}%"] for p in run.points]
     out.print(_table(f"{source}: accuracy vs kernels kept", ("threshold", "kernels kept", "kept", "parameters", "MACs", "top-1"), (), rows))
@@ -689,32 +717,29 @@ def _change(a: int, b: int) -> str:
 
 def _print_target(report, source: str) -> None:
     """The timed candidates of `prune --speedup/--latency-ms`, predicted and measured side by side, and the search's notes."""
-    if not hasattr(report, "groups"):  # --scope all: candidates are thresholds
-        rows = [[f"{c.threshold:g}", f"{c.mac_ratio:.3f}", ", ".join(c.branches) or "-",
-                 f"{c.measured.median:.3f} [{c.measured.low:.3f}-{c.measured.high:.3f}]",
-                 f"{c.speedup.median:.2f}x [{c.speedup.low:.2f}-{c.speedup.high:.2f}]",
-                 ("met, chosen" if c.threshold == report.chosen else "met") if c.meets else "not met"] for c in report.candidates]
-        out.print(_table(f"{source}: pruning to {report.target.describe()} with --scope all (ONNX Runtime, batch {report.batch_size}, "
-                         f"{report.threads} thread{'s' if report.threads != 1 else ''}, channels in multiples of {report.round_to or 1})",
-                         ("threshold", "MAC ratio", "branches removed", "measured ms", "speedup", "target"), ("branches removed",), rows,
-                         ["cyan" if c.threshold == report.chosen else None for c in report.candidates]))
-        return
+    def interval(i, fmt: str, unit: str = "") -> str:
+        return "-" if i is None else f"{i.median:{fmt}}{unit} [{i.low:{fmt}}-{i.high:{fmt}}]"
+
+    branches = any(c.branches for c in report.candidates)
     rows = []
     for c in report.candidates:
-        channels = ", ".join(f"{name} {o}x{i}" for name, (o, i) in c.channels.items()) + (f" (x{report.block})" if c.aligned else "")
-        m, s = c.measured, c.speedup
-        rows.append([str(c.k), channels, f"{c.predicted_ms:.3f}", f"{c.predicted_speedup:.2f}x", f"{m.median:.3f} [{m.low:.3f}-{m.high:.3f}]",
-                     f"{s.median:.2f}x [{s.low:.2f}-{s.high:.2f}]", ("met, chosen" if c.k == report.chosen else "met") if c.meets else "not met"])
+        channels = ", ".join(f"{name} {o}x{i}" for name, (o, i) in (c.channels or {}).items()) + (f" (x{report.block})" if c.aligned else "")
+        rows.append([c.label, channels or "-", *([", ".join(c.branches) or "-"] if branches else []),
+                     "-" if c.mac_ratio is None else f"{c.mac_ratio:.3f}",
+                     "-" if c.predicted_ms is None else f"{c.predicted_ms:.3f}", "-" if c.predicted_speedup is None else f"{c.predicted_speedup:.2f}x",
+                     interval(c.measured, ".3f"), interval(c.speedup, ".2f", "x"),
+                     ("met, chosen" if c.k == report.chosen else "met") if c.meets else "not met"])
     table = _table(f"{source}: pruning to {report.target.describe()} (ONNX Runtime, batch {report.batch_size}, "
-                   f"{report.threads} thread{'s' if report.threads != 1 else ''}, {report.groups} channel groups)",
-                   ("groups removed", "channels", "predicted ms", "predicted", "measured ms", "speedup", "target"), ("channels",), rows,
+                   f"{report.threads} thread{'s' if report.threads != 1 else ''}; {report.family})",
+                   ("candidate", "channels", *(["branches removed"] if branches else []), "MAC ratio", "predicted ms", "predicted",
+                    "measured ms", "speedup", "target"), ("candidate", "channels", "branches removed"), rows,
                    ["cyan" if c.k == report.chosen else None for c in report.candidates])
     if report.baseline is not None:
         b = report.baseline
         table.caption = f"unpruned: {b.median:.3f} ms [{b.low:.3f}-{b.high:.3f}]; channels: out x in of the layers that change; [95% intervals]"
     out.print(table)
     for note in report.notes:
-        out.print(note)
+        out.print(_say(note))
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -754,8 +779,8 @@ def export(
     config = ExportConfig(**given(batch_size=shape[0] if shape else None, opset=opset, lowering=lowering, atol=atol, threads=threads,
                                   pad_channels=pad_channels, quantize=quantize), dynamic_batch=dynamic_batch)
     with _Feedback() as show:
-        run = workflows.export(source, output, config, input_shape=shape[1:] if shape else None, data=data, trust_factory=trust_factory,
-                               force=force, extra_outputs=[json_path], on_stage=show.stage)
+        model = workflows.Source(source, input_shape=shape[1:] if shape else None, trust_factory=trust_factory)
+        run = workflows.export(model, output, config, data=data, options=workflows.Options(force, [json_path], on_stage=show.stage))
     _print_export(run)
     _json(json_path, run, force)
 
@@ -772,9 +797,9 @@ def _print_export(run) -> None:
         timing = f"{c['median_ms']:.3f} ms [{c['low_ms']:.3f}-{c['high_ms']:.3f}]" if "median_ms" in c else ""
         ratio = f"  time ratio {c['ratio']['median']:.3f} [{c['ratio']['low']:.3f}-{c['ratio']['high']:.3f}]" if c["ratio"] else "  (baseline)"
         out.print(f"  {'kept' if c['kept'] else '    '}  {c['form']}: {timing}{ratio}  {_count(c['params'])} params")
-    out.print(f"lowering: {report.lowering_note}")
+    out.print(f"lowering: {_say(report.lowering_note)}")
     for line in report.skipped:
-        out.print(f"skipped: {line}")
+        out.print(f"skipped: {_say(line)}")
     if report.channels_cut:
         maps = f"; bias maps added to {', '.join(report.bias_maps)}" if report.bias_maps else ""
         out.print(f"cut at export (constant channels{maps}): " + "; ".join(
@@ -791,7 +816,7 @@ def _print_export(run) -> None:
         out.print(f"top-1 on {run.data}: " + "  ".join(f"{k} {v:.2f}%" for k, v in report.accuracy.items()))
     out.print(f"-> {report.path} ({report.file_bytes / 1024:.1f} KiB)")
     if report.note:
-        out.print(f"note: {report.note}")  # `out` prints verbatim (no markup)
+        out.print(f"note: {_say(report.note)}")  # `out` prints verbatim (no markup)
 
 
 # -- bench -----------------------------------------------------------------------------------------
@@ -834,31 +859,34 @@ def bench(
     from gaborprune.plot import plot_latency
 
     with _Feedback() as show:
-        report = workflows.bench(models, baseline=baseline or (), int8=int8, profile=profile, torch_eager=torch_eager, trust_factory=trust_factory,
-                                 force=force, extra_outputs=[json_path, markdown, png], on_stage=show.stage,
-                                 **given(batch_sizes=_ints(batch_size, "--batch-size"), threads=_ints(threads, "--threads"), warmup=warmup, runs=runs,
-                                         precision=precision, max_seconds=max_seconds, data=data, provider=provider))
+        settings = workflows.BenchSettings(_ints(batch_size, "--batch-size"), _ints(threads, "--threads"), warmup, runs, precision, max_seconds,
+                                           **given(provider=provider))
+        report = workflows.bench([workflows.Source(m, trust_factory=trust_factory) for m in models],
+                                 baseline=[workflows.Source(b, trust_factory=trust_factory) for b in baseline or ()], settings=settings,
+                                 int8=int8, data=data, profile=profile, torch_eager=torch_eager,
+                                 options=workflows.Options(force, [json_path, markdown, png], on_stage=show.stage))
     for warning in report.warnings:
         _warn(warning)
     _print_bench(report)
     _json(json_path, report, force)
     if markdown:
-        write_text(markdown, report.to_markdown(), force)
+        write_text(markdown, _say(report.to_markdown()), force)
     if png:
         plot_latency(report, png, force=force)
 
 
 def _print_bench(report) -> None:
-    from gaborprune.export.bench import COMPARISON_COLUMNS, RESULT_COLUMNS, load_note, top_layers
+    from gaborprune.export.environment import load_note
+    from gaborprune.export.render import COMPARISON_COLUMNS, RESULT_COLUMNS, top_layers
 
     env, s = report.environment, report.settings
     out.print(_table(f"latency: {env['cpu']}, {env['cores']} cores{load_note(env)}, onnxruntime {env['onnxruntime']} ({env['provider']}); "
                      f"medians with 95% intervals, rounds of {s['runs_per_round']} runs until +-{s['precision'] / 2:.1%} or {s['max_seconds']:g} s",
-                     RESULT_COLUMNS, ("model", "runtime", "precision", "note"), report.result_rows()))
+                     RESULT_COLUMNS, ("model", "runtime", "precision", "note"), _said(report.result_rows())))
     if report.comparisons:
         out.print(_table("against the baseline of the same precision: speedup = median of t_base/t over interleaved runs; "
                          "efficiency = (1 - t/t_base) / (1 - MACs/MACs_base) on executed MACs",
-                         COMPARISON_COLUMNS, ("model", "baseline", "efficiency", "verdict"), report.comparison_rows()))
+                         COMPARISON_COLUMNS, ("model", "baseline", "efficiency", "verdict"), _said(report.comparison_rows())))
     first = report.results[0] if report.results else None
     for model, layers in report.profiles.items():
         total = sum(layers.values()) or 1.0
@@ -899,7 +927,7 @@ def demo(
         out.print(f"pruned vs unpruned, {c.precision:5s} batch {c.batch_size:>2}: speedup {c.speedup:.3f}x "
                   f"[{c.speedup_low:.3f}, {c.speedup_high:.3f}] {c.verdict}, executed-MAC ratio {c.mac_ratio:.3f}{eff}")
     if report.note:
-        out.print(f"note: {report.note}")
+        out.print(f"note: {_say(report.note)}")
     out.print(f"report: {out_dir / 'report.md'}  (and report.json, banks-*.png, latency.png, summary.png)")
 
 
@@ -927,7 +955,7 @@ def reproduce(
     names = [s.strip() for s in settings.split(",") if s.strip()] if settings else None
     report = run_experiment(experiment, data, out=out_dir, device=resolve_device(device or workflows.DEVICE), on_stage=out.print, on_epoch=_brief_epoch,
                             force=force, **given(seeds=seeds, epochs=epochs, settings=names, input_shape=_shape(input_shape, "C,H,W", "3,16,16")))
-    out.print(report.to_markdown())
+    out.print(_say(report.to_markdown()))
     out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
 
 

@@ -20,7 +20,9 @@ from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import calibration_batches, load_data
 from gaborprune.errors import GaborPruneError
 from gaborprune.export.api import ExportConfig, ExportReport, export_model
-from gaborprune.export.bench import BenchReport, Comparison, bench, load_onnx
+from gaborprune.export.bench import bench
+from gaborprune.export.bench_models import load_onnx
+from gaborprune.export.results import BenchReport, Comparison
 from gaborprune.plot import bank_views, plot_banks, plot_latency, plot_summary
 from gaborprune.prune import PruneSpec, prune_model_
 from gaborprune.recipe import load_model, save_recipe
@@ -69,7 +71,7 @@ def check_demo_outputs(out: Path, force: bool) -> None:
     """Refuse a folder that already holds a demo's file unless `force` (before any training)."""
     taken = [n for n in FILES.values() if (out / n).exists()]
     if taken and not force:
-        raise GaborPruneError(f"'{out}' already holds a demo ({taken[0]}, ...); pass --force to overwrite it or choose --out")
+        raise GaborPruneError(f"'{out}' already holds a demo ({taken[0]}, ...); pass `force` to overwrite it or choose `out`")
     check_outputs([out / name for name in FILES.values()], force)
 
 
@@ -175,7 +177,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, device: torc
     for name, m, r in (("baseline", model, recipe), ("pruned", gabor, grecipe)):
         for suffix, int8 in (("", False), ("-int8", True)):  # int8 files of their own: the pruned one's form is chosen on int8 timings
             cfg = ExportConfig(dynamic_batch=True, threads=1, lowering="dense" if name == "baseline" else "auto", quantize=int8)
-            exports[name + suffix] = export_model(m, r.input_shape, out / f"{name}{suffix}.onnx", cfg, recipe=r, data=(train, test), force=force)
+            exports[name + suffix] = export_model(m, r.input_shape, out / f"{name}{suffix}.onnx", cfg, provenance=r.provenance(), data=(train, test),
+                                                  force=force)
             report.onnx[name + suffix] = exports[name + suffix]
 
     on_stage(f"6/6 timing both, float and int8, in ONNX Runtime (batch {', '.join(map(str, config.bench_batches))}, 1 thread, interleaved)")
@@ -204,7 +207,7 @@ def _not_faster(result) -> str:
             verdicts = ", ".join(f"{c.verdict} at batch {c.batch_size}" for c in comps)
             notes.append(f"the pruned {precision} model is not faster than the unpruned one here ({verdicts})"
                          + ("" if precision == "int8" else ": too few whole channels died; fine-tune longer or with a higher "
-                            "--sparsity, or prune at a higher --threshold"))
+                            "`sparsity`, or prune at a higher `threshold`"))
     return "; ".join(notes)
 
 

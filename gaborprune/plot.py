@@ -283,7 +283,7 @@ def latency_figure(report):
         the matplotlib Figure.
     """
     plt = _pyplot()
-    from gaborprune.export.bench import load_note
+    from gaborprune.export.environment import load_note
 
     d = report if isinstance(report, dict) else report.to_dict()
     results, comparisons = d["results"], d["comparisons"]

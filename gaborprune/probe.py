@@ -38,14 +38,14 @@ def probe(model: nn.Module, input_shape: tuple[int, ...], hooks: Iterable[Remova
     except Exception as e:  # a user model can raise anything on an input it cannot take
         detail = str(e).splitlines()[0] if str(e) else ""
         raise InputShapeError(
-            f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}: {detail}); pass its C,H,W with --input-shape"
+            f"the model failed on an input of shape {list(input_shape)} ({type(e).__name__}: {detail}); pass its C,H,W with `input_shape`"
         ) from None
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     if too_small:
-        raise InputShapeError(f"the model cannot run on input {shown}: {too_small[0]}, smaller than its stride; give a larger --input-shape")
+        raise InputShapeError(f"the model cannot run on input {shown}: {too_small[0]}, smaller than its stride; give a larger `input_shape`")
     return out
 
 

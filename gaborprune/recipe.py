@@ -99,6 +99,12 @@ class Recipe:
         `PruneReport`, `TrainResult`, `TargetReport`)."""
         return dataclasses.replace(self, steps=(*self.steps, _check_step(step)))
 
+    def provenance(self) -> dict[str, Any]:
+        """What an export records of this recipe (`export_model`'s `provenance`): the source, the
+        numbers of conversions and prune plans, and whether a prune removed channels."""
+        channels = any(idx for step in self.prunes for sides in step.plan.channels.values() for idx in sides.values())
+        return {"source": self.source.spec, "conversions": len(self.conversions), "prune_plans": len(self.prunes), "channels_pruned": channels}
+
     def with_metadata(self, **entries: Any) -> Recipe:
         """This recipe with `entries` added to (or replacing keys of) its metadata."""
         return dataclasses.replace(self, metadata=self.metadata | entries)
@@ -132,7 +138,7 @@ class Recipe:
         if self.source.kind == "factory" and not (trust_factory or trusted_factory(spec)):
             raise RecipeError(
                 f"{where} names the model factory '{spec}', which rebuilding would import and call (code chosen by whoever wrote the file); "
-                f"refused. If you trust it, pass --trust-factory (trust_factory=True in the API) or set {TRUST_ENV}={spec.partition(':')[0]}"
+                f"refused. If you trust it, pass `trust_factory` (trust_factory=True in the API) or set {TRUST_ENV}={spec.partition(':')[0]}"
             )
         label = "its model source"
         try:

@@ -65,8 +65,8 @@ from torch import Tensor, nn
 
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
+from gaborprune.scopes import SCOPES, STRUCTURES
 from gaborprune.strength import DEFAULT_THRESHOLD, following_norms, kernel_strength, relative_strengths
-from gaborprune.train.config import SCOPES, STRUCTURES
 
 __all__ = ["BRANCH_WEIGHT", "DEFAULT_THRESHOLD", "GROUP_WEIGHT", "GaborSparsity", "following_norms", "kernel_strength", "l1_l2_ratio"]
 
@@ -135,21 +135,27 @@ class GaborSparsity:
             otherwise; `weighed_by` names the source (equal, macs, latency).
         scope: "banks" (default): the groups of the Gabor banks; "all" (needs "channel"): of every
             ungrouped convolution, plain ones in `plain`, and the residual branches in `branches`.
+        analysis: the `ModelAnalysis` of `model` (or of a copy of it with other weights) whose graph
+            and norms are reused; made here when None.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None, scope: str = "banks") -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], structure: str | None = None, scope: str = "banks",
+                 analysis=None) -> None:
         if structure is not None and structure not in STRUCTURES:
             raise GaborPruneError(f"unknown `structure` '{structure}'; known: {', '.join(STRUCTURES)}")
         if scope not in SCOPES:
             raise GaborPruneError(f"unknown `scope` '{scope}'; known: {', '.join(SCOPES)}")
         if scope == "all" and structure != "channel":
             raise GaborPruneError("`scope` all presses channel groups of every convolution; it needs `structure` channel")
+        from gaborprune.prune.analysis import ModelAnalysis  # the prune package imports this module
+
+        self.analysis = analysis if analysis is not None else ModelAnalysis(model, input_shape)
         modules = dict(model.named_modules())
-        norms = following_norms(model, input_shape)
+        norms = self.analysis.norms
         self.structure, self.scope = structure, scope
         self.layers = {n: m for n, m in modules.items() if isinstance(m, GaborConv2d)}
         self.norms = {n: modules[norms[n]] if n in norms else None for n in self.layers}
-        self.groups = self._analyse(model, input_shape) if structure is not None else None
+        self.groups = self._analyse(model) if structure is not None else None
         # scope "all": the plain convolutions in groups, whose strengths the group terms read too
         self.plain = {}
         for g in self.groups.groups if self.groups is not None else []:
@@ -166,10 +172,10 @@ class GaborSparsity:
     def __bool__(self) -> bool:
         return bool(self.layers) or bool(self.plain)
 
-    def _analyse(self, model: nn.Module, input_shape: tuple[int, int, int]):
-        from gaborprune.prune.groups import GroupAnalysis, channel_groups  # the prune package imports this module
+    def _analyse(self, model: nn.Module):
+        from gaborprune.prune.groups import GroupAnalysis
 
-        return channel_groups(model, input_shape, self.scope) if self.layers or self.scope == "all" else GroupAnalysis()
+        return self.analysis.groups(self.scope, model) if self.layers or self.scope == "all" else GroupAnalysis()
 
     def _conv(self, name: str) -> nn.Module:
         return self.layers[name] if name in self.layers else self.plain[name]
@@ -225,7 +231,7 @@ class GaborSparsity:
         total = torch.zeros(())
         strengths = {}
         for n, m in self.layers.items():
-            weight, m.last_weight = m.last_weight, None
+            weight = m.take_weight()
             strengths[n] = kernel_strength(m, self.norms[n], weight)
             total = total + l1_l2_ratio(strengths[n])
         for n, m in self.plain.items():  # no kernel term: kernels inside a plain layer are not time
@@ -257,13 +263,10 @@ class GaborSparsity:
         """Let each layer keep the kernels its forward pass computes, for `penalty` right after that
         pass in the same training step: on a GPU, computing a bank's kernels is a string of small
         kernel launches, and doing it once per step instead of twice is visibly faster."""
-        for m in self.layers.values():
-            m.keep_weight = True
-        try:
-            yield
-        finally:
+        with contextlib.ExitStack() as stack:
             for m in self.layers.values():
-                m.keep_weight, m.last_weight = False, None
+                stack.enter_context(m.keeping_weight())
+            yield
 
     def relative_strengths(self) -> dict[str, Tensor]:
         """Strength / the layer's strongest kernel, Tensor[C_out, C_in / groups] per layer, in [0, 1]."""

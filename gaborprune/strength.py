@@ -76,11 +76,13 @@ def relative_strengths(layers: dict[str, GaborConv2d], norms: dict[str, nn.Batch
     return out
 
 
-def alive_counts(model: nn.Module, input_shape: tuple[int, int, int], threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
-    """Kernels per Gabor bank whose relative strength is at least `threshold` (and not masked)."""
+def alive_counts(model: nn.Module, input_shape: tuple[int, int, int], threshold: float = DEFAULT_THRESHOLD,
+                 norms: dict[str, str] | None = None) -> dict[str, int]:
+    """Kernels per Gabor bank whose relative strength is at least `threshold` (and not masked).
+    `norms`: `following_norms` of the model when known."""
     modules = dict(model.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, GaborConv2d)}
     if not layers:
         return {}
-    norms = {n: modules[b] for n, b in following_norms(model, input_shape).items()}
+    norms = {n: modules[b] for n, b in (norms if norms is not None else following_norms(model, input_shape)).items()}
     return {n: int((r >= threshold).sum()) for n, r in relative_strengths(layers, norms).items()}

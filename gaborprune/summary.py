@@ -57,8 +57,9 @@ class ModelSummary:
 
 
 @torch.no_grad()
-def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
-    """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape].
+def summarize(model: nn.Module, input_shape: tuple[int, int, int], norms: dict[str, str] | None = None) -> ModelSummary:
+    """Count kernels, parameters and MACs by running one forward pass on zeros [1, *input_shape]
+    (`norms`: the model's `following_norms` when known, e.g. `ModelAnalysis.norms`).
 
     A Gabor kernel is alive when it is not removed (masked) and its strength is at least
     `gaborprune.strength.DEFAULT_THRESHOLD` of the strongest in its layer: the count `finetune` logs and `prune` keeps by
@@ -83,7 +84,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     probe(model, input_shape, hooks)
 
-    strong = alive_counts(model, input_shape)
+    strong = alive_counts(model, input_shape, norms=norms)
     layers = []
     for name, m in blocks.items():  # before their own 1x1 convolutions, as in named_modules
         base = m.heads * m.bases if m.invariance != "none" else 0

@@ -5,32 +5,39 @@ the command's --json), so a notebook does what a command does with the same few 
 
     from gaborprune import workflows as wf
     run = wf.convert("resnet20", gp.ConversionSpec(first=2), "r20.pt")            # gaborprune convert
-    run = wf.prune("ft.pt", "pruned.pt", gp.PruneSpec(threshold=0.05), data="digits", finetune_epochs=2)
+    run = wf.prune("ft.pt", "pruned.pt", gp.PruneSpec(threshold=0.05), accuracy=wf.Accuracy("digits", recovery_epochs=2))
 
-Nothing here prints: what a workflow is doing goes to `on_stage` (one line of text), training to
-`on_step` / `on_epoch`. Each workflow checks all its outputs, and the caller's `extra_outputs` (a
-JSON report the caller writes afterwards), before any work; every file is written atomically.
-Model-source options (`num_classes`, `weights`, `model_args`, `input_shape`, `trust_factory`) go
-to `gaborprune.recipe.load_model` as given. This module imports torch only inside its functions,
-so the CLI reads its defaults without waiting for torch.
+Three small values carry what every workflow shares: a `Source` (the model source and how to load
+it: weights, classes, builder arguments, input shape, trust), `Options` (how the run goes: outputs
+that may be overwritten, the caller's extra outputs, the device, progress callbacks) and, for
+prune and sweep, `Accuracy` (where accuracy is measured and how it is recovered). A plain string
+is a `Source` with no options.
+
+Nothing here prints: what a workflow is doing goes to `Options.on_stage` (one line of text),
+training to `on_step` / `on_epoch`. Each workflow checks all its outputs, and the caller's
+`extra_outputs` (a JSON report the caller writes afterwards), before any work; every file is
+written atomically. This module imports torch only inside its functions, so the CLI reads its
+defaults without waiting for torch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gaborprune._validate import check_int
 from gaborprune.errors import GaborPruneError
 from gaborprune.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from gaborprune.convert.spec import ConversionReport, ConversionSpec
     from gaborprune.export.api import ExportConfig, ExportReport
-    from gaborprune.export.bench import BenchReport
-    from gaborprune.prune import PruneReport, PruneSpec, SweepPoint, TargetReport, TargetSpec
+    from gaborprune.export.results import BenchReport
+    from gaborprune.prune import PruneReport, PruneSpec, SweepPoint
+    from gaborprune.search import TargetReport, TargetSpec
     from gaborprune.train import Checkpoints, TrainResult
 
 #: The peak learning rate of the fine-tuning that recovers a pruned model's accuracy: a fifth of
@@ -53,16 +60,88 @@ def given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _stage(on_stage: Stage | None, text: str) -> None:
-    if on_stage is not None:
-        on_stage(text)
+@dataclass(frozen=True)
+class Source:
+    """A model source and how to load it (`gaborprune.recipe.load_model`): `spec` is a built-in name,
+    `torchvision:NAME`, `package.module:factory`, a recipe .pt or (where a workflow takes one) an .onnx
+    file; `input_shape` is C,H,W. Options left None are the source's own. A fresh source's initial
+    weights are drawn from the seed of the run that loads it (the conversion's or the training's)."""
+
+    spec: str
+    weights: str | None = None
+    num_classes: int | None = None
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, int, int] | None = None
+    trust_factory: bool = False
+
+    @classmethod
+    def of(cls, source: Source | str) -> Source:
+        return source if isinstance(source, Source) else cls(str(source))
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def options(self) -> dict[str, Any]:
+        """The loading options that were given (what an ONNX file fixes itself is refused by them)."""
+        return given(weights=self.weights, num_classes=self.num_classes, model_args=dict(self.model_args) or None, input_shape=self.input_shape)
+
+    def load(self, seed: int = 0):
+        """(model, recipe): `load_model` with these options, a fresh source's weights drawn from `seed`."""
+        from gaborprune.recipe import load_model
+
+        return load_model(self.spec, seed=seed, trust_factory=self.trust_factory, **self.options())
 
 
-def _load(source: str, *, seed: int = 0, **load: Any):
-    """`load_model(source, **load)`, a fresh source's initial weights drawn from `seed`."""
-    from gaborprune.recipe import load_model
+@dataclass(frozen=True)
+class Options:
+    """How a workflow runs and reports, apart from what it computes: `force` overwrites existing
+    outputs, `extra_outputs` are files the caller writes afterwards (checked with the workflow's own
+    before any work), `device` trains and evaluates (auto: CUDA when available), and the callbacks
+    receive progress: `on_stage` one line of text, `on_step` / `on_epoch` training steps and epochs."""
 
-    return load_model(source, seed=seed, **load)
+    force: bool = False
+    extra_outputs: Paths = ()
+    device: str = DEVICE
+    on_stage: Stage | None = None
+    on_step: Callable | None = None
+    on_epoch: Callable[[dict], None] | None = None
+
+    def stage(self, text: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(text)
+
+
+#: What workflows run with when the caller gives no `Options`.
+OPTIONS = Options()
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Where `prune` and `sweep` measure top-1 (the test split of `data`) and how they recover it:
+    `recalibrate` re-estimates BatchNorm statistics on CALIBRATION_IMAGES training images (no
+    gradient step), `recovery_epochs` of fine-tuning at peak `lr` follow (None: none); `batch_size`
+    trains and evaluates, `seed` draws the images, `resize` is ImageFolder's."""
+
+    data: str
+    recalibrate: bool = True
+    recovery_epochs: int | None = None
+    lr: float = RECOVERY_LR
+    batch_size: int = TrainConfig.batch_size
+    seed: int = TrainConfig.seed
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        from gaborprune.data import DataSpec
+
+        if self.recovery_epochs is not None:
+            check_int(self.recovery_epochs, "`recovery_epochs`", 1)
+        DataSpec.parse(self.data)  # a bad spec fails before any model loads
+
+    def recovery(self, scope: str) -> TrainConfig:
+        """The recovery fine-tuning's settings (its batch size also evaluates)."""
+        # channels cut all over the network leave BatchNorm statistics that recovery alone follows too slowly
+        return TrainConfig(**given(epochs=self.recovery_epochs), lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                           **given(recalibrate=True if scope == "all" else None))
 
 
 def _data(model, recipe, data: str, resize: int | None = None) -> tuple[Any, Any, str]:
@@ -88,7 +167,7 @@ def _train(model, recipe, train, test, config: TrainConfig, device, dist, data_n
             return finetune_(model, recipe, train, test, config, device=device, data_name=data_name, checkpoints=checkpoints,
                              resume=resume, dist=dist, on_step=on_step, on_epoch=on_epoch)
         except KeyboardInterrupt as e:
-            hint = f"; continue with the same command plus --resume {checkpoints.last}" if checkpoints else ""
+            hint = f"; continue with the same command plus `resume` {checkpoints.last}" if checkpoints else ""
             raise GaborPruneError(f"{'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}{hint}") from None
 
 
@@ -128,9 +207,8 @@ class Calibration:
     accuracy_after: float
 
 
-def convert(source: str, spec: ConversionSpec, output: str | os.PathLike, *, data: str | None = None,
-            calibration_images: int = CALIBRATION_IMAGES, device: str = DEVICE, resize: int | None = None, force: bool = False,
-            extra_outputs: Paths = (), on_stage: Stage | None = None, **load: Any) -> ConvertRun:
+def convert(source: Source | str, spec: ConversionSpec, output: str | os.PathLike, *, data: str | None = None,
+            calibration_images: int = CALIBRATION_IMAGES, resize: int | None = None, options: Options = OPTIONS) -> ConvertRun:
     """Convert the layers `spec` selects of `source` (its fresh weights seeded by `spec.seed`) and
     save the recipe at `output`.
 
@@ -148,20 +226,21 @@ def convert(source: str, spec: ConversionSpec, output: str | os.PathLike, *, dat
     check_int(calibration_images, "`calibration_images`", 2)
     if data is not None:
         DataSpec.parse(data)  # a bad spec fails before the model loads
-    check_outputs([output, *extra_outputs], force)
-    model, recipe = _load(source, seed=spec.seed, **load)
+    source = Source.of(source)
+    check_outputs([output, *options.extra_outputs], options.force)
+    model, recipe = source.load(spec.seed)
     before = summarize(model, recipe.input_shape).params
     calibration = batches = None
     if data is not None:
         from gaborprune.train import evaluate as evaluate_model
 
-        dev = resolve_device(device)
+        dev = resolve_device(options.device)
         train, test, name = _data(model, recipe, data, resize)
         test = test.to(dev)
         model.to(dev)
         accuracy_before = evaluate_model(model, test, dev).top1
         batches = [x.to(dev) for x in calibration_batches(train, calibration_images, seed=spec.seed)]
-    _stage(on_stage, ("fitting Gabor banks" + (f" to their layers' outputs on {calibration_images} {name} images" if data else "") + "...")
+    options.stage(("fitting Gabor banks" + (f" to their layers' outputs on {calibration_images} {name} images" if data else "") + "...")
                      if spec.init == "fit" and spec.to == "gabor" else "converting...")
     report = gaborize_(model, spec, recipe.input_shape, calibration=batches)
     if data is not None:
@@ -170,10 +249,10 @@ def convert(source: str, spec: ConversionSpec, output: str | os.PathLike, *, dat
         model.cpu()
     recipe = recipe.with_step(report.step)
     after = summarize(model, recipe.input_shape).params
-    save_recipe(output, model, recipe, force=force)
+    save_recipe(output, model, recipe, force=options.force)
     fitted = any(layer.fit_rel_error is not None for layer in report.layers)
-    untrained = fitted and load.get("weights") is None and not is_recipe_path(source)
-    return ConvertRun(source, Path(output), report, before, after, untrained, calibration)
+    untrained = fitted and source.weights is None and not is_recipe_path(source.spec)
+    return ConvertRun(str(source), Path(output), report, before, after, untrained, calibration)
 
 
 # -- inspect -----------------------------------------------------------------------------------------
@@ -196,15 +275,15 @@ class InspectRun:
         return {"model": self.source} | self.summary.to_dict()
 
 
-def _check_onnx_options(source: str, load: dict, *names: str) -> None:
+def _check_onnx_options(source: Source, *names: str) -> None:
     """Refuse model-source options that an ONNX file fixes itself."""
     from gaborprune.export.inspect_onnx import check_onnx_options
 
-    flags = {"num_classes": "--num-classes", "weights": "--weights", "model_args": "--model-arg", "input_shape": "--input-shape"}
-    check_onnx_options(source, **{flags[n]: load.get(n) or None for n in names})
+    given_options = source.options()
+    check_onnx_options(source.spec, **{n: given_options.get(n) or None for n in names})
 
 
-def inspect(source: str, *, png: str | os.PathLike | None = None, force: bool = False, extra_outputs: Paths = (), **load: Any) -> InspectRun:
+def inspect(source: Source | str, *, png: str | os.PathLike | None = None, options: Options = OPTIONS) -> InspectRun:
     """Count a model's layers, parameters, MACs and FLOPs (an .onnx file: its operators, inputs and
     metadata too); with `png`, draw its Gabor banks (or first convolution)."""
     from gaborprune._io import check_outputs
@@ -212,17 +291,18 @@ def inspect(source: str, *, png: str | os.PathLike | None = None, force: bool = 
     from gaborprune.plot import plot_recipe_banks
     from gaborprune.summary import summarize
 
-    check_outputs([png, *extra_outputs], force)
-    if is_onnx_path(source):
-        _check_onnx_options(source, load, "num_classes", "weights", "model_args", "input_shape")
+    source = Source.of(source)
+    check_outputs([png, *options.extra_outputs], options.force)
+    if is_onnx_path(source.spec):
+        _check_onnx_options(source, "num_classes", "weights", "model_args", "input_shape")
         if png:
-            raise GaborPruneError(f"--png draws a recipe's Gabor banks; '{source}' holds them baked into plain convolutions: "
+            raise GaborPruneError(f"`png` draws a recipe's Gabor banks; '{source}' holds them baked into plain convolutions: "
                                   "inspect the recipe it was exported from")
-        return InspectRun(source, describe_onnx(source))
-    model, recipe = _load(source, **load)
-    run = InspectRun(source, summarize(model, recipe.input_shape))
+        return InspectRun(str(source), describe_onnx(source.spec))
+    model, recipe = source.load()
+    run = InspectRun(str(source), summarize(model, recipe.input_shape))
     if png:
-        run.drawn = plot_recipe_banks(model, recipe, png, force=force)
+        run.drawn = plot_recipe_banks(model, recipe, png, force=options.force)
     return run
 
 
@@ -271,10 +351,8 @@ def finetune_defaults(source: str, weights: str | None = None, sparsity: float =
     return {}
 
 
-def finetune(source: str, data: str, output: str | os.PathLike, config: TrainConfig = TrainConfig(), *,
-             resume: str | os.PathLike | None = None, device: str = DEVICE, resize: int | None = None, force: bool = False,
-             extra_outputs: Paths = (), on_stage: Stage | None = None, on_step: Callable | None = None,
-             on_epoch: Callable[[dict], None] | None = None, **load: Any) -> FinetuneRun:
+def finetune(source: Source | str, data: str, output: str | os.PathLike, config: TrainConfig = TrainConfig(), *,
+             resume: str | os.PathLike | None = None, resize: int | None = None, options: Options = OPTIONS) -> FinetuneRun:
     """Fine-tune `source` on `data` (the Gabor banks under `config`'s sparsity pressure) and save the
     recipe at `output`, with resumable checkpoints beside it (`gaborprune.train.checkpoint`).
 
@@ -290,24 +368,25 @@ def finetune(source: str, data: str, output: str | os.PathLike, config: TrainCon
     from gaborprune.train import Checkpoints
     from gaborprune.train.distributed import setup, teardown
 
+    source = Source.of(source)
     checkpoints = Checkpoints(output)
     if resume is not None and not Path(resume).is_file():
         raise GaborPruneError(f"resume file '{resume}' not found")
     spec = DataSpec.parse(data)
-    dist, dev = setup(device)
+    dist, dev = setup(options.device)
     try:
-        model, recipe = _load(source, seed=config.seed, **load)
+        model, recipe = source.load(config.seed)
         train, test = load_data(spec, recipe.input_shape, resize=resize)
         if dist.main:
-            check_outputs([output, *extra_outputs] + ([] if resume else checkpoints.paths), force,
+            check_outputs([output, *options.extra_outputs] + ([] if resume else checkpoints.paths), options.force,
                           reused=checkpoints.paths if resume else ())
             processes = f" x {dist.world} processes" if dist.world > 1 else ""
-            _stage(on_stage, f"fine-tuning {source} on {spec} ({len(train)} train / {len(test)} test images) on {dev}{processes}")
+            options.stage(f"fine-tuning {source} on {spec} ({len(train)} train / {len(test)} test images) on {dev}{processes}")
         result = _train(model, recipe, train, test, config, dev, dist, str(spec), checkpoints=checkpoints, resume=resume,
-                        on_step=on_step, on_epoch=on_epoch)
+                        on_step=options.on_step, on_epoch=options.on_epoch)
         if dist.main:
-            save_recipe(output, model.cpu(), recipe.with_step(result.step), force=force)
-        return FinetuneRun(source, str(spec), Path(output), config, checkpoints, result, dist.main)
+            save_recipe(output, model.cpu(), recipe.with_step(result.step), force=options.force)
+        return FinetuneRun(str(source), str(spec), Path(output), config, checkpoints, result, dist.main)
     finally:
         teardown()
 
@@ -331,31 +410,32 @@ class EvalRun:
         return {"top1": r.top1, "top5": r.top5, "loss": r.loss, "samples": r.samples, "runtime": "pytorch"}
 
 
-def evaluate(source: str, data: str, *, batch_size: int | None = None, device: str = DEVICE, resize: int | None = None,
-             threads: int | None = None, force: bool = False, extra_outputs: Paths = (), **load: Any) -> EvalRun:
+def evaluate(source: Source | str, data: str, *, batch_size: int | None = None, resize: int | None = None, threads: int | None = None,
+             options: Options = OPTIONS) -> EvalRun:
     """Top-1 / top-5 accuracy and loss of `source` on the test split of `data`; an .onnx file runs in
     ONNX Runtime (`threads`: its intra-op threads). `batch_size` None: the evaluators' default."""
     from gaborprune._io import check_outputs
     from gaborprune.data import DataSpec, load_data
     from gaborprune.export.inspect_onnx import evaluate_onnx, input_chw, is_onnx_path
 
-    check_outputs(extra_outputs, force)
+    source = Source.of(source)
+    check_outputs(options.extra_outputs, options.force)
 
-    if is_onnx_path(source):
-        _check_onnx_options(source, load, "num_classes", "weights", "model_args")
+    if is_onnx_path(source.spec):
+        _check_onnx_options(source, "num_classes", "weights", "model_args")
         spec = DataSpec.parse(data)
-        _, test = load_data(spec, load.get("input_shape") or input_chw(source), resize=resize)
-        result = evaluate_onnx(source, test, batch_size=batch_size, threads=threads, provider=device, data_name=str(spec))
-        return EvalRun(source, str(spec), "onnxruntime", result.provider, result)
+        _, test = load_data(spec, source.input_shape or input_chw(source.spec), resize=resize)
+        result = evaluate_onnx(source.spec, test, batch_size=batch_size, threads=threads, provider=options.device, data_name=str(spec))
+        return EvalRun(str(source), str(spec), "onnxruntime", result.provider, result)
     from gaborprune.train import evaluate as evaluate_model
     from gaborprune.train.distributed import setup
 
     DataSpec.parse(data)  # a bad spec fails before the model loads
-    dist, dev = setup(device)
-    model, recipe = _load(source, **load)
+    dist, dev = setup(options.device)
+    model, recipe = source.load()
     _, test, name = _data(model, recipe, data, resize)
     result = evaluate_model(model.to(dev), test.to(dev), dev, **given(batch_size=batch_size))
-    return EvalRun(source, name, "pytorch", str(dev), result)
+    return EvalRun(str(source), name, "pytorch", str(dev), result)
 
 
 # -- prune -------------------------------------------------------------------------------------------
@@ -388,7 +468,8 @@ class PruneRun:
 
 def _prune_spec(spec: PruneSpec | None, target: TargetSpec | None) -> PruneSpec | None:
     """The spec a workflow prunes by: PruneSpec() when neither is given; with scope "all", rounded to
-    this CPU's channel block unless `round_to` says otherwise."""
+    this CPU's channel block unless `round_to` says otherwise. Which of a spec's own fields combine,
+    `PruneSpec` checks; here, which combine with a target."""
     from dataclasses import replace
 
     from gaborprune.prune import PruneSpec
@@ -396,29 +477,21 @@ def _prune_spec(spec: PruneSpec | None, target: TargetSpec | None) -> PruneSpec 
 
     if spec is None:
         return None if target is not None else PruneSpec()
-    if spec.round_to is not None and spec.scope != "all":
-        raise GaborPruneError("`round_to` counts channels that `scope` all removes; add `scope` all or drop `round_to`")
     if target is not None and spec.scope != "all":  # with scope "all" the spec carries the scope and rounding of the search
         raise GaborPruneError("give a PruneSpec or a TargetSpec, not both")
+    if target is not None and spec.threshold != PruneSpec().threshold:  # the target's search chooses the thresholds
+        raise GaborPruneError(f"a TargetSpec chooses the kernels itself; drop `threshold` {spec.threshold:g} (with a target, a PruneSpec gives "
+                              "only `scope` and `round_to`)")
     return replace(spec, round_to=default_round_to()) if spec.scope == "all" and spec.round_to is None else spec
-
-
-def _recovery(finetune_epochs: int | None, lr: float, batch_size: int, seed: int, scope: str) -> TrainConfig:
-    """The recovery fine-tuning's settings (its batch size also evaluates); checked even when no
-    recovery runs, so that a bad value is refused before anything is loaded."""
-    if finetune_epochs is not None and finetune_epochs < 1:
-        raise GaborPruneError(f"--finetune-epochs must be at least 1, not {finetune_epochs}")
-    # channels cut all over the network leave BatchNorm statistics that recovery alone follows too slowly
-    return TrainConfig(**given(epochs=finetune_epochs), lr=lr, batch_size=batch_size, seed=seed, **given(recalibrate=True if scope == "all" else None))
 
 
 class _Measures:
     """Accuracy on the test split, and recovery fine-tuning then accuracy, of a model on one dataset."""
 
-    def __init__(self, model, recipe, data: str, resize, config: TrainConfig, device, dist, on_step, on_epoch) -> None:
-        self.train, self.test, self.name = _data(model, recipe, data, resize)
+    def __init__(self, model, recipe, accuracy: Accuracy, scope: str, device, dist, options: Options) -> None:
+        self.train, self.test, self.name = _data(model, recipe, accuracy.data, accuracy.resize)
         self.test = self.test.to(device)
-        self.config, self.device, self.dist, self.on_step, self.on_epoch = config, device, dist, on_step, on_epoch
+        self.config, self.device, self.dist, self.on_step, self.on_epoch = accuracy.recovery(scope), device, dist, options.on_step, options.on_epoch
 
     def accuracy(self, model) -> float:
         from gaborprune.train import evaluate as evaluate_model
@@ -442,63 +515,49 @@ class _Measures:
         return self.accuracy(model), recipe.with_step(result.step)
 
 
-def prune(source: str, output: str | os.PathLike | None = None, spec: PruneSpec | None = None, *, target: TargetSpec | None = None,
-          data: str | None = None, recalibrate: bool = True, finetune_epochs: int | None = None, lr: float = RECOVERY_LR,
-          batch_size: int = TrainConfig.batch_size, seed: int = TrainConfig.seed, dry_run: bool = False, device: str = DEVICE,
-          resize: int | None = None, input_shape: tuple[int, int, int] | None = None, threads: int | None = None, trust_factory: bool = False,
-          force: bool = False, extra_outputs: Paths = (), on_stage: Stage | None = None, on_pruned: Callable[[PruneRun], None] | None = None,
-          on_step: Callable | None = None, on_epoch: Callable[[dict], None] | None = None) -> PruneRun:
+def prune(source: Source | str, output: str | os.PathLike | None = None, spec: PruneSpec | None = None, *, target: TargetSpec | None = None,
+          accuracy: Accuracy | None = None, dry_run: bool = False, threads: int | None = None,
+          on_pruned: Callable[[PruneRun], None] | None = None, options: Options = OPTIONS) -> PruneRun:
     """Prune a recipe's Gabor banks by `spec` (default `PruneSpec()`) or to a measured `target`
-    (`prune_to_target_`, timed on `threads`, default 1), evaluate before and after on `data`, re-estimate
-    the BatchNorm statistics on training images (`recalibrate`, with `data`: removed kernels and channels
-    shift what every later BatchNorm sees), recover with `finetune_epochs` of fine-tuning (removed kernels
-    stay removed), and save the pruned recipe
-    at `output`, its run recorded under metadata["prunes"] (`PruneRun.record`). `dry_run` writes nothing.
+    (`prune_to_target_`, timed on `threads`, default 1); with `accuracy`, evaluate before and after,
+    re-estimate the BatchNorm statistics on training images (`Accuracy.recalibrate`: removed kernels
+    and channels shift what every later BatchNorm sees) and recover with its recovery epochs of
+    fine-tuning (removed kernels stay removed); save the pruned recipe at `output`, its run recorded
+    under metadata["prunes"] (`PruneRun.record`). `dry_run` writes nothing.
 
     `on_pruned(run)` is called once the model is pruned, before its accuracy is measured and before
     recovery, so the prune can be shown while recovery runs; also when a target is not met
     (`run.report` None), before the call raises.
     """
     from gaborprune._io import check_outputs
-    from gaborprune.data import DataSpec
-    from gaborprune.prune import prune_model_, prune_to_target_
-    from gaborprune.prune.structured import prune_all_to_target_
+    from gaborprune.prune import prune_model_
     from gaborprune.recipe import save_recipe
+    from gaborprune.search import prune_to_target_
     from gaborprune.train.distributed import setup, teardown
 
-    spec = _prune_spec(spec, target)
+    source, spec = Source.of(source), _prune_spec(spec, target)
     if output is None and not dry_run:
-        raise GaborPruneError("say where to write the pruned recipe with -o FILE (or look first with --dry-run)")
-    if finetune_epochs is not None and data is None:
-        raise GaborPruneError("--finetune-epochs needs --data SPEC to measure accuracy")
-    config = _recovery(finetune_epochs, lr, batch_size, seed, spec.scope if spec else "banks")
-    check_outputs([*extra_outputs] + ([] if dry_run else [output]), force)
-    if data is not None:
-        DataSpec.parse(data)  # a bad spec fails before the model loads
-    model, recipe = _load(source, **given(input_shape=input_shape), trust_factory=trust_factory)
-    dist, dev = setup(device)
+        raise GaborPruneError("say where to write the pruned recipe with `output` (or look first with `dry_run`)")
+    check_outputs([*options.extra_outputs] + ([] if dry_run else [output]), options.force)
+    model, recipe = source.load()
+    dist, dev = setup(options.device)
     try:
-        measures = _Measures(model, recipe, data, resize, config, dev, dist, on_step, on_epoch) if data is not None else None
+        measures = _Measures(model, recipe, accuracy, spec.scope if spec else "banks", dev, dist, options) if accuracy is not None else None
         before = measures.accuracy(model) if measures else None
-        run = PruneRun(source, None if dry_run else Path(output), spec, data=measures.name if measures else None,
-                       recovery_epochs=finetune_epochs if measures and not dry_run else None)
+        run = PruneRun(str(source), None if dry_run else Path(output), spec, data=measures.name if measures else None,
+                       recovery_epochs=accuracy.recovery_epochs if measures and not dry_run else None)
         if target is not None:
-            _stage(on_stage, f"pruning to {target.describe()}: exporting and timing candidates with ONNX Runtime...")
-            if spec is not None and spec.scope == "all":  # the lowest threshold that meets it
-                run.target = prune_all_to_target_(model.to("cpu"), recipe.input_shape, speedup=target.speedup, latency_ms=target.latency_ms,
-                                                  round_to=spec.round_to, **given(threads=threads))
-            else:
-                run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, speedup=target.speedup, latency_ms=target.latency_ms,
-                                              **given(threads=threads))
+            options.stage(f"pruning to {target.describe()}: exporting and timing candidates with ONNX Runtime...")
+            scoped = dict(scope=spec.scope, round_to=spec.round_to) if spec is not None else {}
+            run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads))
             if run.target.prune is None:
                 if on_pruned is not None:
                     on_pruned(run)
                 raise GaborPruneError(run.target.message + "; no recipe written")
-            what = (f"threshold {run.target.chosen:g} (--scope all)" if spec is not None and spec.scope == "all"
-                    else f"{run.target.chosen} weakest channel groups")
-            run.report, run.rule = run.target.prune, f"{what} for {target.describe()}"
+            scope = " (scope all)" if spec is not None and spec.scope == "all" else ""
+            run.report, run.rule = run.target.prune, f"{run.target.chosen_candidate.label}{scope} for {target.describe()}"
         else:
-            _stage(on_stage, "pruning...")
+            options.stage("pruning...")
             run.report = prune_model_(model, recipe.input_shape, spec)
             run.rule = spec.describe([c.name for c in run.report.gabor_layers])
         recipe = recipe.with_step(run.report.step)
@@ -507,13 +566,13 @@ def prune(source: str, output: str | os.PathLike | None = None, spec: PruneSpec 
         if measures is not None:
             run.report.accuracy_before = before
             run.report.accuracy_pruned = run.report.accuracy_after = measures.accuracy(model)
-            if recalibrate:
+            if accuracy.recalibrate:
                 run.report.accuracy_recalibrated = run.report.accuracy_after = measures.recalibrate(model)
             if run.recovery_epochs:
                 run.report.accuracy_after, recipe = measures.recover(model, recipe)
         if not dry_run:
             recipe = recipe.with_metadata(prunes=[*recipe.metadata.get("prunes", []), run.record()])
-            save_recipe(output, model.to("cpu"), recipe, force=force)
+            save_recipe(output, model.to("cpu"), recipe, force=options.force)
         return run
     finally:
         teardown()
@@ -533,17 +592,13 @@ class SweepRun:
         return {"model": self.source, "points": [asdict(p) for p in self.points]}
 
 
-def sweep(source: str, thresholds: Sequence[float], spec: PruneSpec | None = None, *, data: str | None = None,
-          finetune_epochs: int | None = None, lr: float = RECOVERY_LR, batch_size: int = TrainConfig.batch_size,
-          seed: int = TrainConfig.seed, png: str | os.PathLike | None = None, device: str = DEVICE, resize: int | None = None,
-          input_shape: tuple[int, int, int] | None = None, trust_factory: bool = False, force: bool = False,
-          extra_outputs: Paths = (), on_stage: Stage | None = None, on_step: Callable | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> SweepRun:
+def sweep(source: Source | str, thresholds: Sequence[float], spec: PruneSpec | None = None, *, accuracy: Accuracy | None = None,
+          png: str | os.PathLike | None = None, options: Options = OPTIONS) -> SweepRun:
     """Prune copies of `source` at each threshold (the rest of `spec` as given: scope, rounding),
-    measure each on `data` (after `finetune_epochs` of recovery when given) and, with `png`, plot
-    accuracy and MACs against kernels kept. Writes no recipe."""
+    measure each as `accuracy` says (after its recovery epochs when given; BatchNorm recalibration
+    is not applied in a sweep) and, with `png`, plot accuracy and MACs against kernels kept. Writes
+    no recipe."""
     from gaborprune._io import check_outputs
-    from gaborprune.data import DataSpec
     from gaborprune.plot import plot_sweep
     from gaborprune.prune import sweep as prune_sweep
     from gaborprune.summary import summarize
@@ -552,24 +607,23 @@ def sweep(source: str, thresholds: Sequence[float], spec: PruneSpec | None = Non
     thresholds = list(thresholds)
     bad = [t for t in thresholds if not 0 <= t < 1]
     if bad or not thresholds:
-        raise GaborPruneError(f"--sweep threshold {bad[0] if bad else '(none)'} is out of range; thresholds are fractions in [0, 1)")
-    if data is None:
-        raise GaborPruneError("--sweep needs --data SPEC to measure accuracy")
-    spec = _prune_spec(spec, None)
-    config = _recovery(finetune_epochs, lr, batch_size, seed, spec.scope)
-    check_outputs([png, *extra_outputs], force)
-    DataSpec.parse(data)
-    model, recipe = _load(source, **given(input_shape=input_shape), trust_factory=trust_factory)
-    dist, dev = setup(device)
+        raise GaborPruneError(f"`sweep` threshold {bad[0] if bad else '(none)'} is out of range; thresholds are fractions in [0, 1)")
+    if accuracy is None:
+        raise GaborPruneError("`sweep` needs `data` to measure accuracy")
+    source, spec = Source.of(source), _prune_spec(spec, None)
+    check_outputs([png, *options.extra_outputs], options.force)
+    model, recipe = source.load()
+    dist, dev = setup(options.device)
     try:
-        measures = _Measures(model, recipe, data, resize, config, dev, dist, on_step, on_epoch)
+        measures = _Measures(model, recipe, accuracy, spec.scope, dev, dist, options)
         unpruned = measures.accuracy(model)
-        _stage(on_stage, f"pruning at {len(thresholds)} thresholds...")
-        measure = (lambda m, report: measures.recover(m, recipe.with_step(report.step))[0]) if finetune_epochs else (lambda m, report: measures.accuracy(m))
+        options.stage(f"pruning at {len(thresholds)} thresholds...")
+        measure = ((lambda m, report: measures.recover(m, recipe.with_step(report.step))[0]) if accuracy.recovery_epochs
+                   else (lambda m, report: measures.accuracy(m)))
         points = prune_sweep(model, recipe.input_shape, thresholds, measure, spec)
-        run = SweepRun(source, points, unpruned, summarize(model.cpu(), recipe.input_shape).macs, None if png is None else Path(png))
+        run = SweepRun(str(source), points, unpruned, summarize(model.cpu(), recipe.input_shape).macs, None if png is None else Path(png))
         if png is not None:
-            plot_sweep(points, png, unpruned_accuracy=unpruned, unpruned_macs=run.unpruned_macs, title=source, force=force)
+            plot_sweep(points, png, unpruned_accuracy=unpruned, unpruned_macs=run.unpruned_macs, title=str(source), force=options.force)
         return run
     finally:
         teardown()
@@ -588,81 +642,100 @@ class ExportRun:
         return {"model": self.source} | self.report.to_dict()
 
 
-def export(source: str, output: str | os.PathLike, config: ExportConfig | None = None, *, input_shape: tuple[int, int, int] | None = None,
-           data: str | None = None, trust_factory: bool = False, force: bool = False, extra_outputs: Paths = (),
-           on_stage: Stage | None = None) -> ExportRun:
+def export(source: Source | str, output: str | os.PathLike, config: ExportConfig | None = None, *, data: str | None = None,
+           options: Options = OPTIONS) -> ExportRun:
     """Export `source` as compact ONNX at `output` (`export_model`; `config` default `ExportConfig()`),
     checked against PyTorch, and on `data` (checks, int8 calibration and ONNX accuracy) when given."""
     from gaborprune._io import check_outputs
     from gaborprune.export.api import ExportConfig, export_model
 
-    config = config if config is not None else ExportConfig()
-    check_outputs([output, *extra_outputs], force)
-    model, recipe = _load(source, **given(input_shape=input_shape), trust_factory=trust_factory)
+    source, config = Source.of(source), config if config is not None else ExportConfig()
+    check_outputs([output, *options.extra_outputs], options.force)
+    model, recipe = source.load()
     pair = None
     if data is not None:
         train, test, _ = _data(model, recipe, data)
         pair = (train, test)
-    _stage(on_stage, "lowering, exporting and checking..." + (" (timing the candidate forms)" if config.lowering == "auto" else ""))
-    return ExportRun(source, export_model(model, recipe.input_shape, output, config, recipe=recipe, data=pair, force=force), data)
+    options.stage("lowering, exporting and checking..." + (" (timing the candidate forms)" if config.lowering == "auto" else ""))
+    return ExportRun(str(source), export_model(model, recipe.input_shape, output, config, provenance=recipe.provenance(), data=pair, force=options.force), data)
 
 
 # -- bench -------------------------------------------------------------------------------------------
-def _bench_model(source: str, workdir: Path, batch: int, threads: int, trust_factory: bool, on_stage: Stage | None):
+def _bench_model(source: Source, workdir: Path, batch: int, threads: int, options: Options):
     """An ONNX file as it is; a recipe or model source exported on the fly into `workdir` (dynamic
     batch, auto lowering at the first configuration), its PyTorch model kept for eager timing."""
     from gaborprune.export.api import ExportConfig, export_model
-    from gaborprune.export.bench import load_onnx
+    from gaborprune.export.bench_models import load_onnx
     from gaborprune.export.inspect_onnx import is_onnx_path
 
-    if is_onnx_path(source):
-        return load_onnx(source)
-    model, recipe = _load(source, trust_factory=trust_factory)
+    if is_onnx_path(source.spec):
+        return load_onnx(source.spec)
+    model, recipe = source.load()
     path = workdir / f"{len(list(workdir.iterdir()))}.onnx"
-    _stage(on_stage, f"exporting {source}...")
-    export_model(model, recipe.input_shape, path, ExportConfig(batch_size=batch, dynamic_batch=True, threads=threads), recipe=recipe)
-    m = load_onnx(path, name=source)
+    options.stage(f"exporting {source}...")
+    export_model(model, recipe.input_shape, path, ExportConfig(batch_size=batch, dynamic_batch=True, threads=threads), provenance=recipe.provenance())
+    m = load_onnx(path, name=str(source))
     m.torch_model = model.eval()
     return m
 
 
-def bench(models: Sequence[str], *, baseline: Sequence[str] = (), batch_sizes: Sequence[int] | None = None,
-          threads: Sequence[int] | None = None, warmup: int | None = None, runs: int | None = None, precision: float | None = None,
-          max_seconds: float | None = None, int8: bool = False, data: str | None = None, provider: str = "cpu",
-          profile: bool = False, torch_eager: bool = False, trust_factory: bool = False, force: bool = False, extra_outputs: Paths = (),
-          on_stage: Stage | None = None) -> BenchReport:
+@dataclass(frozen=True)
+class BenchSettings:
+    """How `bench` times: batch sizes, intra-op thread counts, untimed runs and timed runs per round,
+    the relative width of a median's 95% interval that ends the rounds, the time budget (seconds, all
+    configurations together) and the ONNX Runtime provider. None: bench's default."""
+
+    batch_sizes: tuple[int, ...] | None = None
+    threads: tuple[int, ...] | None = None
+    warmup: int | None = None
+    runs: int | None = None
+    precision: float | None = None
+    max_seconds: float | None = None
+    provider: str = "cpu"
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting, defaults filled in and checked (`gaborprune.export.bench.check_settings`)."""
+        from gaborprune.export import bench as timing
+        from gaborprune.export.runtime import providers
+
+        values = dict(batch_sizes=tuple(self.batch_sizes or timing.BATCH_SIZES), threads=tuple(self.threads or timing.THREADS),
+                      warmup=timing.WARMUP if self.warmup is None else self.warmup, runs=timing.RUNS if self.runs is None else self.runs,
+                      precision=timing.PRECISION if self.precision is None else self.precision,
+                      max_seconds=timing.MAX_SECONDS if self.max_seconds is None else self.max_seconds)
+        timing.check_settings(*values.values())
+        providers(self.provider)
+        return values | {"provider": self.provider}
+
+
+def bench(models: Sequence[Source | str], *, baseline: Sequence[Source | str] = (), settings: BenchSettings = BenchSettings(), int8: bool = False,
+          data: str | None = None, profile: bool = False, torch_eager: bool = False, options: Options = OPTIONS) -> BenchReport:
     """`gaborprune.export.bench.bench` over ONNX files and recipes / model sources (exported on the fly
     to a temporary folder), with the `baseline`s timed in the same runs; `data` calibrates `int8`.
-    Settings left None are bench's defaults. Every setting is checked before anything is exported."""
+    Every setting is checked before anything is exported."""
     import tempfile
 
     from gaborprune._io import check_outputs
     from gaborprune.export import bench as timing
-    from gaborprune.export.runtime import providers
 
-    batches, counts = tuple(batch_sizes or timing.BATCH_SIZES), tuple(threads or timing.THREADS)
-    settings = dict(warmup=timing.WARMUP if warmup is None else warmup, runs=timing.RUNS if runs is None else runs,
-                    precision=timing.PRECISION if precision is None else precision,
-                    max_seconds=timing.MAX_SECONDS if max_seconds is None else max_seconds)
-    timing.check_settings(batches, counts, **settings)
+    chosen = settings.resolved()
+    batches, counts = chosen["batch_sizes"], chosen["threads"]
     if data is not None and not int8:
-        raise GaborPruneError(f"--data {data} calibrates --int8; add --int8, or leave out --data")
+        raise GaborPruneError(f"`data` {data} calibrates `int8`; add `int8`, or leave out `data`")
     if data is not None:
         from gaborprune.data import DataSpec, load_data
 
         spec = DataSpec.parse(data)
-    providers(provider)
-    check_outputs(extra_outputs, force)
+    check_outputs(options.extra_outputs, options.force)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = [_bench_model(m, Path(tmp), batches[0], counts[0], trust_factory, on_stage) for m in models]
-        bases = [_bench_model(b, Path(tmp), batches[0], counts[0], trust_factory, on_stage) for b in baseline]
+        loaded = [_bench_model(Source.of(m), Path(tmp), batches[0], counts[0], options) for m in models]
+        bases = [_bench_model(Source.of(b), Path(tmp), batches[0], counts[0], options) for b in baseline]
         calibration = None
         if data is not None:
             from gaborprune.export.quantize import calibration_batches
 
             train, _ = load_data(spec, loaded[0].chw)
             calibration = calibration_batches(train, next((m.fixed_batch for m in loaded + bases if m.fixed_batch), 32))
-        _stage(on_stage, f"timing {len(loaded) + len(bases)} model(s){' and their int8 copies' if int8 else ''} x "
-                         f"{len(batches) * len(counts)} configuration(s), in rounds until the medians are tight...")
-        return timing.bench(loaded, baseline=bases or None, batch_sizes=batches, threads=counts, provider=provider, profile_layers=profile,
-                            torch_eager=torch_eager, int8=int8, calibration=calibration, **settings)
+        options.stage(f"timing {len(loaded) + len(bases)} model(s){' and their int8 copies' if int8 else ''} x "
+                      f"{len(batches) * len(counts)} configuration(s), in rounds until the medians are tight...")
+        return timing.bench(loaded, baseline=bases or None, profile_layers=profile, torch_eager=torch_eager, int8=int8, calibration=calibration,
+                            **chosen)

@@ -13,8 +13,10 @@ from torch import nn
 import gaborprune as gp
 from gaborprune.export import bench as bench_mod, runtime
 from gaborprune.export.api import ExportConfig, export_model
-from gaborprune.export.bench import BenchModel, bench, converted_share, load_onnx, precision_of, quantized
+from gaborprune.export.bench import bench
+from gaborprune.export.bench_models import BenchModel, load_onnx, precision_of, quantized
 from gaborprune.export.onnx import ExportError
+from gaborprune.export.results import converted_share
 from gaborprune.export.runtime import Latency
 from helpers import one_line_error, run as cli
 
@@ -95,8 +97,8 @@ def test_rounds_stop_at_max_seconds_and_say_so(files, monkeypatch):
     report = bench([small], baseline=base, batch_sizes=(1, 2), runs=2, max_seconds=6)
     assert len(calls) == 6  # 3 rounds a configuration: the budget is shared
     assert [r.rounds for r in report.results] == [3, 3, 3, 3] and not any(r.converged for r in report.results)
-    assert "did not reach +-1.0% within --max-seconds 6" in report.warnings[-1]
-    assert "when --max-seconds ran out" in report.results[0].note
+    assert "did not reach +-1.0% within `max_seconds` 6" in report.warnings[-1]
+    assert "when `max_seconds` ran out" in report.results[0].note
 
 
 def test_one_round_is_enough_when_it_is_tight_and_large_enough(files, monkeypatch):

@@ -166,7 +166,7 @@ def test_convert_to_cada_replays_from_the_recipe_and_exports(tmp_path, knobs):
     again, _ = gp.load_model(str(tmp_path / "c.pt"))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
-    report = export_model(again, recipe.input_shape, tmp_path / "c.onnx", ExportConfig(lowering="dense", dynamic_batch=True), recipe=recipe)
+    report = export_model(again, recipe.input_shape, tmp_path / "c.onnx", ExportConfig(lowering="dense", dynamic_batch=True), provenance=recipe.provenance())
     assert report.max_abs_diff <= 1e-4
     import onnx
 

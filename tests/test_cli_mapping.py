@@ -17,8 +17,9 @@ from gaborprune import workflows
 from gaborprune.cli import app
 from gaborprune.convert.spec import ConversionReport, ConversionSpec
 from gaborprune.export.api import ExportConfig
-from gaborprune.export.bench import BenchReport
-from gaborprune.prune import PruneSpec, TargetSpec
+from gaborprune.export.results import BenchReport
+from gaborprune.prune import PruneSpec
+from gaborprune.search import TargetSpec
 from gaborprune.train import TrainConfig
 from gaborprune.train.loop import EvalResult, TrainResult
 from helpers import one_line_error, run
@@ -62,10 +63,10 @@ def test_convert_builds_the_spec_and_passes_only_the_source_options_given(monkey
     result = run("convert", "resnet20", "--layers", "2", "--init", "random", "--seed", "3", "-o", tmp_path / "x.pt",
                  "--num-classes", "10", "--model-arg", "k1=9", "--input-shape", "3,16,16", "--json", tmp_path / "x.json", "--force")
     assert result.exit_code == 0, result.output
-    assert call.args == ("resnet20", spec, tmp_path / "x.pt")
-    kw = call.kwargs
-    assert (kw["num_classes"], kw["model_args"], kw["input_shape"], kw["trust_factory"], kw["force"]) == (10, {"k1": 9}, (3, 16, 16), False, True)
-    assert "weights" not in kw and kw["extra_outputs"] == [tmp_path / "x.json"]
+    assert call.args == (workflows.Source("resnet20", num_classes=10, model_args={"k1": 9}, input_shape=(3, 16, 16)), spec, tmp_path / "x.pt")
+    options = call.kwargs["options"]
+    assert options.force and options.extra_outputs == [tmp_path / "x.json"] and options.device == workflows.DEVICE
+    assert set(call.kwargs) == {"data", "options"}  # calibration_images and resize left to the library
     assert json.loads((tmp_path / "x.json").read_text()) == call.result.to_dict()
     assert "parameters: 100 -> 90" in result.stdout and "warning" not in result.stderr
 
@@ -82,7 +83,8 @@ def test_inspect_passes_the_png_and_renders_the_summary(monkeypatch, tmp_path):
     call = patch(monkeypatch, "inspect", workflows.InspectRun("resnet20", gp.summarize(model, recipe.input_shape), ["conv1"]))
     result = run("inspect", "resnet20", "--png", tmp_path / "b.png", "--trust-factory")
     assert result.exit_code == 0, result.output
-    assert call.args == ("resnet20",) and call.kwargs == {"png": tmp_path / "b.png", "force": False, "extra_outputs": [None], "trust_factory": True}
+    assert call.args == (workflows.Source("resnet20", trust_factory=True),) and call.kwargs["png"] == tmp_path / "b.png"
+    assert call.kwargs["options"] == workflows.Options(False, [None])
     assert "layer1.0.conv1" in result.stdout and f"drew conv1 -> {tmp_path / 'b.png'}" in result.stdout
 
 
@@ -93,9 +95,9 @@ def test_finetune_builds_the_config_from_the_options_given(monkeypatch, tmp_path
     result = run("finetune", "resnet20", "--data", "digits", "-o", tmp_path / "o.pt", "--epochs", "2", "--lr", "0.1", "--no-amp",
                  "--sparsity", "0.01", "--resume", tmp_path / "o.last.pt", "--device", "cpu", "--json", tmp_path / "o.json")
     assert result.exit_code == 0, result.output
-    assert call.args == ("resnet20", "digits", tmp_path / "o.pt", TrainConfig(epochs=2, lr=0.1, amp=False, sparsity=0.01))
+    assert call.args == (workflows.Source("resnet20"), "digits", tmp_path / "o.pt", TrainConfig(epochs=2, lr=0.1, amp=False, sparsity=0.01))
     kw = call.kwargs
-    assert kw["resume"] == tmp_path / "o.last.pt" and kw["device"] == "cpu" and "resize" not in kw and "num_classes" not in kw
+    assert kw["resume"] == tmp_path / "o.last.pt" and kw["options"].device == "cpu" and "resize" not in kw
     assert f"best 50.00%  final 40.00%  -> {tmp_path / 'o.pt'}" in result.stdout
     assert json.loads((tmp_path / "o.json").read_text())["best_accuracy"] == 50.0
 
@@ -117,7 +119,8 @@ def test_eval_leaves_the_batch_size_to_the_evaluators(monkeypatch, tmp_path):
     call = patch(monkeypatch, "evaluate", workflows.EvalRun("resnet20", "digits", "pytorch", "cpu", EvalResult(90.0, 99.0, 0.3, 360)))
     result = run("eval", "resnet20", "--data", "digits", "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
-    assert call.args == ("resnet20", "digits") and "batch_size" not in call.kwargs and "device" not in call.kwargs
+    assert call.args == (workflows.Source("resnet20"), "digits") and "batch_size" not in call.kwargs
+    assert call.kwargs["options"].device == workflows.DEVICE
     assert "resnet20 on digits: top-1 90.00%  top-5 99.00%  loss 0.3000  (360 test images, cpu)" in result.stdout
     assert json.loads((tmp_path / "e.json").read_text()) == {"top1": 90.0, "top5": 99.0, "loss": 0.3, "samples": 360, "runtime": "pytorch"}
     run("eval", "resnet20", "--data", "digits", "--batch-size", "8", "--threads", "1")
@@ -133,14 +136,14 @@ def test_eval_leaves_the_batch_size_to_the_evaluators(monkeypatch, tmp_path):
     (["--latency-ms", "2", "--scope", "banks"], None, TargetSpec(latency_ms=2.0)),
 ])
 def test_prune_maps_the_rule_and_leaves_recovery_defaults_to_the_library(monkeypatch, tmp_path, args, spec, target):
-    assert inspect.signature(workflows.prune).parameters["lr"].default == workflows.RECOVERY_LR == 0.01
+    assert workflows.Accuracy("digits").lr == workflows.RECOVERY_LR == 0.01
     call = patch(monkeypatch, "prune", workflows.PruneRun("r.pt", tmp_path / "p.pt", spec))
     result = run("prune", "r.pt", "-o", tmp_path / "p.pt", *args, "--data", "digits", "--finetune-epochs", "2")
     assert result.exit_code == 0, result.output
-    assert call.args == ("r.pt", tmp_path / "p.pt", spec) and call.kwargs["target"] == target
+    assert call.args == (workflows.Source("r.pt"), tmp_path / "p.pt", spec) and call.kwargs["target"] == target
     kw = call.kwargs
-    assert (kw["data"], kw["finetune_epochs"], kw["dry_run"]) == ("digits", 2, False)
-    assert not {"lr", "batch_size", "seed", "threads", "device", "input_shape"} & set(kw)  # workflows.prune's defaults apply
+    assert (kw["accuracy"], kw["dry_run"]) == (workflows.Accuracy("digits", recovery_epochs=2), False)  # the library's lr, batch, seed
+    assert "threads" not in kw and kw["options"].device == workflows.DEVICE
 
 
 def test_prune_passes_the_recovery_settings_given(monkeypatch, tmp_path):
@@ -148,14 +151,18 @@ def test_prune_passes_the_recovery_settings_given(monkeypatch, tmp_path):
     result = run("prune", "r.pt", "--dry-run", "--lr", "0.02", "--batch-size", "16", "--seed", "4", "--threads", "1", "--input-shape", "3,16,16")
     assert result.exit_code == 0, result.output
     kw = call.kwargs
-    assert (kw["lr"], kw["batch_size"], kw["seed"], kw["threads"], kw["input_shape"], kw["dry_run"]) == (0.02, 16, 4, 1, (3, 16, 16), True)
+    assert (kw["accuracy"], kw["threads"], kw["dry_run"]) == (None, 1, True)  # without --data the recovery settings have nothing to act on
+    assert call.args[0] == workflows.Source("r.pt", input_shape=(3, 16, 16))
+    run("prune", "r.pt", "--dry-run", "--data", "digits", "--lr", "0.02", "--batch-size", "16", "--seed", "4", "--no-recalibrate")
+    assert call.calls[-1][1]["accuracy"] == workflows.Accuracy("digits", recalibrate=False, lr=0.02, batch_size=16, seed=4)
 
 
 def test_prune_sweep_calls_the_sweep_with_its_default_plot(monkeypatch, tmp_path):
     call = patch(monkeypatch, "sweep", workflows.SweepRun("r.pt", [], 90.0, 1000))
     result = run("prune", "r.pt", "--sweep", "0.1,0.2", "--data", "digits", "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
-    assert call.args == ("r.pt", [0.1, 0.2], PruneSpec()) and call.kwargs["png"] == Path(workflows.SWEEP_PNG)
+    assert call.args == (workflows.Source("r.pt"), [0.1, 0.2], PruneSpec()) and call.kwargs["png"] == Path(workflows.SWEEP_PNG)
+    assert call.kwargs["accuracy"] == workflows.Accuracy("digits")
     assert json.loads((tmp_path / "s.json").read_text()) == {"model": "r.pt", "points": []}
     one_line_error(run("prune", "r.pt", "--sweep", "0.1", "--data", "digits", "-o", tmp_path / "x.pt"), "a sweep writes no recipe")
     assert len(call.calls) == 1
@@ -180,8 +187,8 @@ def test_export_parses_the_shape_once_into_the_config_and_the_input_shape(monkey
     result = run("export", "r.pt", "-o", tmp_path / "m.onnx", "--input-shape", "2,3,16,16", "--lowering", "dense", "--dynamic-batch")
     assert result.exit_code == 0, result.output
     config, = call.args[2:]
-    assert call.args[:2] == ("r.pt", tmp_path / "m.onnx") and config == ExportConfig(batch_size=2, lowering="dense", dynamic_batch=True)
-    assert call.kwargs["input_shape"] == (3, 16, 16) and call.kwargs["data"] is None
+    assert call.args[:2] == (workflows.Source("r.pt", input_shape=(3, 16, 16)), tmp_path / "m.onnx")
+    assert config == ExportConfig(batch_size=2, lowering="dense", dynamic_batch=True) and call.kwargs["data"] is None
     assert f"-> {tmp_path / 'm.onnx'} (2.0 KiB)" in result.stdout
 
 
@@ -191,11 +198,10 @@ def test_bench_passes_only_the_timing_settings_given(monkeypatch, tmp_path):
     result = run("bench", "a.onnx", "b.pt", "--baseline", "c.onnx", "--batch-size", "1,2", "--runs", "5", "--int8",
                  "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md")
     assert result.exit_code == 0, result.output
-    assert call.args == (["a.onnx", "b.pt"],)
+    assert call.args == ([workflows.Source("a.onnx"), workflows.Source("b.pt")],)
     kw = call.kwargs
-    assert (kw["baseline"], kw["batch_sizes"], kw["runs"], kw["int8"]) == (["c.onnx"], (1, 2), 5, True)
-    assert not {"threads", "warmup", "precision", "max_seconds", "provider", "data"} & set(kw)
-    assert kw["extra_outputs"] == [tmp_path / "b.json", tmp_path / "b.md", None]
+    assert (kw["baseline"], kw["settings"], kw["int8"], kw["data"]) == ([workflows.Source("c.onnx")], workflows.BenchSettings((1, 2), runs=5), True, None)
+    assert kw["options"].extra_outputs == [tmp_path / "b.json", tmp_path / "b.md", None]
     assert (tmp_path / "b.md").read_text() == report.to_markdown()
 
 
@@ -219,7 +225,7 @@ def test_reproduce_passes_the_ablation_options_to_the_one_registry(monkeypatch, 
 def test_demo_renders_its_typed_report(monkeypatch, tmp_path):
     import gaborprune.demo as demo
     from gaborprune.export.api import ExportReport
-    from gaborprune.export.bench import Comparison
+    from gaborprune.export.results import Comparison
 
     export = ExportReport(path="p.onnx", opset=18, inputs=[], max_abs_diff=1e-6, cosine=1.0, file_bytes=4096, params=1500, macs=1, macs_executed=2000,
                           lowering={}, accuracy={"onnx": 91.5})
@@ -315,8 +321,8 @@ def test_prune_with_recovery_records_what_an_independent_evaluation_measures(tmp
     from gaborprune.train import evaluate
 
     source = "tiny_models:gabor_net"
-    run_ = workflows.prune(source, tmp_path / "p.pt", PruneSpec(ratio=0.5), data="fake:64:4", finetune_epochs=1, batch_size=16,
-                           input_shape=(3, 16, 16), trust_factory=True, device="cpu")
+    run_ = workflows.prune(workflows.Source(source, input_shape=(3, 16, 16), trust_factory=True), tmp_path / "p.pt", PruneSpec(ratio=0.5),
+                           accuracy=workflows.Accuracy("fake:64:4", recovery_epochs=1, batch_size=16), options=workflows.Options(device="cpu"))
     model, recipe = gp.load_model(str(tmp_path / "p.pt"), trust_factory=True)
     _, test = load_data("fake:64:4", recipe.input_shape)
     measured = evaluate(model, test, torch.device("cpu"), batch_size=16).top1
@@ -340,8 +346,9 @@ def test_prune_recovers_at_the_library_lr_and_recalibrates_after_scope_all(tmp_p
 
     monkeypatch.setattr(workflows, "_train", train)
     with pytest.raises(Stop):
-        workflows.prune("tiny_models:gabor_net", tmp_path / "p.pt", PruneSpec(scope=scope, round_to=1 if scope == "all" else None), data="fake:64:4",
-                        finetune_epochs=1, batch_size=16, input_shape=(3, 16, 16), trust_factory=True, device="cpu")
+        workflows.prune(workflows.Source("tiny_models:gabor_net", input_shape=(3, 16, 16), trust_factory=True), tmp_path / "p.pt",
+                        PruneSpec(scope=scope, round_to=1 if scope == "all" else None),
+                        accuracy=workflows.Accuracy("fake:64:4", recovery_epochs=1, batch_size=16), options=workflows.Options(device="cpu"))
     (config,) = seen
     assert (config.epochs, config.lr, config.batch_size, config.recalibrate) == (1, workflows.RECOVERY_LR, 16, recalibrate)
     assert not (tmp_path / "p.pt").exists()
@@ -350,10 +357,16 @@ def test_prune_recovers_at_the_library_lr_and_recalibrates_after_scope_all(tmp_p
 @pytest.mark.parametrize("call, fragment", [
     (lambda: workflows.prune("missing.pt", "p.pt", PruneSpec(round_to=16)), "`round_to` counts channels that `scope` all removes"),
     (lambda: workflows.prune("missing.pt", "p.pt", PruneSpec(threshold=0.2), target=TargetSpec(speedup=1.2)), "give a PruneSpec or a TargetSpec, not both"),
+    (lambda: workflows.prune("missing.pt", "p.pt", PruneSpec(threshold=0.2, scope="all"), target=TargetSpec(speedup=1.2)),
+     "a TargetSpec chooses the kernels itself; drop `threshold` 0.2"),
     (lambda: workflows.prune("missing.pt"), "say where to write the pruned recipe"),
-    (lambda: workflows.prune("missing.pt", "p.pt", finetune_epochs=1), "--finetune-epochs needs --data"),
-    (lambda: workflows.sweep("missing.pt", [0.1, 1.5], data="digits"), "--sweep threshold 1.5 is out of range"),
-    (lambda: workflows.bench(["missing.onnx"], data="digits"), "calibrates --int8"),
+    (lambda: workflows.prune("missing.pt", "p.pt", accuracy=workflows.Accuracy("digits", recovery_epochs=0)),
+     "`recovery_epochs` must be an integer of at least 1"),
+    (lambda: workflows.prune("missing.pt", "p.pt", accuracy=workflows.Accuracy("nosuch:data")), "nosuch"),
+    (lambda: workflows.sweep("missing.pt", [0.1, 1.5], accuracy=workflows.Accuracy("digits")), "`sweep` threshold 1.5 is out of range"),
+    (lambda: workflows.sweep("missing.pt", [0.1]), "`sweep` needs `data`"),
+    (lambda: workflows.bench(["missing.onnx"], data="digits"), "calibrates `int8`"),
+    (lambda: workflows.bench(["missing.onnx"], settings=workflows.BenchSettings(runs=0)), "`runs` must be"),
     (lambda: workflows.finetune("missing.pt", "digits", "o.pt", resume="nowhere.last.pt"), "resume file 'nowhere.last.pt' not found"),
 ])
 def test_workflows_refuse_bad_requests_before_loading_anything(tmp_path, monkeypatch, call, fragment):
@@ -375,7 +388,7 @@ def test_ctrl_c_in_fine_tuning_says_how_to_resume(tmp_path, monkeypatch):
 
 
 def test_bench_markdown_and_table_come_from_the_report():
-    from gaborprune.export.bench import Comparison
+    from gaborprune.export.results import Comparison
 
     report = BenchReport(ENV | {"date": "today", "torch": "2"}, settings={"runs_per_round": 5, "precision": 0.02, "max_seconds": 60.0},
                          comparisons=[Comparison("m", "base", 1, 1, 1.5, 0.5, 1.0, 1.4, 1.6)])

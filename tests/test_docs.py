@@ -99,8 +99,8 @@ def documented_keys() -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """One real JSON per documented table, from tiny runs (tiny models, fake:64:4, 1 epoch)."""
-    import gaborprune.export.search as search
-    from gaborprune.prune import target as target_mod
+    import gaborprune.cpu as cpu
+    import gaborprune.search as search
     from gaborprune.recipe import save_recipe
     from helpers import FakeTimer, ranked_model
 
@@ -128,8 +128,8 @@ def reports(tmp_path_factory):
        "--json", d / "bench.json")
     # --speedup with injected timings (never real speed): the prune report with its `target` entry and accuracies
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(target_mod, "OrtTimer", FakeTimer)
-        mp.setattr(search, "cpu_block", lambda cpuinfo=None: 0)
+        mp.setattr(search, "OrtTimer", FakeTimer)
+        mp.setattr(cpu, "cpu_block", lambda cpuinfo=None: 0)
         model, recipe = ranked_model(num_classes=4)
         save_recipe(d / "r.pt", model, recipe)
         ok("prune", d / "r.pt", "--speedup", "1.33", "-o", d / "p.pt", *data, "--finetune-epochs", "1", "--batch-size", "32",

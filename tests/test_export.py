@@ -104,6 +104,7 @@ def test_macs_counted_from_the_onnx_graph_match_the_model(tmp_path):
 def test_auto_lowering_measures_each_sparse_layer(tmp_path, monkeypatch):
     """Injected timings: the profiler finds g1 faster split and g2 faster dense; the whole graph
     with g1 split is then timed 20% faster than every other candidate, beyond the noise."""
+    from gaborprune import cpu
     from gaborprune.export import search
     from gaborprune.export.runtime import Latency
 
@@ -123,7 +124,7 @@ def test_auto_lowering_measures_each_sparse_layer(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "profile", profile)
     monkeypatch.setattr(search, "session", lambda blob, threads=None: blob)  # time_interleaved gets the graphs
     monkeypatch.setattr(search, "time_interleaved", time_interleaved)
-    monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: 0)
+    monkeypatch.setattr(cpu, "cpu_block", lambda cpuinfo=None: 0)
     model, recipe = pruned_family("folds")
     report = export_model(model, SHAPE, tmp_path / "a.onnx", ExportConfig(lowering="auto", threads=1))
     assert set(report.lowering_ms) == set(report.sparse_kernels) == {"g1", "g2"}
@@ -206,7 +207,7 @@ def test_cli_bench_bad_input(exported, tmp_path):
     static = tmp_path / "static.onnx"
     model, recipe = pruned_family("resnet-residual")
     export_model(model, SHAPE, static, ExportConfig(lowering="dense"))
-    one_line_error(cli("bench", static, "--batch-size", "2"), "fixed batch of 1", "--dynamic-batch")
+    one_line_error(cli("bench", static, "--batch-size", "2"), "fixed batch of 1", "export it with `dynamic_batch` or bench with --batch-size 1")
     (tmp_path / "junk.onnx").write_text("not a model")
     one_line_error(cli("bench", tmp_path / "junk.onnx"), "is not an ONNX model")
     one_line_error(cli("bench", d / "r.onnx", "--provider", "cuda"), "CUDAExecutionProvider is not installed")

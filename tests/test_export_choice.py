@@ -14,11 +14,13 @@ from torch import nn
 
 import gaborprune as gp
 import tiny_models
+from gaborprune import cpu
+from gaborprune.cpu import cpu_block
 from gaborprune.export import MapBias, lower, search as search_module
 from gaborprune.export.api import KERNELS_NOT_TIME, ExportConfig, export_model, speed_note
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.runtime import Latency, run, session
-from gaborprune.export.search import Form, Lowerings, cpu_block, decide
+from gaborprune.export.search import Form, Lowerings, decide
 from gaborprune.recipe import Recipe, save_recipe
 from helpers import SHAPE, pruned_family, randomize_norms, run as cli
 
@@ -39,7 +41,7 @@ def fake_times(factor, noise=0.03, seed=0):
 @pytest.fixture
 def timed(monkeypatch):
     """Inject timings by candidate position (0: the baseline) and fix the CPU block at 16."""
-    monkeypatch.setattr(search_module, "cpu_block", lambda cpuinfo=None: 16)
+    monkeypatch.setattr(cpu, "cpu_block", lambda cpuinfo=None: 16)
 
     def use(factors):
         monkeypatch.setattr(search_module, "time_interleaved", fake_times(lambda k, s: factors[k]))
@@ -110,7 +112,7 @@ def test_a_candidate_faster_beyond_noise_is_kept(timed, tmp_path):
 
 def test_an_int8_export_chooses_its_form_on_int8_timings(timed, monkeypatch, tmp_path):
     # a form faster in float can be slower in int8 (a split layer was, 0.82x): the file written is int8, so time int8
-    from gaborprune.export.bench import precision_of
+    from gaborprune.export.bench_models import precision_of
 
     model, recipe = pruned_family("vgg-chain", sparsify=False)
     timed([1.0, 0.8, 1.0, 0.95])
@@ -214,18 +216,19 @@ def test_kernels_removed_inside_kept_channels_get_a_note(tmp_path):
     with torch.no_grad():
         model.g1.mask[:, 0] = 0  # a third of the kernels, every channel kept
     recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
-    report = export_model(model, SHAPE, tmp_path / "k.onnx", ExportConfig(lowering="dense"), recipe=recipe)
-    assert report.note == KERNELS_NOT_TIME and "--structure channel" in report.note
+    report = export_model(model, SHAPE, tmp_path / "k.onnx", ExportConfig(lowering="dense"), provenance=recipe.provenance())
+    assert report.note == KERNELS_NOT_TIME and "`structure` channel" in report.note
     save_recipe(tmp_path / "k.pt", model, recipe)
     printed = cli("export", tmp_path / "k.pt", "--trust-factory", "-o", tmp_path / "k2.onnx", "--lowering", "dense").stdout
     assert f"note: {KERNELS_NOT_TIME}" in printed and "[yellow]" not in printed  # the CLI prints it verbatim
     assert report.macs < report.macs_executed
     pruned, precipe = pruned_family("vgg-chain")  # channels removed by the recipe, kernels inside the others too
     assert any(step.plan.channels for step in precipe.prunes)
-    channel = export_model(pruned, SHAPE, tmp_path / "c.onnx", ExportConfig(lowering="dense"), recipe=precipe)
-    assert channel.note == "" and speed_note(pruned, precipe, channel) == ""
-    assert speed_note(pruned, recipe, channel) == KERNELS_NOT_TIME  # the same model, without the recipe's prune: the note
-    dense = export_model(randomize_norms(tiny_models.Chain()).eval(), SHAPE, tmp_path / "d.onnx", ExportConfig(lowering="dense"), recipe=recipe)
+    channel = export_model(pruned, SHAPE, tmp_path / "c.onnx", ExportConfig(lowering="dense"), provenance=precipe.provenance())
+    assert channel.note == "" and speed_note(pruned, precipe.provenance()["channels_pruned"], channel) == ""
+    assert speed_note(pruned, recipe.provenance()["channels_pruned"], channel) == KERNELS_NOT_TIME  # the same model, without the recipe's prune: the note
+    dense = export_model(randomize_norms(tiny_models.Chain()).eval(), SHAPE, tmp_path / "d.onnx", ExportConfig(lowering="dense"),
+                         provenance=recipe.provenance())
     assert dense.note == ""  # nothing pruned: nothing to say
 
 

@@ -34,10 +34,10 @@ def files(tmp_path_factory):
     recipe = Recipe(gp.ModelSource("tiny_models:Chain"), SHAPE)
     save_recipe(d / "m.pt", model, recipe)
     reports = {
-        "fixed": export_model(model, SHAPE, d / "fixed.onnx", ExportConfig(batch_size=7, lowering="dense"), recipe=recipe),
-        "dynamic": export_model(model, SHAPE, d / "dynamic.onnx", ExportConfig(dynamic_batch=True, lowering="dense"), recipe=recipe),
+        "fixed": export_model(model, SHAPE, d / "fixed.onnx", ExportConfig(batch_size=7, lowering="dense"), provenance=recipe.provenance()),
+        "dynamic": export_model(model, SHAPE, d / "dynamic.onnx", ExportConfig(dynamic_batch=True, lowering="dense"), provenance=recipe.provenance()),
         "int8": export_model(model, SHAPE, d / "int8.onnx", ExportConfig(dynamic_batch=True, lowering="dense", quantize=True),
-                             recipe=recipe, data=load_data(DATA, SHAPE)),
+                             provenance=recipe.provenance(), data=load_data(DATA, SHAPE)),
     }
     return d, reports
 
@@ -112,7 +112,7 @@ def test_a_corrupt_onnx_file_gives_one_line(files, tmp_path, content, command):
 @pytest.mark.parametrize("command, args, fragments", [
     ("eval", ["--data", DATA, "--input-shape", "3,8,8"], ["takes images of 3x16x16", "gives 3x8x8"]),
     ("eval", ["--data", "fake:200:5"], ["has 4 outputs", "dataset 'fake:200:5' has 5 classes", "--num-classes 5"]),
-    ("eval", ["--data", DATA, "--batch-size", "8"], ["fixed batch of 7, not --batch-size 8", "--dynamic-batch"]),
+    ("eval", ["--data", DATA, "--batch-size", "8"], ["fixed batch of 7, not --batch-size 8; drop --batch-size, or export with `dynamic_batch`"]),
     ("eval", ["--data", DATA, "--weights", "w.pt", "--num-classes", "3"], ["is an ONNX model", "drop --num-classes/--weights"]),
     ("eval", ["--data", DATA, "--device", "tpu"], ["unknown device 'tpu'", "known: auto, cpu, cuda"]),
     ("inspect", ["--input-shape", "3,8,8"], ["drop --input-shape"]),

@@ -11,7 +11,7 @@ from torch import nn
 import gaborprune as gp
 import tiny_models
 from gaborprune.convert import GaborConv2d
-from gaborprune.export.bench import BenchResult
+from gaborprune.export.results import BenchResult
 from gaborprune.export.runtime import Latency
 from gaborprune.plot import (
     REMOVED,

@@ -299,7 +299,7 @@ def test_cli_sweep_prints_a_table_and_plots(chain_recipe, tmp_path):
     (["--ratio", "1.2"], ["--ratio 1.2 is out of range"]),
     (["--keep", "g1=0"], ["--keep g1=0 would remove every kernel"]),
     (["--keep", "conv2=3", "--dry-run"], ["'conv2' is not a Gabor bank", "Gabor banks: g1"]),
-    ([], ["say where to write the pruned recipe with -o FILE"]),
+    ([], ["say where to write the pruned recipe with -o (or look first with --dry-run)"]),
     (["--sweep", "0.1", "--data", "digits", "-o", "x.pt"], ["a sweep writes no recipe"]),
     (["--sweep", "0.1,2"], ["--sweep threshold 2.0 is out of range"]),
     (["--finetune-epochs", "1", "-o", "x.pt"], ["--finetune-epochs needs --data"]),

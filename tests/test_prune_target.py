@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 import gaborprune as gp
-import gaborprune.export.search as search
+import gaborprune.cpu as cpu
+import gaborprune.search as search
 from gaborprune.convert import GaborConv2d
-from gaborprune.prune import PruneError, prune_to_target_, target as target_mod
-from gaborprune.prune.target import TargetSpec, _mask_, rank_groups
+from gaborprune.prune import PruneError
+from gaborprune.prune.candidates import mask_groups_, rank_groups
 from gaborprune.recipe import save_recipe
+from gaborprune.search import TargetSpec, prune_to_target_
 from helpers import BASE_MS, SHAPE, FakeTimer, one_line_error, ranked_model, run
 
 
 @pytest.fixture(autouse=True)
 def no_block(monkeypatch):
-    monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: 0)
+    monkeypatch.setattr(cpu, "cpu_block", lambda cpuinfo=None: 0)
 
 
 def test_groups_rank_weakest_first():
@@ -40,11 +42,11 @@ def test_the_smallest_k_meeting_the_target_is_chosen():
     timer = FakeTimer()
     report = prune_to_target_(model, SHAPE, speedup=1.33, timer=timer)
     # 0.26 / (0.1 + 0.01 c) with a 2% jitter: c = 9 (k = 7) is the first whose whole interval reaches 1.33
-    assert report.chosen == 7 and report.removed == {"conv1 out": 7}
+    assert report.chosen == 7 and report.removed == {"groups": {"conv1 out": 7}}
     measured = {c.k: c for c in report.candidates}
     assert measured[7].meets and measured[6].meets is False  # the bisection closed on the answer
     assert all(c.meets == (c.speedup.low >= 1.33) for c in report.candidates)
-    assert len(report.candidates) <= target_mod.MAX_CANDIDATES and report.k_max == 15
+    assert len(report.candidates) <= search.MAX_CANDIDATES and report.size == 15
     assert model.conv1.out_channels == 9 and model.conv2.in_channels == 9
     assert report.step == report.prune.step and report.prune.plan.channels["conv1"]["out"] == list(range(7))
     conv1 = next(c for c in report.prune.layers if c.name == "conv1")  # counted from the model as it came in
@@ -72,7 +74,7 @@ def test_pruned_model_equals_the_masked_model_and_replays(tmp_path):
     masked = copy.deepcopy(model)
     recipe = recipe.with_step(prune_to_target_(model, SHAPE, speedup=1.33, timer=FakeTimer()).step)
     groups, _ = rank_groups(masked, SHAPE)
-    _mask_(masked, groups[:7])
+    mask_groups_(masked, groups[:7])
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         y = model.eval()(x)
@@ -102,7 +104,7 @@ def test_predicted_times_come_from_the_injected_profile():
     timer = FakeTimer(profile=profile)
     report = prune_to_target_(model, SHAPE, speedup=1.33, timer=timer)
     first = report.candidates[-1]  # k_max is timed first: its baseline median is the prediction's scale
-    assert first.k == report.k_max
+    assert first.k == report.size
     for c in report.candidates:
         o1 = c.channels["conv1"][0]
         o2, i2 = c.channels["conv2"]
@@ -117,7 +119,7 @@ def test_predicted_times_come_from_the_injected_profile():
 def test_a_block_multiple_that_meets_the_target_wins(monkeypatch, block, chosen):
     """Off a multiple of 4 the fake costs 0.05 ms more: conv1 at 12 channels (k = 4) meets 1.15x
     although 11, 10 and 9 do not; the bisection alone (no block) ends at 8, the next aligned count."""
-    monkeypatch.setattr(search, "cpu_block", lambda cpuinfo=None: block)
+    monkeypatch.setattr(cpu, "cpu_block", lambda cpuinfo=None: block)
     model, recipe = ranked_model()
     report = prune_to_target_(model, SHAPE, speedup=1.15, timer=FakeTimer(penalty=0.05))
     assert report.chosen == chosen and model.conv1.out_channels == 16 - chosen
@@ -146,7 +148,7 @@ def test_a_model_without_groups_is_refused():
 # -- the command line ------------------------------------------------------------------------------
 @pytest.fixture
 def ranked_recipe(tmp_path, monkeypatch):
-    monkeypatch.setattr(target_mod, "OrtTimer", FakeTimer)
+    monkeypatch.setattr(search, "OrtTimer", FakeTimer)
     model, recipe = ranked_model(num_classes=4)
     save_recipe(tmp_path / "r.pt", model, recipe)
     return tmp_path / "r.pt"
@@ -160,7 +162,7 @@ def test_cli_prunes_to_a_speedup_and_recovers(ranked_recipe, tmp_path):
     shown = " ".join(result.stdout.split())  # a table title wraps with the length of the temporary path
     assert "pruning to 1.33x" in shown and "met, chosen" in shown and "7 weakest channel groups for 1.33x" in shown
     report = json.loads((tmp_path / "p.json").read_text())
-    assert report["target"]["chosen"] == 7 and report["target"]["groups_removed"] == {"conv1 out": 7}
+    assert report["target"]["chosen"] == 7 and report["target"]["removed"] == {"groups": {"conv1 out": 7}}
     assert all(c["predicted_ms"] is not None and c["measured_ms"]["median"] > 0 for c in report["target"]["candidates"])
     assert "accuracy_after" in report
     model, recipe = gp.load_model(str(out))

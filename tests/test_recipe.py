@@ -49,7 +49,7 @@ def test_recipe_of_a_recipe_keeps_the_history(tmp_path):
 def test_existing_output_is_not_overwritten_without_force(tmp_path):
     model, recipe, path = converted(tmp_path)
     before = path.read_bytes()
-    with pytest.raises(OutputExistsError, match="pass --force"):
+    with pytest.raises(OutputExistsError, match="pass `force`"):
         gp.save_recipe(path, model, recipe)
     assert path.read_bytes() == before
     gp.save_recipe(path, model, recipe, force=True)
@@ -139,7 +139,7 @@ def test_weights_files(tmp_path):
 
 
 def test_pretrained_weights_are_never_downloaded():
-    with pytest.raises(ModelSourceError, match=r"never downloaded here\. Fetch https://download\.pytorch\.org/models/resnet18-.*--weights PATH"):
+    with pytest.raises(ModelSourceError, match=r"never downloaded here\. Fetch https://download\.pytorch\.org/models/resnet18-.* with `weights`"):
         gp.load_model("torchvision:resnet18", weights="IMAGENET1K_V1")
 
 

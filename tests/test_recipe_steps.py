@@ -1,5 +1,5 @@
 """The recipe is an immutable record of typed steps; format 1 files (written by the code before it)
-load and upgrade; the verbs never see a recipe; library messages name arguments, the CLI its flags."""
+load and upgrade; the verbs never see a recipe (library messages and CLI flags: tests/test_flags.py)."""
 
 import ast
 import dataclasses
@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer.main
 
 import gaborprune as gp
-from gaborprune._flags import FLAGS, cli_message
 from gaborprune.data import load_data
 from gaborprune.errors import RecipeError
 from gaborprune.recipe import read_recipe
@@ -169,7 +167,7 @@ def _imports(path: Path) -> set[str]:
     return names | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
 
 
-@pytest.mark.parametrize("package", ["convert", "prune"])
+@pytest.mark.parametrize("package", ["convert", "prune", "export", "data"])
 def test_the_verbs_never_import_the_recipe(package):
     for path in sorted((PACKAGE / package).glob("*.py")):
         assert "gaborprune.recipe" not in _imports(path), path.name  # not even inside a function
@@ -195,40 +193,6 @@ def test_exception_classes_live_in_errors():
     assert not found
     assert gp.prune.PruneError is gp.errors.PruneError is gp.PruneError
     assert gp.train.TrainingError is gp.errors.TrainingError
-
-
-# -- messages: library arguments in the library, flags on the command line ----------------------------
-def test_library_messages_name_arguments_and_the_cli_maps_them_to_flags():
-    with pytest.raises(gp.GaborPruneError) as e:
-        gp.TrainConfig(batch_size=0)
-    assert str(e.value) == "`batch_size` must be an integer of at least 1, not 0"
-    assert cli_message(str(e.value)) == "--batch-size must be an integer of at least 1, not 0"
-    with pytest.raises(gp.GaborPruneError) as e:
-        gp.PruneSpec(layer_keep={"conv1": 0})
-    assert cli_message(str(e.value)) == "--keep conv1=0 would remove every kernel; keep at least 1"
-    assert cli_message("`first` N or `targets` NAME; `max_candidates` stays") == "--layers N or --target NAME; `max_candidates` stays"
-
-
-def test_every_flag_the_messages_name_is_an_option_of_the_cli():
-    from gaborprune.cli import app
-
-    options = {o for cmd in typer.main.get_command(app).commands.values() for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
-    missing = sorted(flag for flag in set(FLAGS.values()) if flag not in options)
-    assert not missing
-
-
-def test_the_messages_of_the_specs_and_configs_name_arguments_not_flags():
-    """What the specs, configs and verbs raise (and name to the shared checks) says `batch_size`, not --batch-size."""
-    for name in ("train/config.py", "train/loop.py", "prune/select.py", "prune/target.py", "prune/run.py", "convert/spec.py", "export/api.py"):
-        tree = ast.parse((PACKAGE / name).read_text())
-        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "").startswith("check_")]
-        checks = [n for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "checks"]  # (ok, message) pairs
-        raised = [n for n in ast.walk(tree) if isinstance(n, ast.Raise)] + [a for c in calls for a in c.args] + checks
-        for node in raised:
-            for text in (c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)):
-                flags = [w for w in text.split() if w.startswith("--")]
-                # a shell command given as advice, and the one place where the CLI, not an argument, sets the batch
-                assert not flags or "gaborprune convert" in text or "of --input-shape" in text, (name, text)
 
 
 def test_export_takes_an_input_shape_and_leaves_the_model_as_it_was(tmp_path):

@@ -169,7 +169,7 @@ def test_a_removed_branch_exports_without_its_convolutions(tmp_path):
     model, recipe = resnet20()
     silence_(model, "layer1.1.bn1", range(16))
     recipe = recipe.with_step(prune_model_(model, SHAPE, PruneSpec(threshold=0.01, scope="all", round_to=1)).step)
-    report = export_model(model, SHAPE, tmp_path / "m.onnx", ExportConfig(lowering="dense"), recipe=recipe)  # parity-checked
+    report = export_model(model, SHAPE, tmp_path / "m.onnx", ExportConfig(lowering="dense"), provenance=recipe.provenance())  # parity-checked
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node)
     assert ops["Conv"] == 21 - 2 and not {"Slice", "ConstantOfShape", "BatchNormalization"} & set(ops)
     assert report.max_abs_diff < 1e-4
@@ -232,7 +232,8 @@ class MacsTimer:
 
 
 def test_pruning_to_a_speedup_takes_the_lowest_threshold_that_meets_it():
-    from gaborprune.prune.structured import TARGET_THRESHOLDS, prune_all_to_target_
+    from gaborprune.prune.candidates import TARGET_THRESHOLDS
+    from gaborprune.search import prune_to_target_
 
     model, recipe = resnet20()
     with torch.no_grad():  # graded branches: layer1.k's inside at gain 0.1 (k + 1), the rest at 1
@@ -241,16 +242,17 @@ def test_pruning_to_a_speedup_takes_the_lowest_threshold_that_meets_it():
                 m.weight.fill_(1.0)
         for k in range(3):
             model.layer1[k].bn1.weight.fill_(0.1 * (k + 1))
-    report = prune_all_to_target_(model, SHAPE, speedup=1.05, round_to=16, timer=MacsTimer(model, SHAPE))
+    report = prune_to_target_(model, SHAPE, speedup=1.05, scope="all", round_to=16, timer=MacsTimer(model, SHAPE))
     assert report.chosen is not None and report.prune is not None
-    by_t = {c.threshold: c for c in report.candidates}
-    assert by_t[report.chosen].meets and by_t[report.chosen].speedup.low >= 1.05
-    assert all(not c.meets for c in report.candidates if c.threshold < report.chosen)  # nothing lower was enough
-    assert report.prune.after.macs / report.prune.before.macs == pytest.approx(by_t[report.chosen].mac_ratio)
+    chosen = report.chosen_candidate
+    assert chosen.meets and chosen.speedup.low >= 1.05 and report.removed == {"threshold": TARGET_THRESHOLDS[report.chosen - 1]}
+    assert all(not c.meets for c in report.candidates if c.k < report.chosen)  # nothing lower was enough
+    assert report.prune.after.macs / report.prune.before.macs == pytest.approx(chosen.mac_ratio)
+    assert chosen.branches == sorted(report.prune.plan.constants)
     assert report.step.plan == report.prune.plan and isinstance(model.layer1[0].conv2, ChannelConstant)  # the weakest branch went
-    unreachable = prune_all_to_target_(resnet20()[0], SHAPE, speedup=50.0, timer=MacsTimer(*resnet20_silenced()))
+    unreachable = prune_to_target_(resnet20()[0], SHAPE, speedup=50.0, scope="all", timer=MacsTimer(*resnet20_silenced()))
     assert unreachable.chosen is None and unreachable.step is None and "not reachable" in unreachable.message
-    assert [c.threshold for c in unreachable.candidates] == [TARGET_THRESHOLDS[-1]]
+    assert [c.details for c in unreachable.candidates] == [{"threshold": TARGET_THRESHOLDS[-1]}]
 
 
 @pytest.mark.parametrize("name, norm, channels, check", [

@@ -121,4 +121,4 @@ def test_penalty_reuses_the_forward_kernels_inside_track_forward():
     assert (calls, calls_ref) == (2 * 2, 3 * 2)  # forward + second penalty, vs forward + two penalties
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)  # summed before or after the kernel function
-    assert all(m.last_weight is None and not m.keep_weight for m in sparsity.layers.values())
+    assert all(m.take_weight() is None for m in sparsity.layers.values())  # nothing kept after the context

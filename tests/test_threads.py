@@ -51,6 +51,6 @@ def test_one_thread_never_warns(monkeypatch):
 def test_the_library_call_checks_too():
     from gaborprune.errors import GaborPruneError
 
-    with pytest.raises(GaborPruneError, match="--threads must be from 1"):
+    with pytest.raises(GaborPruneError, match="`threads` must be from 1"):
         _threads.set_threads(CORES + 1)
     assert _threads.set_threads(1) == 1 and _threads.set_threads(None) == 1

@@ -3,6 +3,7 @@ user trusts it, a malformed recipe gets one line naming the bad field, and non-f
 outputs are refused on load and by export."""
 
 import importlib
+import re
 import sys
 
 import pytest
@@ -115,7 +116,7 @@ def test_a_hostile_recipe_is_refused_before_anything_runs(base, tmp_path, spec):
     for args in (["inspect", path], ["eval", path, "--data", "fake:64:10"]):
         one_line_error(run(*args), f"'{spec}'", "--trust-factory", "trust_factory=True", TRUST_ENV)
         assert untouched()
-    with pytest.raises(RecipeError, match="--trust-factory"):
+    with pytest.raises(RecipeError, match=re.escape("pass `trust_factory` (trust_factory=True in the API)")):
         gp.load_model(str(path))
     recipe, _ = gp.read_recipe(path)  # reading is harmless; building is what is refused
     with pytest.raises(RecipeError, match=f"names the model factory '{spec}'"):
@@ -229,7 +230,7 @@ MALFORMED = {
     "unknown key in conversion spec": (_set("steps", 0, "spec", "bogus", value=1), "unknown key 'bogus'"),
     "string in conversion spec": (_set("steps", 0, "spec", "first", value="1"), "'steps[0].spec.first'"),
     "string freeze": (_set("steps", 0, "spec", "freeze", value="theta"), "'steps[0].spec.freeze'"),
-    "invalid conversion spec": (_set("steps", 0, "spec", "init", value="magic"), "unknown --init 'magic'"),
+    "invalid conversion spec": (_set("steps", 0, "spec", "init", value="magic"), "unknown `init` 'magic'"),  # a field of the file, not an option of inspect
     "string layers": (_set("steps", 0, "layers", value="conv1"), "'steps[0].layers'"),
     "unknown layer name": (_set("steps", 0, "layers", value=["no.such.layer"]), "steps[0] (convert) does not replay"),
     "string fine-tuning config": (_set("steps", 1, "config", value="epochs=1"), "'steps[1].config'"),

@@ -17,7 +17,7 @@ from gaborprune.convert.spec import ConversionSpec, gaborize_
 from gaborprune.data import load_data
 from gaborprune.errors import ConversionError, GaborPruneError, ModelSourceError, TrainingError
 from gaborprune.export.api import ExportConfig
-from gaborprune.export.bench import BenchModel
+from gaborprune.export.bench_models import BenchModel
 from gaborprune.export.onnx import ExportError
 from gaborprune.models import ModelSource
 from gaborprune.models.cifar import CADANet, CifarResNet, CifarVGG, resnet20_altered
@@ -301,7 +301,7 @@ def test_arithmetic_errors_of_any_builder_are_one_line(factory, detail):
 def test_shared_checks_return_the_value_and_name_it_when_refused():
     assert check_seed(MAX_SEED) == MAX_SEED and check_finite(0.5, "x") == 0.5 and check_int(0, "x", 0) == 0
     assert check_threads(1) == 1 and check_threads(usable_cores()) == usable_cores()
-    with pytest.raises(GaborPruneError, match=f"--threads must be from 1 to {usable_cores()} \\(the cores this process may use\\), not {usable_cores() + 1}"):
+    with pytest.raises(GaborPruneError, match=f"`threads` must be from 1 to {usable_cores()} \\(the cores this process may use\\), not {usable_cores() + 1}"):
         check_threads(usable_cores() + 1)
     with pytest.raises(ConversionError, match="threads must be from 1"):
         check_threads(True, "threads", ConversionError)
@@ -313,7 +313,7 @@ def test_batch_memory_is_refused_against_what_is_available(monkeypatch):
     monkeypatch.setattr(_validate, "available_memory", lambda: 1000)
     check_batch_memory(100, 10, "timing at batch 10")  # exactly fits
     with pytest.raises(GaborPruneError, match="timing at batch 11 needs about .* for 11 samples .*more than the .* available; "
-                                              "give a smaller --batch-size \\(at most about 10\\)"):
+                                              "give a smaller `batch_size` \\(at most about 10\\)"):
         check_batch_memory(100, 11, "timing at batch 11")
     with pytest.raises(GaborPruneError, match="give a smaller input"):
         check_batch_memory(2000, 1, "one sample")
@@ -357,7 +357,7 @@ def test_probe_refuses_an_input_smaller_than_a_stride():
 
 
 def test_resize_is_checked_for_every_dataset_kind():
-    with pytest.raises(GaborPruneError, match="--resize must be an integer of at least 1, not 0"):
+    with pytest.raises(GaborPruneError, match="`resize` must be an integer of at least 1, not 0"):
         load_data("fake:64:4", (3, 16, 16), resize=0)
     train, _ = load_data("fake:64:4", (3, 16, 16), resize=18)
     assert len(train) == 52

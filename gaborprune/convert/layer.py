@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +82,8 @@ class GaborConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
         self.register_buffer("mask", torch.ones(shape, **factory))
         self.register_buffer("grid", kernel_grid(self.kernel_size, **factory), persistent=False)
-        self.keep_weight = False  # set by GaborSparsity.track_forward: keep the forward pass's kernels
-        self.last_weight: Tensor | None = None
+        self._keep_weight = False  # inside `keeping_weight`: keep the forward pass's kernels for `take_weight`
+        self._last_weight: Tensor | None = None
 
     # -- parameters ------------------------------------------------------------------------
     def gabor_params(self) -> GaborParams:
@@ -110,11 +111,26 @@ class GaborConv2d(nn.Module):
     def kernels_alive(self) -> int:
         return int(self.mask.count_nonzero())
 
+    @contextlib.contextmanager
+    def keeping_weight(self) -> Iterator[None]:
+        """Keep the kernels each forward pass computes with autograd on, for one `take_weight` after it
+        (the sparsity pressure reads them instead of computing them a second time)."""
+        self._keep_weight = True
+        try:
+            yield
+        finally:
+            self._keep_weight, self._last_weight = False, None
+
+    def take_weight(self) -> Tensor | None:
+        """The kernels of the last forward pass inside `keeping_weight` (None: none since the last take)."""
+        weight, self._last_weight = self._last_weight, None
+        return weight
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
-        if self.keep_weight and torch.is_grad_enabled():
-            self.last_weight = weight
+        if self._keep_weight and torch.is_grad_enabled():
+            self._last_weight = weight
         if self.padding_mode == "zeros":
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d(F.pad(x, self._explicit_padding(), mode=self.padding_mode), weight, self.bias, self.stride, 0, self.dilation, self.groups)

@@ -76,9 +76,9 @@ def load_data(spec: DataSpec | str, input_shape: tuple[int, int, int], *, resize
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     if resize is not None:
         size = input_shape[1]
-        check_int(resize, "--resize", error=DataError)
+        check_int(resize, "`resize`", error=DataError)
         if not size <= resize <= 8 * size:  # smaller: the centre crop pads the image; beyond: huge decodes for a tiny patch
-            raise DataError(f"--resize {resize} does not suit a {size}-pixel crop; give {size} to {8 * size} (default {round(size * 256 / 224)})")
+            raise DataError(f"`resize` {resize} does not suit a {size}-pixel crop; give {size} to {8 * size} (default {round(size * 256 / 224)})")
     if spec.kind in _CIFAR:
         return _cifar(spec, input_shape)
     if spec.kind == "digits":
@@ -94,7 +94,7 @@ def _fit_images(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torc
     """uint8 Tensor[N, c, h, w] -> uint8 Tensor[N, C, H, W]: bilinear resize, grey replicated to C."""
     c, h, w = input_shape
     if images.shape[1] not in (1, c):
-        raise DataError(f"images have {images.shape[1]} channels but the model takes {c}; pass --input-shape")
+        raise DataError(f"images have {images.shape[1]} channels but the model takes {c}; pass `input_shape`")
     if images.shape[-2:] != (h, w):
         images = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         images = images.round().clamp(0, 255).to(torch.uint8)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,6 @@ from gaborprune.export.runtime import session
 from gaborprune.export.search import Lowerings, search
 from gaborprune.models import non_finite
 from gaborprune.probe import activation_bytes
-
-if TYPE_CHECKING:  # read for its steps and source only; export never builds or saves one
-    from gaborprune.recipe import Recipe
 
 LOWERINGS = ("auto", "dense", "sparse")
 PAD_CHANNELS = (0, 2, 4, 8, 16, 32, 64)
@@ -47,7 +45,7 @@ class ExportConfig:
         pad_channels: grow channel counts to a multiple of this with zero channels where exact
             (ONNX Runtime's blocked convolutions), in every form: 0 disables, else a power of two
             from 2 to 64. None: `auto` also times the forms padded to this CPU's block
-            (`gaborprune.export.search.cpu_block`: 16 with AVX-512, 8 with AVX2), the others do not pad.
+            (`gaborprune.cpu.cpu_block`: 16 with AVX-512, 8 with AVX2), the others do not pad.
         quantize: write an int8 model (static with calibration data, else dynamic); `atol` applies to
             the float model, the int8 model's difference and accuracy are reported. True or "int8"
             (the only precision there is) turn it on.
@@ -141,30 +139,31 @@ def check_inputs(shape: tuple[int, ...], count: int, extra: Tensor | None = None
 
 #: What `speed_note` says when the pruning was kernel-level only.
 KERNELS_NOT_TIME = ("kernels removed inside kept channels do not become ONNX Runtime time; only whole channels do: "
-                    "fine-tune with --structure channel (the default) so whole channels die")
+                    "fine-tune with `structure` channel (the default) so whole channels die")
 
 
-def speed_note(model: nn.Module, recipe: Recipe, report: ExportReport) -> str:
+def speed_note(model: nn.Module, channels_pruned: bool, report: ExportReport) -> str:
     """One plain line when the export of a pruned model cannot be faster than the unpruned one's,
     with the cause; "" otherwise.
 
-    The rule needs no second model: kernels were removed, but no channel (neither by the recipe's
-    prunes nor at export) and no layer is split, so the written graph executes the unpruned
-    layer shapes, zeros included.
+    The rule needs no second model: kernels were removed, but no channel (neither by the model's
+    prunes, `channels_pruned`, nor at export) and no layer is split, so the written graph executes
+    the unpruned layer shapes, zeros included.
     """
     kernels = any(m.kernels_alive < m.mask.numel() for m in model.modules() if isinstance(m, GaborConv2d))
-    channels = report.channels_cut or any(idx for step in recipe.prunes for sides in step.plan.channels.values() for idx in sides.values())
+    channels = report.channels_cut or channels_pruned
     split = any(form.startswith("split") for form in report.lowering.values())
     return KERNELS_NOT_TIME if kernels and not channels and not split else ""
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-                 recipe: Recipe | None = None, data: tuple | None = None, force: bool = False) -> ExportReport:
+                 provenance: Mapping[str, Any] | None = None, data: tuple | None = None, force: bool = False) -> ExportReport:
     """Export `model` (inputs [N, *input_shape]) as a compact ONNX file at `path`, checked against PyTorch.
 
-    `model` is not changed (a float32 CPU copy is exported). `recipe`, the one `model` was built from,
-    goes into the file's metadata (source, step counts) and decides the report's `note` (whether its
-    prunes removed channels); without it both are left out.
+    `model` is not changed (a float32 CPU copy is exported). `provenance`, what the model was built
+    from (`Recipe.provenance()`: `source`, `conversions`, `prune_plans`, `channels_pruned`), goes into
+    the file's metadata and decides the report's `note` (whether its prunes removed channels);
+    without it both are left out.
 
     Steps: choose the form (`config.lowering`; `gaborprune.export.search`: the model is lowered once
     per form, Gabor banks baked and BatchNorm folded), export it with the dynamo exporter, run the full
@@ -185,8 +184,7 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
                           + "; nothing was written")
     per_sample = activation_bytes(model, input_shape)  # also a clear error for an input the model cannot take
     # every check runs the batch through PyTorch and ONNX Runtime: refuse before allocating one that cannot fit
-    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "N of --input-shape N,C,H,W",
-                       ExportError)  # the CLI sets the batch there
+    check_batch_memory(per_sample, config.batch_size, f"exporting at batch {config.batch_size}", "`batch_size`", ExportError)
     shape = (config.batch_size, *input_shape)
     train, test = data if data is not None else (None, None)
     calibration = calibration_batches(train, config.batch_size) if config.quantize and train is not None else None
@@ -194,12 +192,8 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
     lowerings = Lowerings(model, input_shape, config.batch_size)
     found = search(lowerings, config.lowering, config.pad_channels, config.threads, quantize=int8)
     deploy, lowering = lowerings.lower(found.form)
-    provenance = {} if recipe is None else {
-        "gaborprune.source": recipe.source.spec,
-        "gaborprune.conversions": len(recipe.conversions),
-        "gaborprune.prune_plans": len(recipe.prunes),
-    }
-    metadata = {"gaborprune.version": __version__, **provenance, "gaborprune.kernels_kept": kernels_kept(model),
+    recorded = {f"gaborprune.{key}": provenance[key] for key in ("source", "conversions", "prune_plans")} if provenance is not None else {}
+    metadata = {"gaborprune.version": __version__, **recorded, "gaborprune.kernels_kept": kernels_kept(model),
                 "gaborprune.lowering": lowering.forms, "gaborprune.input_shape": list(shape)}
     proto = to_onnx(deploy, shape, opset=config.opset, dynamic_batch=config.dynamic_batch, metadata=metadata)
     counts = onnx_counts(proto)
@@ -232,6 +226,6 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
         skipped=lowering.skipped, quantization=quantization, accuracy=accuracy,
         sparse_kernels={layer.name: [layer.kernels, layer.dense_kernels] for layer in lowering.layers if layer.kernels < layer.dense_kernels},
     )
-    if recipe is not None:
-        report.note = speed_note(model, recipe, report)
+    if provenance is not None:
+        report.note = speed_note(model, bool(provenance.get("channels_pruned")), report)
     return report

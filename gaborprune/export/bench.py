@@ -10,428 +10,32 @@ timed to, and neither timing had a long tail (p90/p50 above 2); otherwise its ve
 and no efficiency is given. Efficiency is counted on the MACs
 the graphs execute (zeros inside dense convolutions included: ONNX Runtime computes them), and
 int8 is compared only with int8.
+
+What is timed is in `bench_models`, the results and their verdicts in `results`, their text in
+`render`, the machine in `environment`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from gaborprune._validate import check_batch_memory, check_finite, check_int, check_threads, is_int
 from gaborprune.export import runtime
-from gaborprune.export.macs import onnx_counts
+from gaborprune.export.bench_models import BenchModel, quantized
+from gaborprune.export.environment import environment, load_warning
 from gaborprune.export.onnx import ExportError
+from gaborprune.export.results import BenchReport, BenchResult, compare, converted_share
 from gaborprune.export.runtime import Latency, session
-from gaborprune.export.stats import Interval, paired_ratio
 
 PRECISION = 0.02  # relative width of a median's 95% interval that ends the rounds: +-1%
 MAX_SECONDS = 60.0  # timing budget of one bench, all configurations together
 BATCH_SIZES, THREADS = (1,), (1,)  # the configurations timed by default
 WARMUP, RUNS = 10, 100  # untimed runs per model and configuration; timed runs per model in one round
-TAIL_LIMIT = 2.0  # p90/p50 above this: the scheduler, not the model, set the figures
 MIN_SAMPLES = 20  # below this, order statistics give no honest 95% interval (5 samples' min..max covers the median 94% of the time)
-INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "ConvInteger",
-                      "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul"})
-FASTER, SLOWER, NOISE, UNCERTAIN, UNSTABLE, MIXED = "faster", "slower", "within noise", "uncertain", "unstable", "precisions differ"
 
 _now = time.perf_counter  # the clock the time budget is read from (tests replace it)
-
-
-def precision_of(proto) -> str:
-    """"int8" for a graph with quantised operators, else "float"."""
-    return "int8" if any(n.op_type in INT8_OPS for n in proto.graph.node) else "float"
-
-
-def _float_view(proto):
-    """A copy of an int8 graph that `onnx_counts` can read: weights dequantised back into
-    initializers, integer convolutions and products as their float ops (the same shapes, hence the
-    same MACs). Shapes are inferred on the int8 graph first, which ONNX knows how to follow."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    view = onnx.shape_inference.infer_shapes(proto)
-    initializers = {t.name: t for t in view.graph.initializer}
-    nodes = []
-    for node in view.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
-            weight = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)  # zeros stay zeros
-            view.graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
-            continue
-        if node.op_type in ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul"):
-            weight = node.input[3] if node.op_type.startswith("QLinear") else node.input[1]
-            plain = helper.make_node("Conv" if "Conv" in node.op_type else "MatMul", [node.input[0], weight], list(node.output), name=node.name)
-            plain.attribute.extend(node.attribute)
-            node = plain
-        nodes.append(node)
-    del view.graph.node[:]
-    view.graph.node.extend(nodes)
-    return view
-
-
-def _counts(proto):
-    return onnx_counts(_float_view(proto) if precision_of(proto) == "int8" else proto)
-
-
-@dataclass
-class BenchModel:
-    """One model under test: its ONNX bytes and what is known about it."""
-
-    name: str
-    onnx: bytes
-    proto: object
-    macs: int
-    torch_model: object | None = None  # for PyTorch eager timing, when the model came from a recipe
-    macs_executed: int | None = None  # what the graph computes, zeros included (None: counted when needed)
-
-    @property
-    def precision(self) -> str:
-        return precision_of(self.proto)
-
-    @property
-    def executed(self) -> int:
-        if self.macs_executed is None:
-            self.macs_executed = _counts(self.proto).macs_executed
-        return self.macs_executed
-
-    @property
-    def converted(self) -> list[str]:
-        """The Gabor banks the exporter recorded (`gaborprune.kernels_kept`): the converted layers."""
-        stored = {e.key: e.value for e in self.proto.metadata_props}
-        try:
-            return sorted(json.loads(stored.get("gaborprune.kernels_kept", "{}")))
-        except (ValueError, TypeError):
-            return []
-
-    @property
-    def fixed_batch(self) -> int | None:
-        dim = self.proto.graph.input[0].type.tensor_type.shape.dim[0]
-        return dim.dim_value if dim.dim_value > 0 else None
-
-    @property
-    def chw(self) -> tuple[int, int, int]:
-        dims = self.proto.graph.input[0].type.tensor_type.shape.dim
-        return tuple(d.dim_value for d in dims[1:])
-
-    @property
-    def sample_bytes(self) -> int:
-        """Bytes of every tensor one sample's run produces (inputs, intermediates, outputs), from ONNX
-        shape inference: the same estimate as `gaborprune.probe.activation_bytes`, for models known
-        only as ONNX files."""
-        import onnx
-        from onnx.helper import tensor_dtype_to_np_dtype
-
-        try:
-            graph = onnx.shape_inference.infer_shapes(self.proto).graph
-        except Exception:  # a graph the inference cannot follow: count what the file declares
-            graph = self.proto.graph
-        total, batch = 0, self.fixed_batch
-        for v in [*graph.input, *graph.value_info, *graph.output]:
-            t = v.type.tensor_type
-            if not t.HasField("shape") or not t.shape.dim:
-                continue
-            first = t.shape.dim[0]
-            # only tensors with the batch dimension grow with the batch (an int8 graph's dequantised
-            # weights do not: counted per sample they made a VGG-16 bench look like 22 GB)
-            if not (first.dim_param if batch is None else first.dim_value == batch):
-                continue
-            try:
-                size = np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-            except (KeyError, TypeError, ValueError):
-                size = 4
-            total += size * int(np.prod([d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]))
-        return total // (self.fixed_batch or 1)
-
-
-def load_onnx(path: str | os.PathLike, name: str | None = None) -> BenchModel:
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"model file '{p}' not found")
-    try:
-        data = p.read_bytes()
-        proto = onnx.load_from_string(data)
-    except Exception:
-        raise ExportError(f"'{p}' is not an ONNX model (give .onnx files, or recipes to export on the fly)") from None
-    if not proto.graph.input:
-        raise ExportError(f"'{p}' has no inputs")
-    stored = {e.key: e.value for e in proto.metadata_props}
-    counts = _counts(proto)
-    macs = int(stored["gaborprune.macs"]) if "gaborprune.macs" in stored else counts.macs
-    return BenchModel(name or str(p), data, proto, macs, macs_executed=counts.macs_executed)
-
-
-def quantized(model: BenchModel, calibration: list[np.ndarray] | None = None) -> tuple[BenchModel, str]:
-    """An int8 copy of a float model (`gaborprune.export.quantize.quantize_int8`: static on the
-    `calibration` batches, else dynamic), named "NAME (int8)"; quantisation keeps every shape, so
-    the executed MACs are the float model's.
-
-    Returns:
-        (the int8 model, "static" or "dynamic").
-    """
-    import onnx
-
-    from gaborprune.export.quantize import quantize_int8
-
-    try:
-        blob, mode = quantize_int8(model.onnx, calibration)
-    except ExportError as e:
-        raise ExportError(f"cannot quantise '{model.name}' to int8: {str(e).split('; ')[0]}; bench without --int8, or give an int8 ONNX file") from None
-    proto = onnx.load_from_string(blob)
-    _carry_namespaces(model.proto, proto)
-    return BenchModel(f"{model.name} (int8)", proto.SerializeToString(), proto, model.macs, macs_executed=model.executed), mode
-
-
-def _carry_namespaces(source, quantised) -> None:
-    """Give the quantiser's new nodes ("node_Conv_8_quant" for "node_Conv_8") the module path of the
-    node they replace, so that a profile of the int8 model still names its layers."""
-    spaces = {n.name: p.value for n in source.graph.node for p in n.metadata_props if p.key == "namespace"}
-    for node in quantised.graph.node:
-        if any(p.key == "namespace" for p in node.metadata_props):
-            continue
-        origin = max((name for name in spaces if node.name.startswith(name)), key=len, default=None)
-        if origin is not None:
-            entry = node.metadata_props.add()
-            entry.key, entry.value = "namespace", spaces[origin]
-
-
-def environment(threads: list[int], provider: str) -> dict:
-    import onnxruntime as ort
-    import torch
-
-    from gaborprune._threads import load_average, usable_cores
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cores(), "platform": platform.platform(),
-        "python": platform.python_version(), "onnxruntime": ort.__version__, "torch": torch.__version__, "provider": provider,
-        "threads": threads, "inter_op_threads": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "load_average": load_average(),  # 1-minute load when timing began: above the cores, the figures are noisy
-    }
-
-
-def load_note(env: dict) -> str:
-    """" (1-minute load 0.42)" for a title, or "" where the platform has no load average."""
-    load = env.get("load_average")
-    return "" if load is None else f" (1-minute load {load:.2f})"
-
-
-def load_warning(env: dict) -> str | None:
-    """One line when the 1-minute load was above the usable cores: the models then wait for the CPU."""
-    load, cores = env.get("load_average"), env.get("usable_cores") or env.get("cores")
-    if load is None or not cores or load <= cores:
-        return None
-    return (f"the machine is busy (1-minute load {load:.1f} on {cores} cores): these timings are noisy and their intervals wide; "
-            "rerun when the machine is quiet")
-
-
-@dataclass
-class BenchResult:
-    model: str
-    batch_size: int
-    threads: int
-    latency: Latency  # every round's runs joined
-    runtime: str = "onnxruntime"
-    precision: str = "float"
-    rounds: int = 1
-    converged: bool = True  # the median's interval reached the requested precision
-
-    @property
-    def throughput(self) -> float:
-        return self.batch_size / (self.latency.p50 / 1e3)
-
-    @property
-    def interval(self) -> Interval:
-        return self.latency.interval
-
-    @property
-    def quartiles(self) -> tuple[float, float]:
-        """(p25, p75) in ms: the spread of the runs around the median (a point when no samples were kept)."""
-        s = self.latency.samples
-        return (float(np.percentile(s, 25)), float(np.percentile(s, 75))) if s else (self.latency.p50, self.latency.p50)
-
-    @property
-    def stable(self) -> bool:
-        return self.latency.tail <= TAIL_LIMIT
-
-    @property
-    def note(self) -> str:
-        """Why the figure is not a finding (empty when it is)."""
-        notes = [f"unstable: p90/p50 {self.latency.tail:.1f} above {TAIL_LIMIT:g}"] if not self.stable else []
-        if not self.converged:
-            notes.append(f"interval +-{self.interval.relative_width / 2:.1%} of {self.latency.runs} runs when --max-seconds ran out")
-        return "; ".join(notes)
-
-    def to_dict(self) -> dict:
-        lat, ci = self.latency, self.interval
-        return {"model": self.model, "runtime": self.runtime, "precision": self.precision, "batch_size": self.batch_size,
-                "threads": self.threads, "p50_ms": lat.p50, "p50_low_ms": ci.low, "p50_high_ms": ci.high,
-                "p25_ms": self.quartiles[0], "p75_ms": self.quartiles[1], "p90_ms": lat.p90,
-                "p99_ms": lat.p99, "mean_ms": lat.mean, "std_ms": lat.std, "p90_over_p50": lat.tail, "runs": lat.runs,
-                "rounds": self.rounds, "converged": self.converged, "stable": self.stable, "note": self.note,
-                "throughput": self.throughput}
-
-
-@dataclass
-class Comparison:
-    model: str
-    baseline: str
-    batch_size: int
-    threads: int
-    speedup: float | None  # median over interleaved runs of t_base / t (None: precisions differ)
-    mac_ratio: float  # executed MACs of the model / of the baseline
-    efficiency: float | None  # (1 - t/t_base) / (1 - MACs/MACs_base): share of removed arithmetic that became time
-    speedup_low: float | None = None  # the speedup's 95% interval
-    speedup_high: float | None = None
-    verdict: str = FASTER  # faster | slower | within noise | uncertain | unstable | precisions differ
-    note: str = ""
-    precision: str = "float"
-    baseline_precision: str = "float"
-    macs_executed: int = 0
-    baseline_macs_executed: int = 0
-
-    @property
-    def stable(self) -> bool:
-        """A finding: faster or slower beyond the noise, from timings without a long tail."""
-        return self.verdict in (FASTER, SLOWER)
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"stable": self.stable}
-
-
-def compare(model: BenchModel, base: BenchModel, result: BenchResult, base_result: BenchResult, precision: float = PRECISION) -> Comparison:
-    """The model against a baseline timed in the same interleaved runs, with its verdict: a gain
-    below half of `precision` is within noise too, being finer than the medians were timed to."""
-    macs, base_macs = model.executed, base.executed
-    ratio = macs / base_macs if base_macs else 1.0
-    head = (model.name, base.name, result.batch_size, result.threads)
-    tail = dict(precision=model.precision, baseline_precision=base.precision, macs_executed=macs, baseline_macs_executed=base_macs)
-    if model.precision != base.precision:
-        hint = " or --int8" if model.precision == "int8" else ""
-        return Comparison(*head, None, ratio, None, verdict=MIXED, note=f"{model.precision} model, {base.precision} baseline; "
-                          f"add a --baseline of the model's precision{hint}", **tail)
-    speedup = paired_ratio(base_result.latency.samples, result.latency.samples)  # per run: t_base / t
-    gain = abs(speedup.median - 1)
-    if not (result.stable and base_result.stable):
-        verdict, note = UNSTABLE, f"p90/p50 above {TAIL_LIMIT:g}"
-    elif speedup.low <= 1 <= speedup.high:
-        verdict, note = NOISE, "interval includes 1"
-    elif gain < precision / 2:
-        verdict, note = NOISE, f"gain below the +-{precision / 2:.1%} timed to"
-    elif speedup.high - speedup.low > gain:
-        verdict, note = UNCERTAIN, "interval wider than the gain"
-    else:
-        verdict, note = (FASTER if speedup.median > 1 else SLOWER), ""
-    efficiency = None
-    if verdict in (FASTER, SLOWER) and ratio < 1:
-        efficiency = (1 - 1 / speedup.median) / (1 - ratio)
-    elif verdict in (FASTER, SLOWER):
-        note = "no executed MACs removed"
-    return Comparison(*head, speedup.median, ratio, efficiency, speedup.low, speedup.high, verdict, note, **tail)
-
-
-@dataclass
-class BenchReport:
-    environment: dict
-    results: list[BenchResult] = field(default_factory=list)
-    comparisons: list[Comparison] = field(default_factory=list)
-    profiles: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {layer: ms}
-    converted: dict[str, dict] = field(default_factory=dict)  # model -> its time in the converted layers (`converted_share`)
-    settings: dict = field(default_factory=dict)  # precision, max_seconds, runs per round, warmup, int8 mode
-    warnings: list[str] = field(default_factory=list)  # one line each, for the CLI to print
-
-    def to_dict(self) -> dict:
-        return {"environment": self.environment, "settings": self.settings, "warnings": self.warnings,
-                "results": [r.to_dict() for r in self.results], "comparisons": [c.to_dict() for c in self.comparisons],
-                "profiles": self.profiles, "converted": self.converted}
-
-    def result_rows(self) -> list[list[str]]:
-        """The cells of the results table (`RESULT_COLUMNS`), shared by the terminal and Markdown reports."""
-        rows = []
-        for r in self.results:
-            d = r.to_dict()
-            rows.append([d["model"], d["runtime"], d["precision"], str(d["batch_size"]), str(d["threads"]), f"{d['p50_ms']:.3f}",
-                         _ci(d["p50_low_ms"], d["p50_high_ms"]), f"{d['p90_ms']:.3f}", f"{d['p90_over_p50']:.2f}",
-                         f"{d['runs']} in {d['rounds']}", f"{d['throughput']:.1f}", d["note"] or "ok"])
-        return rows
-
-    def comparison_rows(self) -> list[list[str]]:
-        """The cells of the comparisons table (`COMPARISON_COLUMNS`)."""
-        rows = []
-        for c in self.comparisons:
-            speedup = "-" if c.speedup is None else f"{c.speedup:.3f}x"
-            eff = f"{c.efficiency:.2f}" if c.efficiency is not None else "n/a (" + (c.note if c.stable else c.verdict) + ")"
-            verdict = f"{c.verdict} ({c.note})" if c.note and not c.stable else c.verdict
-            rows.append([c.model, c.baseline, str(c.batch_size), str(c.threads), speedup, _ci(c.speedup_low, c.speedup_high),
-                         f"{c.mac_ratio:.3f}", eff, verdict])
-        return rows
-
-    def share_line(self, model: str) -> str:
-        """One line on how much of `model`'s profiled time the converted layers take (`converted_share`)."""
-        share = self.converted[model]
-        who = f"baseline {model}" if model in {c.baseline for c in self.comparisons} else model
-        if share["share"] is None:
-            return f"{who}: none of the converted layers shows in the profile"
-        bound = f"at most {share['bound']:.2f}x" if share["bound"] is not None else "no bound (all its time)"
-        return (f"{who}: {share['share']:.0%} of the time in the converted layers ({', '.join(share['layers'])}: {share['ms']:.3f} of "
-                f"{share['total_ms']:.3f} ms); removing them entirely would give {bound}")
-
-    def to_markdown(self, title: str = "gaborprune bench") -> str:
-        """The report as Markdown: the settings and machine, the results, the comparisons and the profiles."""
-        env, s = self.environment, self.settings
-        lines = [f"# {title}", "", f"{env['date']}; {env['cpu']}, {env['cores']} cores{load_note(env)}; onnxruntime {env['onnxruntime']}, "
-                 f"torch {env['torch']}, provider {env['provider']}, inter-op threads 1. Rounds of {s['runs_per_round']} interleaved runs "
-                 f"until each median's 95% interval is within +-{s['precision'] / 2:.1%} or {s['max_seconds']:g} s are spent.", ""]
-        lines += [f"**Warning:** {w}" for w in self.warnings] + ([""] if self.warnings else [])
-        lines += ["| " + " | ".join(RESULT_COLUMNS) + " |", "|---|---|---|" + "---:|" * 8 + "---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self.result_rows()]
-        if self.comparisons:
-            lines += ["", "Speedup: the median over interleaved runs of t_base / t, with its 95% interval; efficiency = "
-                      "(1 - t/t_base) / (1 - MACs/MACs_base) on executed MACs, given only for a speedup beyond the noise.", "",
-                      "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|---|---|" + "---:|" * 6 + "---|"]
-            lines += ["| " + " | ".join(row) + " |" for row in self.comparison_rows()]
-        for model, layers in self.profiles.items():
-            lines += ["", f"Per-layer time of {model} (ms per run, top {PROFILE_ROWS}):", "", "| layer | ms |", "|---|---:|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in top_layers(layers)]
-            if model in self.converted:
-                lines += ["", self.share_line(model) + "."]
-        return "\n".join(lines) + "\n"
-
-
-RESULT_COLUMNS = ("model", "runtime", "precision", "batch", "threads", "median ms", "95% CI ms", "p90 ms", "p90/p50", "runs in rounds", "images/s", "note")
-COMPARISON_COLUMNS = ("model", "baseline", "batch", "threads", "speedup", "95% CI", "executed MAC ratio", "efficiency", "verdict")
-PROFILE_ROWS = 15  # layers a profile lists, slowest first
-
-
-def top_layers(layers: dict[str, float]) -> list[tuple[str, float]]:
-    """A profile's slowest `PROFILE_ROWS` layers, slowest first."""
-    return sorted(layers.items(), key=lambda kv: -kv[1])[:PROFILE_ROWS]
-
-
-def _ci(low: float | None, high: float | None) -> str:
-    return "-" if low is None or high is None else f"{low:.3f}-{high:.3f}"
-
-
-def converted_share(layers: dict[str, float], converted: list[str]) -> dict:
-    """The time a profile spends in the converted layers (a layer and the modules inside it), its share
-    of the total, and the speedup bound that share implies if those layers cost nothing: 1 / (1 - share).
-    The share and bound are None when no converted layer shows in the profile."""
-    inside = sorted(k for k in layers if any(k == c or k.startswith(c + ".") for c in converted))
-    ms, total = sum(layers[k] for k in inside), sum(layers.values())
-    share = ms / total if inside and total > 0 else None
-    bound = 1 / (1 - share) if share is not None and share < 1 else None
-    return {"layers": inside, "ms": ms, "total_ms": total, "share": share, "bound": bound}
 
 
 def _torch_latency(model, x: np.ndarray, threads: int, warmup: int, runs: int) -> Latency:
@@ -458,22 +62,22 @@ def check_settings(batch_sizes: tuple[int, ...], threads: tuple[int, ...], warmu
                    max_seconds: object) -> None:
     """Every timing setting of `bench`, checked before anything is exported or timed."""
     for t in threads:
-        check_threads(t, "--threads", ExportError)
+        check_threads(t, "`threads`", ExportError)
     for b in batch_sizes:
-        check_int(b, "--batch-size", error=ExportError)
+        check_int(b, "`batch_sizes`", error=ExportError)
     if not (is_int(runs) and is_int(warmup) and runs >= 1 and warmup >= 0):
-        raise ExportError(f"--runs must be at least 1 and --warmup at least 0 (integers), not {runs!r} and {warmup!r}")
+        raise ExportError(f"`runs` must be at least 1 and `warmup` at least 0 (integers), not {runs!r} and {warmup!r}")
     check_timing(precision, max_seconds)
 
 
 def check_timing(precision: object, max_seconds: object) -> None:
     """`precision` in (0, 1) and `max_seconds` above 0, before anything is exported or timed."""
-    check_finite(precision, "--precision", ExportError)
-    check_finite(max_seconds, "--max-seconds", ExportError)
+    check_finite(precision, "`precision`", ExportError)
+    check_finite(max_seconds, "`max_seconds`", ExportError)
     if not 0 < precision < 1:
-        raise ExportError(f"--precision must be above 0 and below 1 (0.02: each median known to +-1%), not {precision!r}")
+        raise ExportError(f"`precision` must be above 0 and below 1 (0.02: each median known to +-1%), not {precision!r}")
     if max_seconds <= 0:
-        raise ExportError(f"--max-seconds must be above 0, not {max_seconds!r}")
+        raise ExportError(f"`max_seconds` must be above 0, not {max_seconds!r}")
 
 
 def _tight(latency: Latency, precision: float) -> bool:
@@ -531,7 +135,7 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
     by_precision = {}
     for b in baselines:
         if b.precision in by_precision:
-            raise ExportError(f"two {b.precision} baselines ('{by_precision[b.precision].name}', '{b.name}'); give one --baseline per precision (float, int8)")
+            raise ExportError(f"two {b.precision} baselines ('{by_precision[b.precision].name}', '{b.name}'); give one `baseline` per precision (float, int8)")
         by_precision[b.precision] = b
     everyone = models + baselines
     shapes = {m.chw for m in everyone}
@@ -542,7 +146,7 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
         bad = [b for b in batch_sizes if m.fixed_batch is not None and b != m.fixed_batch]
         if bad:
             raise ExportError(f"'{m.name}' has a fixed batch of {m.fixed_batch} and cannot run batch {bad[0]}; "
-                              f"export it with --dynamic-batch or bench with --batch-size {m.fixed_batch}")
+                              f"export it with `dynamic_batch` or bench with `batch_sizes` {m.fixed_batch}")
     settings = {"precision": precision, "max_seconds": max_seconds, "runs_per_round": runs, "warmup": warmup}
     if int8:
         models = list(models)
@@ -556,7 +160,7 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
         everyone = models + baselines
     if batch_sizes:
         per_sample = sum(m.sample_bytes for m in everyone)  # every model's session is alive in a configuration
-        check_batch_memory(per_sample * (2 if torch_eager else 1), max(batch_sizes), f"timing at batch {max(batch_sizes)}", "--batch-size", ExportError)
+        check_batch_memory(per_sample * (2 if torch_eager else 1), max(batch_sizes), f"timing at batch {max(batch_sizes)}", "`batch_sizes`", ExportError)
     report = BenchReport(environment(list(threads), provider), settings=settings)
     report.warnings += filter(None, [load_warning(report.environment)])
     chw = shapes.pop()
@@ -581,7 +185,7 @@ def bench(models: list[BenchModel], *, baseline: BenchModel | list[BenchModel] |
                 report.comparisons.append(compare(m, base, r, next(q for e, q in zip(everyone, results) if e is base), precision))
     loose = [r for r in report.results if not r.converged]
     if loose:
-        report.warnings.append(f"{len(loose)} of {len(report.results)} medians did not reach +-{precision / 2:.1%} within --max-seconds "
+        report.warnings.append(f"{len(loose)} of {len(report.results)} medians did not reach +-{precision / 2:.1%} within `max_seconds` "
                                f"{max_seconds:g}: their intervals are wider (the note column says which); give more time or a quieter machine")
     if profile_layers:
         x = rng.standard_normal((batch_sizes[0], *chw), dtype=np.float32)

@@ -100,7 +100,7 @@ def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
     Raises:
         OnnxFileError: see `read_onnx`.
     """
-    from gaborprune.export.bench import _counts, precision_of
+    from gaborprune.export.bench_models import _counts, precision_of
     from gaborprune.export.onnx import opset_of
 
     proto = read_onnx(path)
@@ -155,14 +155,14 @@ def input_chw(path: str | os.PathLike) -> tuple[int, int, int]:
     if len(shape) != 4:
         raise OnnxFileError(f"'{path}' takes an input of shape {shape}, not N,C,H,W images")
     if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-        raise OnnxFileError(f"'{path}' takes images of size {shape[1:]} (dynamic); give --input-shape C,H,W")
+        raise OnnxFileError(f"'{path}' takes images of size {shape[1:]} (dynamic); give `input_shape` C,H,W")
     return tuple(shape[1:])
 
 
 def check_onnx_options(path: str | os.PathLike, **given: object) -> None:
-    """Refuse model options an ONNX file fixes itself; `given` maps an option ("--weights") to its
-    value, None when not given."""
-    passed = [option for option, value in given.items() if value not in (None, [], ())]
+    """Refuse model options an ONNX file fixes itself; `given` maps an argument of `load_model`
+    ("weights") to its value, None when not given."""
+    passed = [f"`{name}`" for name, value in given.items() if value not in (None, [], ())]
     if passed:
         raise OnnxFileError(f"'{path}' is an ONNX model, which fixes its weights, classes and shape; drop {'/'.join(passed)}")
 
@@ -201,14 +201,14 @@ def evaluate_onnx(path: str | os.PathLike, dataset, *, batch_size: int | None = 
     import torch
     import torch.nn.functional as F
 
-    from gaborprune.export.bench import BenchModel
+    from gaborprune.export.bench_models import BenchModel
     from gaborprune.export.quantize import onnx_batches
     from gaborprune.export.runtime import session
 
     if batch_size is not None:
-        check_int(batch_size, "--batch-size", error=OnnxFileError)
+        check_int(batch_size, "`batch_size`", error=OnnxFileError)
     if threads is not None:
-        check_threads(threads, "--threads", OnnxFileError)
+        check_threads(threads, "`threads`", OnnxFileError)
     if provider not in PROVIDERS:
         raise OnnxFileError(f"unknown device '{provider}' for ONNX Runtime; known: {', '.join(PROVIDERS)}")
     proto = read_onnx(path)
@@ -223,26 +223,26 @@ def evaluate_onnx(path: str | os.PathLike, dataset, *, batch_size: int | None = 
     what = f"dataset '{data_name}'" if data_name else "the data"
     if isinstance(width, int) and width != dataset.num_classes:
         raise OnnxFileError(f"'{path}' has {width} outputs but {what} has {dataset.num_classes} classes; "
-                            f"evaluate it on data with {width} classes, or export a model built with --num-classes {dataset.num_classes}")
+                            f"evaluate it on data with {width} classes, or export a model built with `num_classes` {dataset.num_classes}")
     sample = next(iter(dataset.batches(1, train=False)), None)
     if sample is None:
         raise OnnxFileError(f"{what} has no test images")
     chw = list(sample[0].shape[1:])
     if any(isinstance(want, int) and want != got for want, got in zip(shape[1:], chw)):
         raise OnnxFileError(f"'{path}' takes images of {'x'.join(map(str, shape[1:]))} but {what} gives {'x'.join(map(str, chw))}; "
-                            f"bring the data to {','.join(map(str, shape[1:]))} (drop --input-shape)")
+                            f"bring the data to {','.join(map(str, shape[1:]))} (drop `input_shape`)")
     fixed = shape[0] if isinstance(shape[0], int) else None
     if fixed is not None and batch_size not in (None, fixed):
-        raise OnnxFileError(f"'{path}' has a fixed batch of {fixed}, not --batch-size {batch_size}; drop --batch-size, or export with --dynamic-batch")
+        raise OnnxFileError(f"'{path}' has a fixed batch of {fixed}, not `batch_size` {batch_size}; drop `batch_size`, or export with `dynamic_batch`")
     batch = fixed or batch_size or 256
     model = BenchModel(str(path), b"", proto, 0)
-    check_batch_memory(model.sample_bytes, min(batch, len(dataset)), f"evaluating '{path}' at batch {batch}", "--batch-size", OnnxFileError)
+    check_batch_memory(model.sample_bytes, min(batch, len(dataset)), f"evaluating '{path}' at batch {batch}", "`batch_size`", OnnxFileError)
     import onnxruntime as ort
 
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if provider == "cuda" and not cuda:
         raise OnnxFileError(f"ONNX Runtime has no CUDA provider here (available: {', '.join(ort.get_available_providers())}); "
-                            "install onnxruntime-gpu, or give --device cpu")
+                            "install onnxruntime-gpu, or give `provider` cpu")
     provider = provider if provider != "auto" else "cuda" if cuda else "cpu"
     sess = session(str(path), threads, provider)
     k = min(5, dataset.num_classes)
@@ -251,7 +251,7 @@ def evaluate_onnx(path: str | os.PathLike, dataset, *, batch_size: int | None = 
     for logits, y in onnx_batches(sess, dataset, batch):
         if logits.shape[1] != dataset.num_classes:  # a dynamic output width, known only now
             raise OnnxFileError(f"'{path}' has {logits.shape[1]} outputs but {what} has {dataset.num_classes} classes; "
-                                f"evaluate it on data with {logits.shape[1]} classes, or export a model built with --num-classes {dataset.num_classes}")
+                                f"evaluate it on data with {logits.shape[1]} classes, or export a model built with `num_classes` {dataset.num_classes}")
         logits = torch.from_numpy(np.ascontiguousarray(logits)).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(k, dim=1).indices

@@ -51,7 +51,7 @@ def quantize_int8(model: bytes, calibration: list[np.ndarray] | None = None) -> 
                 quantize_dynamic(src if skipped else pre, dst, weight_type=QuantType.QInt8)
                 mode = "dynamic"
         except Exception as e:
-            raise ExportError(f"int8 quantisation failed ({_first_line(e)}); export without --quantize") from None
+            raise ExportError(f"int8 quantisation failed ({_first_line(e)}); export without `quantize`") from None
         if not skipped:
             return dst.read_bytes(), mode
         import onnx

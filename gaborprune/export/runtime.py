@@ -28,7 +28,7 @@ def providers(name: str = "cpu") -> list[str]:
     missing = [p for p in wanted[name] if p not in ort.get_available_providers()]
     if missing:
         raise SessionError(f"ONNX Runtime provider {missing[0]} is not installed here (available: {', '.join(ort.get_available_providers())}); "
-                            "install onnxruntime-gpu for cuda, or use --provider cpu")
+                            "install onnxruntime-gpu for cuda, or use `provider` cpu")
     return wanted[name]
 
 
@@ -66,7 +66,7 @@ def run(sess, x: np.ndarray) -> np.ndarray:
         return sess.run(None, {name: x})[0]
     except Exception as e:
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SessionError(f"the model cannot take an input of shape {list(x.shape)} ({detail}); check --input-shape / --batch-size") from None
+        raise SessionError(f"the model cannot take an input of shape {list(x.shape)} ({detail}); check `input_shape` / `batch_size`") from None
 
 
 @dataclass(frozen=True)

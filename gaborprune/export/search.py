@@ -19,12 +19,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from gaborprune import cpu
 from gaborprune.export.lower import LoweringReport, bake, finish
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import to_onnx
@@ -40,26 +40,6 @@ MAX_SECONDS = 20.0
 WARMUP = 5
 #: A ratio interval narrower than this (relative) that still holds 1: a difference too small to matter.
 SETTLED_WIDTH = 0.02
-
-
-def cpu_block(cpuinfo: str | None = None) -> int:
-    """ONNX Runtime's NCHWc channel block on this CPU: 16 with AVX-512 (avx512f), 8 with AVX2, 0 when
-    neither is known (no padding is tried then).
-
-    Args:
-        cpuinfo: the text of /proc/cpuinfo; read when None (0 where there is none).
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return 0
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags |= set(value.split())
-    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
 
 
 @dataclass(frozen=True)
@@ -206,20 +186,20 @@ def search(lowerings: Lowerings, lowering: str = "auto", pad: int | None = None,
         lowering: "auto" (measure), "dense" (the baseline) or "sparse" (constant channels cut, every
             kernel-sparse layer split), unmeasured.
         pad: force this channel multiple on every form (0: no padding); None: `auto` also tries the
-            host's block (`cpu_block`), the others do not pad.
+            host's block (`gaborprune.cpu.cpu_block`), the others do not pad.
         quantize: the int8 conversion of the file to be written: candidates are then timed as int8,
             since a form faster in float can be slower in int8 (a split layer is).
     """
-    block = cpu_block() if pad is None and lowering == "auto" else 0
+    block = cpu.cpu_block() if pad is None and lowering == "auto" else 0
     pads = (pad,) if pad is not None else (0, block) if block > 1 else (0,)
     base = lowerings.canonical(Form(pad=pads[0]))
     if lowering == "dense":
-        return Search(base, [_candidate(lowerings, base)], "dense everywhere, nothing cut at export (--lowering dense)", {}, 0)
+        return Search(base, [_candidate(lowerings, base)], "dense everywhere, nothing cut at export (`lowering` dense)", {}, 0)
     sparse = [layer.name for layer in lowerings.lower(Form(cut=True, pad=pads[0]))[1].layers
               if layer.kernels < layer.dense_kernels and layer.form == "dense"]
     if lowering == "sparse":
         form = lowerings.canonical(Form(cut=True, pad=pads[0], split=tuple(sparse)))
-        return Search(form, [_candidate(lowerings, form)], "constant channels cut, split wherever kernels are missing (--lowering sparse)", {}, 0)
+        return Search(form, [_candidate(lowerings, form)], "constant channels cut, split wherever kernels are missing (`lowering` sparse)", {}, 0)
 
     x = torch.randn(*lowerings.shape, generator=torch.Generator().manual_seed(0)).numpy()
     layer_ms, split = _per_layer(lowerings, sparse, pads[0], x, threads) if sparse else ({}, ())

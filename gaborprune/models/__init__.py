@@ -46,7 +46,7 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
-            raise ModelSourceError(f"--num-classes must be at least 1, not {self.num_classes}")
+            raise ModelSourceError(f"`num_classes` must be at least 1, not {self.num_classes}")
 
     @property
     def kind(self) -> str:
@@ -128,7 +128,7 @@ def _torchvision(spec: str):
 
     def build(**kwargs):
         if kwargs.get("weights") is not None:
-            raise ModelSourceError("pretrained weights are never downloaded; pass a local state_dict with --weights FILE")
+            raise ModelSourceError("pretrained weights are never downloaded; pass a local state_dict with `weights`")
         return torchvision_models().get_model(name, weights=None, **kwargs)
 
     return build
@@ -173,7 +173,7 @@ def pretrained_hint(source: ModelSource, weights: str) -> str:
             entry = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
             return (
                 f"weights file '{weights}' not found; pretrained weights are never downloaded here. "
-                f"Fetch {entry.url} on a machine with internet and pass the saved file with --weights PATH"
+                f"Fetch {entry.url} on a machine with internet and pass the saved file with `weights`"
             )
         except (KeyError, ValueError, AttributeError):
             pass
@@ -225,7 +225,7 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, 
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:2])})")
-        raise ModelSourceError(f"{what} does not fit {target}: {'; '.join(parts)}; check the model name and --num-classes")
+        raise ModelSourceError(f"{what} does not fit {target}: {'; '.join(parts)}; check the model name and `num_classes`")
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as e:

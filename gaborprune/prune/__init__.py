@@ -6,10 +6,8 @@ from gaborprune.prune.plan import PrunePlan, PruneStep, apply_plan_, slice_modul
 from gaborprune.prune.report import LayerChange, PruneReport
 from gaborprune.prune.run import SweepPoint, prune_model_, sweep
 from gaborprune.prune.select import PruneSpec, select_kernels
-from gaborprune.prune.target import TargetCandidate, TargetReport, TargetSpec, prune_to_target_
 
 __all__ = [
     "ChannelAnalysis", "KeptChannel", "LayerChange", "PruneError", "PrunePlan", "PruneReport", "PruneSpec", "PruneStep",
-    "SweepPoint", "TargetCandidate", "TargetReport", "TargetSpec", "analyse_channels", "apply_plan_", "prune_model_",
-    "prune_to_target_", "select_kernels", "slice_module", "sweep",
+    "SweepPoint", "analyse_channels", "apply_plan_", "prune_model_", "select_kernels", "slice_module", "sweep",
 ]

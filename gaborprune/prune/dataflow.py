@@ -119,10 +119,16 @@ def direct_norms(graph: ChannelGraph) -> dict[str, str]:
     return pairs
 
 
-def trace_channels(model: nn.Module, input_shape: tuple[int, int, int]) -> ChannelGraph:
-    """The channel dataflow of `model`, from its fx graph run once in eval mode on random inputs
-    [2, *input_shape]. Never mutates `model`; raises whatever tracing user code raises."""
-    recorder = _Recorder(fx.GraphModule(model, _Tracer().trace(model)))
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """The torch.fx graph of `model`, Gabor banks and stand-ins as leaves. Raises whatever tracing user code raises."""
+    return _Tracer().trace(model)
+
+
+def trace_channels(model: nn.Module, input_shape: tuple[int, int, int], graph: fx.Graph | None = None) -> ChannelGraph:
+    """The channel dataflow of `model`, from its fx graph (`graph`, traced from a model of the same
+    architecture; traced here when None) run once in eval mode on random inputs [2, *input_shape].
+    Never mutates `model`; raises whatever tracing user code raises."""
+    recorder = _Recorder(fx.GraphModule(model, graph if graph is not None else trace_graph(model)))
     param = next(model.parameters(), None)
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     was_training = model.training

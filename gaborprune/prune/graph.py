@@ -94,7 +94,7 @@ def _verdict(graph: ChannelGraph, comp: Component, dead_out: bool, bias_maps: bo
 
 
 def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bias_maps: bool = False, plain: bool = False,
-                     interior: bool = False) -> ChannelAnalysis:
+                     interior: bool = False, analysis=None) -> ChannelAnalysis:
     """Which channels can be removed, and how (see the module doc).
 
     Args:
@@ -106,6 +106,7 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bia
             --scope all`, which zeroes them), not only those of Gabor banks.
         interior: fold a constant entering a zero-padded convolution as if it were unpadded (exact
             away from the borders; `gaborprune.fold.fold`), instead of keeping the channel.
+        analysis: a `ModelAnalysis` of `model`'s architecture, whose traced graph is reused.
 
     A convolution that loses every input channel becomes a constant (`ChannelAnalysis.constants`), a
     module that loses every output channel is dropped (`gaborprune.prune.standins`).
@@ -123,7 +124,7 @@ def analyse_channels(model: nn.Module, input_shape: tuple[int, int, int], *, bia
     if not any(dead.values()):
         return ChannelAnalysis()
     try:
-        graph = trace_channels(model, input_shape)
+        graph = analysis.dataflow(model) if analysis is not None else trace_channels(model, input_shape)
     except Exception as e:  # tracing user code can fail in many ways; the masks still hold
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         kept = [KeptChannel(n, c, "the model's graph could not be traced", side) for (n, side), cs in dead.items() for c in cs]

@@ -47,7 +47,7 @@ from torch import nn
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import GaborPruneError
 from gaborprune.prune.dataflow import ChannelGraph, Component, direct_norms, node_name, trace_channels, zero_padded
-from gaborprune.train.config import SCOPES
+from gaborprune.scopes import SCOPES
 
 _TIE = "(through an addition, product, concatenation or depthwise convolution)"
 
@@ -219,11 +219,12 @@ class _Verdicts:
         return ChannelGroup("in", self._members(cols), saves=self._saves(comp), unit=unit)
 
 
-def channel_groups(model: nn.Module, input_shape: tuple[int, int, int], scope: str = "banks") -> GroupAnalysis:
+def channel_groups(model: nn.Module, input_shape: tuple[int, int, int], scope: str = "banks", analysis=None) -> GroupAnalysis:
     """The channel groups of the model's Gabor banks (`scope="banks"`) or of all its ungrouped
     convolutions (`scope="all"`, see the module doc), and the sides that have none (with why).
 
     Never mutates `model`. A model whose graph torch.fx cannot trace has no groups (`note` says why).
+    `analysis`: a `ModelAnalysis` of `model`'s architecture, whose traced graph is reused.
     """
     if scope not in SCOPES:
         raise GaborPruneError(f"unknown scope '{scope}'; known: {', '.join(SCOPES)}")
@@ -232,7 +233,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int], scope: s
     if not banks:
         return GroupAnalysis()
     try:
-        graph = trace_channels(model, input_shape)
+        graph = analysis.dataflow(model) if analysis is not None else trace_channels(model, input_shape)
     except Exception as e:  # tracing user code can fail in many ways; the kernel pressure still works
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         return GroupAnalysis(note=f"torch.fx could not trace the model ({detail}); no channel groups, only the kernel pressure")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gaborprune.errors import PruneError
+from gaborprune.prune.analysis import ModelAnalysis
 from gaborprune.prune.graph import analyse_channels
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
@@ -62,14 +63,15 @@ def _as_data(folds) -> tuple[dict, ...]:
     return tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in folds)
 
 
-def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec = PruneSpec()) -> PruneReport:
+def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec = PruneSpec(), analysis: ModelAnalysis | None = None) -> PruneReport:
     """Prune the Gabor banks of `model` (inputs [N, *input_shape]) in place. The report's `step`
     is what a recipe records of it: `recipe = recipe.with_step(report.step)`.
 
     Steps: choose the kernels to keep (`select_kernels`), mask the others, find the channels that
     can go exactly (`analyse_channels`: dead output channels, and channels that only dead input
     columns read, with their producers' kernels), fold their constants, cut them out (`apply_plan_`),
-    and check that the compacted model computes what the masked one did.
+    and check that the compacted model computes what the masked one did. The graph is traced once
+    (`analysis`, a `ModelAnalysis` of `model` or of a model of its architecture, is reused when given).
 
     Raises:
         PruneError: bad criterion, no Gabor banks, a layer would lose every kernel, or (a bug) the
@@ -77,16 +79,17 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
             so reload it.
     """
     shape = tuple(input_shape)
-    keep = select_kernels(model, shape, spec)
-    before = summarize(model, shape)
+    analysis = analysis if analysis is not None and analysis.same_architecture(model) else ModelAnalysis(model, shape)
+    keep = select_kernels(model, shape, spec, analysis)
+    before = summarize(model, shape, analysis.norms)
     shapes_before = layer_shapes(model)
     kernels = {n: torch.nonzero(~k).tolist() for n, k in keep.items()}
     masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
     zeroed, folds = [], []
     if spec.scope == "all":
-        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to)
+        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to, analysis)
         masks = zero_units_(masked, zeroed, norms)
-        interior = analyse_channels(masked, shape, plain=True, interior=True)
+        interior = analyse_channels(masked, shape, plain=True, interior=True, analysis=analysis)
         folds = interior.folds  # the removed channels' constants, exact away from zero-padded readers' borders
         apply_plan_(masked, PrunePlan(folds=_as_data(folds)))
         for bank, pairs in clear_removed_(masked, interior.remove).items():
@@ -94,23 +97,23 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
         for bank, pairs in masks.items():
             kernels[bank] = [list(p) for p in sorted(set(map(tuple, kernels.get(bank, []))) | pairs)]
 
-    analysis = analyse_channels(masked, shape, plain=spec.scope == "all")
-    whole = {n for n, sides in analysis.remove.items() if n in analysis.constants or _loses_all_outputs(masked, n, sides)}
-    analysis.kept = [k for k in analysis.kept if k.layer not in whole]  # a layer removed whole keeps nothing
+    channels = analyse_channels(masked, shape, plain=spec.scope == "all", analysis=analysis)
+    whole = {n for n, sides in channels.remove.items() if n in channels.constants or _loses_all_outputs(masked, n, sides)}
+    channels.kept = [k for k in channels.kept if k.layer not in whole]  # a layer removed whole keeps nothing
     for u in zeroed:  # every zeroed channel must go, or the plan would not replay what was done
         g = u.groups[u.side]
         layer, kernels_of = g.members[0]
         index = kernels_of[0][0] if g.kind == "out" else kernels_of[0][1]
-        if index not in analysis.remove.get(layer, {}).get(g.kind, []):
+        if index not in channels.remove.get(layer, {}).get(g.kind, []):
             raise PruneError(f"channel {index} ({g.kind}) of '{layer}' was zeroed but cannot be removed (a gaborprune bug; please report it with the model)")
     # the folds go into the plan, so that the plan alone, replayed on these weights, gives this model
-    plan = PrunePlan(kernels, analysis.remove, spec.to_dict(), _as_data(folds + analysis.folds), analysis.constants)
+    plan = PrunePlan(kernels, channels.remove, spec.to_dict(), _as_data(folds + channels.folds), channels.constants)
     apply_plan_(model, plan)
     diff, scale = _max_abs_diff(masked, model, shape)
     if not diff <= EXACT_TOLERANCE * max(1.0, scale):
         raise PruneError(f"compaction changed the model's output by {diff:.3g} (a gaborprune bug; please report it with the model); nothing was saved")
 
-    after = summarize(model, shape)
+    after = summarize(model, shape)  # surgery changed the architecture: its own probe
     shapes_after = layer_shapes(model)
     changes = []
     for name, b in shapes_before.items():
@@ -118,9 +121,9 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
         if b.type == "gabor" or a != b:
             changes.append(LayerChange(name, b.type, b.kernels, a.kernels, b.out_channels, a.out_channels, b.in_channels, a.in_channels))
     warnings = _warnings(changes, before, before.macs)
-    if analysis.note:
-        warnings.insert(0, analysis.note)
-    return PruneReport(spec, plan, changes, before, after, analysis.kept, diff, warnings)
+    if channels.note:
+        warnings.insert(0, channels.note)
+    return PruneReport(spec, plan, changes, before, after, channels.kept, diff, warnings)
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,10 @@ def sweep(model: nn.Module, input_shape: tuple[int, int, int], thresholds: list[
     """Prune a copy of `model` at each threshold (the rest of `spec` as given: scope, rounding) and
     measure `accuracy(pruned copy, its report)`, which may fine-tune the copy first. `model` is untouched."""
     points = []
+    analysis = ModelAnalysis(model, input_shape)  # every copy has the model's architecture: one trace
     for t in thresholds:
         m = copy.deepcopy(model)
-        report = prune_model_(m, input_shape, dataclasses.replace(spec, threshold=t))
+        report = prune_model_(m, input_shape, dataclasses.replace(spec, threshold=t), analysis)
         gabor = report.gabor_layers
         points.append(SweepPoint(t, sum(c.kernels_after for c in gabor), sum(c.kernels_before for c in gabor),
                                  report.after.params, report.after.macs, accuracy(m, report)))

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from gaborprune._validate import is_int
 from gaborprune.errors import PruneError
+from gaborprune.scopes import SCOPES
 from gaborprune.sparsity import GaborSparsity
 from gaborprune.strength import DEFAULT_THRESHOLD
-from gaborprune.train.config import SCOPES
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class PruneSpec:
         scope: "banks" (default): kernels of the Gabor banks, and the channels that leaves empty or
             unread; "all": also whole channels of every convolution whose channel group is weaker than
             `threshold` x its family's strongest (`gaborprune.prune.structured`).
-        round_to: with scope "all", each layer (or residual stream) keeps a multiple of this many
+        round_to: with scope "all" only, each layer (or residual stream) keeps a multiple of this many
             channels; None or 1: any count.
 
     Kernels removed before (masked) count as removed: budgets are fractions of a layer's full size.
@@ -51,6 +51,8 @@ class PruneSpec:
             raise PruneError(f"unknown `scope` '{self.scope}'; known: {', '.join(SCOPES)}")
         if self.round_to is not None and not (is_int(self.round_to) and 1 <= self.round_to <= 1024):
             raise PruneError(f"`round_to` must be a channel count from 1 to 1024, not {self.round_to!r}")
+        if self.round_to is not None and self.scope != "all":
+            raise PruneError("`round_to` counts channels that `scope` all removes; add `scope` all or drop `round_to`")
         if self.scope == "all" and (self.ratio is not None or self.keep is not None or self.layer_ratio or self.layer_keep):
             raise PruneError("`scope` all removes channel groups by `threshold`; `ratio` and `keep` count kernels of the Gabor banks (use `scope` banks)")
         if not 0 <= self.threshold < 1:
@@ -105,8 +107,8 @@ def _strongest(scores: Tensor, k: int) -> Tensor:
     return keep.view(scores.shape)
 
 
-def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec) -> dict[str, Tensor]:
-    """The kernels each Gabor bank keeps under `spec`.
+def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec, analysis=None) -> dict[str, Tensor]:
+    """The kernels each Gabor bank keeps under `spec` (`analysis`: a `ModelAnalysis` of `model` to reuse).
 
     Returns:
         {layer: bool Tensor[C_out, C_in / groups]} (True: keep), for every Gabor bank, on the CPU.
@@ -115,12 +117,12 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
         PruneError: the model has no Gabor bank, a named layer is not one, or the budget would
             remove every kernel of a layer.
     """
-    sparsity = GaborSparsity(model, input_shape)
+    sparsity = GaborSparsity(model, input_shape, analysis=analysis)
     if not sparsity and spec.scope == "all":
         return {}
     if not sparsity:
         raise PruneError("the model has no Gabor banks to prune; convert some layers first "
-                         "(gaborprune convert SOURCE --layers 2 -o gabor.pt), fine-tune with `sparsity`, then prune")
+                         "(e.g. the first two convolutions), fine-tune with `sparsity`, then prune")
     for name in list(spec.layer_ratio) + list(spec.layer_keep):
         if name not in sparsity.layers:
             raise PruneError(f"'{name}' is not a Gabor bank of this model; Gabor banks: {', '.join(sparsity.layers)}")

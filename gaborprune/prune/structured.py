@@ -64,10 +64,10 @@ class Unit:
 
 
 def default_round_to() -> int | None:
-    """This CPU's ONNX Runtime channel block (`gaborprune.export.search.cpu_block`), None when unknown."""
-    from gaborprune.export.search import cpu_block
+    """This CPU's ONNX Runtime channel block (`gaborprune.cpu.cpu_block`), None when unknown."""
+    from gaborprune import cpu
 
-    return cpu_block() or None
+    return cpu.cpu_block() or None
 
 
 def units(sparsity) -> list[Unit]:
@@ -84,12 +84,13 @@ def units(sparsity) -> list[Unit]:
 
 
 def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float,
-               round_to: int | None) -> tuple[list[Unit], dict, dict[str, str]]:
+               round_to: int | None, analysis=None) -> tuple[list[Unit], dict, dict[str, str]]:
     """The units `prune --scope all` removes (see the module doc), {set: [kept, total]}, and
-    {convolution: its direct BatchNorm} from the same graph analysis (what `zero_units_` needs)."""
+    {convolution: its direct BatchNorm} from the same graph analysis (what `zero_units_` needs).
+    `analysis`: a `ModelAnalysis` of `model`'s architecture to reuse."""
     from gaborprune.sparsity import GaborSparsity
 
-    sparsity = GaborSparsity(model, input_shape, "channel", "all")
+    sparsity = GaborSparsity(model, input_shape, "channel", "all", analysis=analysis)
     found = units(sparsity) if sparsity.groups is not None else []
     if not found:
         why = "; ".join(sparsity.groups.reasons()) if sparsity.groups is not None else ""
@@ -160,104 +161,3 @@ def clear_removed_(model: nn.Module, remove: dict[str, dict[str, list[int]]]) ->
         if getattr(m, "bias", None) is not None:
             m.bias[rows] = 0
     return masked
-
-
-#: The thresholds `prune_all_to_target_` chooses from, in increasing order of what they remove (a
-#: branch near the median goes only above about 0.5).
-TARGET_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-
-
-@dataclass
-class ThresholdCandidate:
-    """One threshold of `prune_all_to_target_`: what it removes, and its measured time."""
-
-    threshold: float
-    mac_ratio: float  # MACs after / before
-    branches: list[str]  # residual branches removed whole
-    measured: object  # Interval, ms per run
-    speedup: object  # Interval of the unpruned model's time / this one's, per round
-    meets: bool
-
-    def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "mac_ratio": self.mac_ratio, "branches": self.branches,
-                "measured_ms": self.measured.to_dict(), "speedup": self.speedup.to_dict(), "meets": self.meets}
-
-
-@dataclass
-class ScopeTargetReport:
-    """What `prune_all_to_target_` measured and chose (`chosen` None: nothing; `message` says why)."""
-
-    target: object  # TargetSpec
-    batch_size: int
-    threads: int
-    round_to: int | None
-    candidates: list[ThresholdCandidate]
-    chosen: float | None = None
-    prune: object | None = None  # the PruneReport of the chosen threshold
-    message: str | None = None
-
-    @property
-    def step(self):
-        """The PruneStep a recipe records (None when nothing was pruned)."""
-        return self.prune.step if self.prune is not None else None
-
-    def to_dict(self) -> dict:
-        return {"target": self.target.to_dict(), "batch_size": self.batch_size, "threads": self.threads, "round_to": self.round_to,
-                "chosen_threshold": self.chosen, "message": self.message, "candidates": [c.to_dict() for c in self.candidates]}
-
-
-def prune_all_to_target_(model: nn.Module, input_shape: tuple[int, int, int], *, speedup: float | None = None,
-                         latency_ms: float | None = None, batch_size: int = 1, threads: int = 1, round_to: int | None = None,
-                         timer=None, thresholds: tuple[float, ...] = TARGET_THRESHOLDS) -> ScopeTargetReport:
-    """`prune --scope all --speedup X` (or `--latency-ms T`): the lowest threshold whose pruned model
-    meets the measured target, so that the least is removed that reaches it.
-
-    Each candidate is an ordinary `--scope all` prune at one of `thresholds`, exported as plain dense
-    ONNX and timed with ONNX Runtime interleaved with the unpruned export (`gaborprune.prune.target
-    .OrtTimer`); the target counts as met by the whole 95% interval, as in `prune_to_target`. The
-    thresholds are searched by bisection (what a threshold removes grows with it), after checking
-    that the highest one meets the target at all. On success `model` is pruned in place and the
-    report's `step` is what a recipe records of it (`recipe.with_step(report.step)`); otherwise
-    `model` is left as it was, `step` is None and `message` says why.
-    """
-    import copy
-
-    from gaborprune.export.stats import median_interval, paired_ratio
-    from gaborprune.prune.run import prune_model_
-    from gaborprune.prune.select import PruneSpec
-    from gaborprune.prune.target import OrtTimer, TargetSpec
-    from gaborprune.summary import summarize
-
-    target = TargetSpec(speedup, latency_ms)
-    shape = input_shape
-    timer = timer if timer is not None else OrtTimer(model, shape, batch_size, threads)
-    base_macs = summarize(model, shape).macs
-    report = ScopeTargetReport(target, batch_size, threads, round_to, [])
-    tried: dict[int, ThresholdCandidate] = {}
-
-    def measure(k: int) -> bool:
-        work = copy.deepcopy(model)
-        pruned = prune_model_(work, shape, PruneSpec(threshold=thresholds[k], scope="all", round_to=round_to))
-        base, cand = timer.time(work)
-        measured, ratio = median_interval(cand), paired_ratio(base, cand)
-        meets = ratio.low >= target.speedup if target.speedup is not None else measured.high <= target.latency_ms
-        tried[k] = ThresholdCandidate(thresholds[k], pruned.after.macs / base_macs, sorted(pruned.plan.constants), measured, ratio, meets)
-        return meets
-
-    top = len(thresholds) - 1
-    if not measure(top):
-        c = tried[top]
-        best = f"at most {c.speedup.median:.2f}x" if target.speedup is not None else f"at best {c.measured.median:.3g} ms"
-        report.message = f"target {target.describe()} not reachable: {best} at threshold {thresholds[top]:g} (MAC ratio {c.mac_ratio:.2f})"
-    else:
-        lo, hi = -1, top  # lo fails (or is the unpruned model), hi meets
-        while hi - lo > 1:
-            k = (lo + hi) // 2
-            if measure(k):
-                hi = k
-            else:
-                lo = k
-        report.chosen = thresholds[hi]
-        report.prune = prune_model_(model, shape, PruneSpec(threshold=thresholds[hi], scope="all", round_to=round_to))
-    report.candidates = [tried[k] for k in sorted(tried)]
-    return report

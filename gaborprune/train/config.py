@@ -7,12 +7,9 @@ from typing import ClassVar
 
 from gaborprune._validate import check_finite, check_int, check_seed
 from gaborprune.errors import GaborPruneError
+from gaborprune.scopes import SCOPES, STRUCTURES
 
 OPTIMIZERS = ("sgd", "adamw")
-#: What the sparsity pressure pushes to zero (`gaborprune.sparsity`): channel groups and kernels, or kernels only.
-STRUCTURES = ("channel", "kernel")
-#: Where it presses channel groups: the Gabor banks, or every convolution (`gaborprune.prune.groups`).
-SCOPES = ("banks", "all")
 #: The settings of runs recorded before a field existed: before `structure`, runs trained with the
 #: kernel pressure; before `latency_aware`, without it. Older records are read with these under them.
 LEGACY_SETTINGS = {"structure": "kernel", "latency_aware": False, "latency_batch": 1}

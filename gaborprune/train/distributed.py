@@ -40,9 +40,9 @@ class Dist:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """auto: CUDA when available, else CPU. Raises GaborPruneError for cuda without a GPU."""
     if name not in ("auto", "cpu", "cuda"):
-        raise GaborPruneError(f"unknown --device '{name}'; use auto, cpu or cuda")
+        raise GaborPruneError(f"unknown `device` '{name}'; use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise GaborPruneError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise GaborPruneError("`device` cuda was asked for but no CUDA GPU is available; use `device` cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

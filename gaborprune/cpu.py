@@ -1,0 +1,26 @@
+"""What this CPU's ONNX Runtime works in: the channel block of its blocked convolutions (a leaf module:
+pruning rounds channel counts to it, export pads to it, the target search prefers counts on it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_block(cpuinfo: str | None = None) -> int:
+    """ONNX Runtime's NCHWc channel block on this CPU: 16 with AVX-512 (avx512f), 8 with AVX2, 0 when
+    neither is known (no padding or rounding is tried then).
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo; read when None (0 where there is none).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return 0
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags |= set(value.split())
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
