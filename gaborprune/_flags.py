@@ -30,7 +30,7 @@ FLAGS: dict[str, str] = {
     "rel_pos": "--rel-pos", "basis": "--basis", "calibration_images": "--calibration-images",
     # PruneSpec, TargetSpec, and the prune and sweep workflows
     "threshold": "--threshold", "ratio": "--ratio", "keep": "--keep", "layer_ratio": "--ratio", "layer_keep": "--keep",
-    "round_to": "--round-to", "speedup": "--speedup", "latency_ms": "--latency-ms", "finetune_epochs": "--finetune-epochs",
+    "round_to": "--round-to", "speedup": "--speedup", "latency_ms": "--latency-ms", "macs": "--macs", "finetune_epochs": "--finetune-epochs",
     "recovery_epochs": "--finetune-epochs", "dry_run": "--dry-run", "sweep": "--sweep", "thresholds": "--sweep",
     # ExportConfig
     "lowering": "--lowering", "atol": "--atol", "threads": "--threads", "pad_channels": "--pad-channels", "opset": "--opset",
@@ -64,7 +64,7 @@ COMMANDS: dict[str, dict[str, str]] = {
                        "warmup_epochs", "label_smoothing", "sparsity", "structure", "scope", "latency_aware", "recalibrate", "latency_batch",
                        "seed", "device", "amp", "channels_last", "compile", "deterministic", "resume", "resize", "force", "threads"),
     "eval": _flags(*_SOURCE, "data", "batch_size", "device", "resize", "force", "threads", provider="--device"),
-    "prune": _flags("input_shape", "trust_factory", "output", "threshold", "ratio", "keep", "layer_ratio", "layer_keep", "speedup", "latency_ms",
+    "prune": _flags("input_shape", "trust_factory", "output", "threshold", "ratio", "keep", "layer_ratio", "layer_keep", "speedup", "latency_ms", "macs",
                     "scope", "round_to", "dry_run", "data", "recalibrate", "finetune_epochs", "recovery_epochs", "lr", "batch_size", "seed", "sweep",
                     "thresholds",
                     "png", "device", "resize", "force", "threads", epochs="--finetune-epochs"),

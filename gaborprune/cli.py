@@ -161,24 +161,24 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
-def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, sweep):
+def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, sweep):
     """(PruneSpec or None, TargetSpec or None) from prune's options. A spec refuses its own fields that do not combine
     (`round_to` without `scope` all, ...) and `workflows.prune` specs that do not; refused here is only what the command
     line alone sees: a kernel rule or --sweep given with a target (the library cannot tell --threshold 0.02 from its default)."""
     from gaborprune.prune import PruneSpec
     from gaborprune.search import TargetSpec
 
-    if speedup is None and latency_ms is None:
+    targets = [f for f, v in (("--speedup", speedup), ("--latency-ms", latency_ms), ("--macs", macs)) if v is not None]
+    if not targets:
         (global_ratio, layer_ratio), (global_keep, layer_keep) = _budgets(ratio, "--ratio", float), _budgets(keep, "--keep", int)
         options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to)
         return PruneSpec(**options, layer_ratio=layer_ratio, layer_keep=layer_keep), None
     chosen = [f for f, v in (("--threshold", threshold), ("--ratio", ratio), ("--keep", keep), ("--sweep", sweep)) if v is not None]
-    if chosen or (speedup is not None and latency_ms is not None):
-        first = "--speedup" if speedup is not None else "--latency-ms"
-        raise GaborPruneError(f"{first} chooses the kernels itself; drop {chosen[0] if chosen else '--latency-ms'} "
-                              "(give one of --speedup, --latency-ms, or --threshold/--ratio/--keep)")
+    if chosen or len(targets) > 1:
+        raise GaborPruneError(f"{targets[0]} chooses the kernels itself; drop {chosen[0] if chosen else targets[1]} "
+                              "(give one of --speedup, --latency-ms, --macs, or --threshold/--ratio/--keep)")
     scoped = PruneSpec(**given(scope=scope, round_to=round_to)) if scope not in (None, "banks") or round_to is not None else None
-    return scoped, TargetSpec(speedup, latency_ms)
+    return scoped, TargetSpec(speedup, latency_ms, macs)
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -593,7 +593,8 @@ def prune(
                                                                                         "0.02; BatchNorm-scale invariant).", show_default=False)] = None,
     ratio: Annotated[Optional[list[str]], typer.Option("--ratio", metavar="R|NAME=R",
                                                        help="Remove this fraction of the kernels: R across all Gabor banks (weakest first), "
-                                                            "or NAME=R for one layer; repeatable.", show_default=False)] = None,
+                                                            "or NAME=R for one layer; repeatable. With --scope all: R of the channels that can "
+                                                            "go, weakest first.", show_default=False)] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="N|NAME=N", help="Keep this many kernels: N across all Gabor banks, "
                                                                                          "or NAME=N for one layer; repeatable.", show_default=False)] = None,
     speedup: Annotated[Optional[float], typer.Option("--speedup", metavar="X",
@@ -601,9 +602,12 @@ def prune(
                                                           "measured with ONNX Runtime (batch 1, --threads or 1 thread).", show_default=False)] = None,
     latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", metavar="T", help="Like --speedup, until a run takes at most T milliseconds.",
                                                         show_default=False)] = None,
+    macs: Annotated[Optional[float], typer.Option("--macs", metavar="R", help="Like --speedup, until the model's MACs are at most R times the unpruned "
+                                                                              "model's (counted, not timed; e.g. 0.5).", show_default=False)] = None,
     scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all",
                                                  help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose "
-                                                      "channel group is below --threshold (fine-tune with --scope all first).", show_default=False)] = None,
+                                                      "channel group is below --threshold, or the weakest --ratio of them (fine-tune with --scope all "
+                                                      "first).", show_default=False)] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N",
                                                     help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime "
                                                          "channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
@@ -634,7 +638,7 @@ def prune(
 ) -> None:
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
-    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, sweep)
+    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, sweep)
     if finetune_epochs is not None and data is None:
         raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
     model = _source(source, input_shape=input_shape, trust_factory=trust_factory)
@@ -716,24 +720,24 @@ def _change(a: int, b: int) -> str:
 
 
 def _print_target(report, source: str) -> None:
-    """The timed candidates of `prune --speedup/--latency-ms`, predicted and measured side by side, and the search's notes."""
+    """The candidates of `prune --speedup/--latency-ms/--macs`, predicted and measured side by side, and the search's notes."""
     def interval(i, fmt: str, unit: str = "") -> str:
         return "-" if i is None else f"{i.median:{fmt}}{unit} [{i.low:{fmt}}-{i.high:{fmt}}]"
 
-    branches = any(c.branches for c in report.candidates)
+    branches, timed = any(c.branches for c in report.candidates), report.target.timed
     rows = []
     for c in report.candidates:
         channels = ", ".join(f"{name} {o}x{i}" for name, (o, i) in (c.channels or {}).items()) + (f" (x{report.block})" if c.aligned else "")
+        times = ["-" if c.predicted_ms is None else f"{c.predicted_ms:.3f}", "-" if c.predicted_speedup is None else f"{c.predicted_speedup:.2f}x",
+                 interval(c.measured, ".3f"), interval(c.speedup, ".2f", "x")] if timed else []
         rows.append([c.label, channels or "-", *([", ".join(c.branches) or "-"] if branches else []),
-                     "-" if c.mac_ratio is None else f"{c.mac_ratio:.3f}",
-                     "-" if c.predicted_ms is None else f"{c.predicted_ms:.3f}", "-" if c.predicted_speedup is None else f"{c.predicted_speedup:.2f}x",
-                     interval(c.measured, ".3f"), interval(c.speedup, ".2f", "x"),
+                     "-" if c.mac_ratio is None else f"{c.mac_ratio:.3f}", *times,
                      ("met, chosen" if c.k == report.chosen else "met") if c.meets else "not met"])
-    table = _table(f"{source}: pruning to {report.target.describe()} (ONNX Runtime, batch {report.batch_size}, "
-                   f"{report.threads} thread{'s' if report.threads != 1 else ''}; {report.family})",
-                   ("candidate", "channels", *(["branches removed"] if branches else []), "MAC ratio", "predicted ms", "predicted",
-                    "measured ms", "speedup", "target"), ("candidate", "channels", "branches removed"), rows,
-                   ["cyan" if c.k == report.chosen else None for c in report.candidates])
+    how = f"ONNX Runtime, batch {report.batch_size}, {report.threads} thread{'s' if report.threads != 1 else ''}" if timed else "MACs counted"
+    table = _table(f"{source}: pruning to {report.target.describe()} ({how}; {report.family})",
+                   ("candidate", "channels", *(["branches removed"] if branches else []), "MAC ratio",
+                    *(("predicted ms", "predicted", "measured ms", "speedup") if timed else ()), "target"),
+                   ("candidate", "channels", "branches removed"), rows, ["cyan" if c.k == report.chosen else None for c in report.candidates])
     if report.baseline is not None:
         b = report.baseline
         table.caption = f"unpruned: {b.median:.3f} ms [{b.low:.3f}-{b.high:.3f}]; channels: out x in of the layers that change; [95% intervals]"

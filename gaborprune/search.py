@@ -1,16 +1,18 @@
-"""Pruning to a measured target: `prune --speedup X` or `prune --latency-ms T`, one search for every scope.
+"""Pruning to a target: `prune --speedup X`, `--latency-ms T` or `--macs R`, one search for every scope.
 
 A *family* of candidates (`Candidates`; `gaborprune.prune.candidates`) is an ordered list of exact,
 replayable prunes, candidate k removing at least what k - 1 removes: the k weakest channel groups of
-the Gabor banks (`scope` banks), or the `scope` all prune at the k-th threshold. Time falls as k
-grows, so the smallest k that meets the target is found by bisection over k, after checking that
-the last candidate (the most that can go) meets it at all. Each step prunes a copy of the model,
-exports it as plain dense ONNX and times it with ONNX Runtime interleaved with the unpruned model's
-plain dense export (`gaborprune.export.search.measure`).
+the Gabor banks (`scope` banks), or a growing share of all removable channels, weakest first
+(`scope` all). Time falls as k grows, so the smallest k that meets the target is found by bisection
+over k, after checking that the last candidate (the most that can go) meets it at all. For a speed
+target each step prunes a copy of the model, exports it as plain dense ONNX and times it with ONNX
+Runtime interleaved with the unpruned model's plain dense export (`gaborprune.export.search.measure`);
+a MAC target is counted, not timed.
 
-The target counts as met only when the whole 95% interval says so (`TargetSpec.met`): the
+A speed target counts as met only when the whole 95% interval says so (`TargetSpec.met`): the
 interval's low bound of the per-round speedup reaches X, or the interval's high bound of the
-candidate's milliseconds is within T.
+candidate's milliseconds is within T. A MAC target is met when the pruned model's MACs are at most
+R times the unpruned model's.
 
 When a family knows its candidates' channel counts before pruning them, each one's time is
 predicted from a per-layer cost model: ONNX Runtime's profile of the unpruned export, each
@@ -42,7 +44,7 @@ from gaborprune._validate import check_finite, check_int, check_threads
 from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import PruneError
 from gaborprune.export.stats import Interval, median_interval, paired_ratio
-from gaborprune.prune.candidates import GroupCandidates, ThresholdCandidates, changed_counts, layer_counts
+from gaborprune.prune.candidates import GroupCandidates, RatioCandidates, changed_counts, layer_counts
 from gaborprune.prune.plan import PruneStep
 from gaborprune.prune.report import PruneReport
 
@@ -56,16 +58,22 @@ MAX_SECONDS = 120.0
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What `prune_to_target_` aims for: one of `speedup` (times the unpruned model's speed, > 1) or
-    `latency_ms` (milliseconds per run at the timing batch, > 0)."""
+    """What `prune_to_target_` aims for: one of `speedup` (times the unpruned model's speed, > 1),
+    `latency_ms` (milliseconds per run at the timing batch, > 0) or `macs` (the pruned model's MACs
+    over the unpruned model's, in (0, 1); counted, not timed)."""
 
     speedup: float | None = None
     latency_ms: float | None = None
+    macs: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.speedup is None) == (self.latency_ms is None):
-            raise PruneError("give one target: `speedup` X or `latency_ms` T")
-        if self.speedup is not None:
+        if sum(v is not None for v in (self.speedup, self.latency_ms, self.macs)) != 1:
+            raise PruneError("give one target: `speedup` X, `latency_ms` T or `macs` R")
+        if self.macs is not None:
+            check_finite(self.macs, "`macs`", PruneError)
+            if not 0 < self.macs < 1:
+                raise PruneError(f"`macs` must be in (0, 1) (the pruned model's MACs over the unpruned model's, e.g. 0.5), not {self.macs!r}")
+        elif self.speedup is not None:
             check_finite(self.speedup, "`speedup`", PruneError)
             if not self.speedup > 1:
                 raise PruneError(f"`speedup` must be above 1 (times the unpruned model's speed, e.g. 1.2), not {self.speedup!r}")
@@ -74,15 +82,27 @@ class TargetSpec:
             if not self.latency_ms > 0:
                 raise PruneError(f"`latency_ms` must be above 0 (milliseconds per run), not {self.latency_ms!r}")
 
-    def met(self, measured: Interval, speedup: Interval) -> bool:
-        """Whether a candidate meets the target by its whole 95% interval (ms per run, and speedup per round)."""
-        return speedup.low >= self.speedup if self.speedup is not None else measured.high <= self.latency_ms
+    @property
+    def timed(self) -> bool:
+        """Whether meeting the target is a matter of measured time (else of counted MACs)."""
+        return self.macs is None
+
+    def met(self, candidate: TargetCandidate) -> bool:
+        """Whether a candidate meets the target: by its whole 95% interval (ms per run, and speedup per
+        round), or by its MAC ratio."""
+        if self.macs is not None:
+            return candidate.mac_ratio is not None and candidate.mac_ratio <= self.macs
+        if self.speedup is not None:
+            return candidate.speedup.low >= self.speedup
+        return candidate.measured.high <= self.latency_ms
 
     def describe(self) -> str:
+        if self.macs is not None:
+            return f"MAC ratio {self.macs:g}"
         return f"{self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
 
     def to_dict(self) -> dict:
-        return {"speedup": self.speedup, "latency_ms": self.latency_ms}
+        return {"speedup": self.speedup, "latency_ms": self.latency_ms, "macs": self.macs}
 
 
 class Timer(Protocol):
@@ -211,7 +231,7 @@ class TargetReport:
 
     @property
     def removed(self) -> dict:
-        """What the chosen candidate removes ({"groups": {label: n}} or {"threshold": t}; {} when nothing)."""
+        """What the chosen candidate removes ({"groups": {label: n}} or {"ratio": r}; {} when nothing)."""
         c = self.chosen_candidate
         return dict(c.details) if c is not None else {}
 
@@ -252,12 +272,13 @@ def _gabor_share(model: nn.Module, profile: dict[str, float]) -> float | None:
 
 
 class _Search:
-    """The bisection of one `search_` call: the candidates, their timings, and the clock."""
+    """The bisection of one `search_` call: the candidates, their timings (None: a MAC target), and the clock."""
 
-    def __init__(self, model: nn.Module, family: Candidates, target: TargetSpec, timer: Timer, report: TargetReport) -> None:
-        self.model, self.family, self.target, self.timer, self.report = model, family, target, timer, report
+    def __init__(self, model: nn.Module, family: Candidates, target: TargetSpec, timer: Timer | None, report: TargetReport) -> None:
+        self.model, self.family, self.target, self.report = model, family, target, report
+        self.timer = timer if target.timed else None
         self.base_counts = layer_counts(model)
-        known = all(family.channels(k) is not None for k in range(1, len(family) + 1))
+        known = timer is not None and all(family.channels(k) is not None for k in range(1, len(family) + 1))
         self.profile = timer.profile(sorted(self.base_counts)) if known else {}
         self.candidates = {k: TargetCandidate(k, family.label(k), family.details(k), family.channels(k)) for k in range(1, len(family) + 1)}
         if known:
@@ -271,21 +292,23 @@ class _Search:
         c = self.candidates[k]
         work = copy.deepcopy(self.model)
         pruned = self.family.prune_(work, k)
-        base, cand = self.timer.time(work)
-        if not self.baseline and c.predicted_ratio is not None:  # the baseline's first median scales every prediction
-            scale = median_interval(base).median
-            for other in self.candidates.values():
-                other.predicted_ms = scale * other.predicted_ratio
-        self.baseline.extend(base)
         c.mac_ratio = pruned.after.macs / pruned.before.macs if pruned.before.macs else None
         c.branches = sorted(pruned.plan.constants)
         c.channels = c.channels if c.channels is not None else changed_counts(self.base_counts, layer_counts(work))
-        c.measured, c.speedup = median_interval(cand), paired_ratio(base, cand)
-        c.meets = self.target.met(c.measured, c.speedup)
+        if self.timer is not None:
+            base, cand = self.timer.time(work)
+            if not self.baseline and c.predicted_ratio is not None:  # the baseline's first median scales every prediction
+                scale = median_interval(base).median
+                for other in self.candidates.values():
+                    other.predicted_ms = scale * other.predicted_ratio
+            self.baseline.extend(base)
+            c.measured, c.speedup = median_interval(cand), paired_ratio(base, cand)
+        c.meets = self.target.met(c)
         return c.meets
 
     def timed(self) -> int:
-        return sum(c.measured is not None for c in self.candidates.values())
+        """Candidates tried so far (pruned, and timed for a speed target)."""
+        return sum(c.meets is not None for c in self.candidates.values())
 
     def out_of_budget(self, budget: int, max_seconds: float) -> bool:
         return self.timed() >= budget or time.perf_counter() - self.start > max_seconds
@@ -293,19 +316,23 @@ class _Search:
     def first_predicted(self) -> int | None:
         """The first k whose predicted time meets the target (None without predictions)."""
         t = self.target
+        if not t.timed:
+            return None
         return next((k for k, c in self.candidates.items() if c.predicted_ratio is not None and
                      (c.predicted_speedup >= t.speedup if t.speedup is not None else c.predicted_ms <= t.latency_ms)), None)
 
     def finish(self) -> TargetReport:
-        self.report.candidates = [c for c in self.candidates.values() if c.measured is not None]
+        self.report.candidates = [c for c in self.candidates.values() if c.meets is not None]
         self.report.baseline = median_interval(self.baseline) if self.baseline else None
         return self.report
 
 
-def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetSpec, family: Candidates, *, timer: Timer,
+def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetSpec, family: Candidates, *, timer: Timer | None,
             batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES) -> TargetReport:
     """Prune `model` in place to the smallest candidate k of `family` that meets `target` (see the module
-    doc); the report's `message` says why when none does or none is needed (`model` then unchanged)."""
+    doc); the report's `message` says why when none does or none is needed (`model` then unchanged).
+    `timer` times a speed target (None for a MAC target); a MAC target tries as many candidates as the
+    bisection needs, a speed target at most `max_candidates` in `max_seconds`."""
     block = cpu.cpu_block()
     report = TargetReport(target, family.describe(), batch_size, threads, block, len(family), notes=list(family.notes))
     s = _Search(model, family, target, timer, report)
@@ -315,11 +342,12 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
         share = _gabor_share(model, s.profile)
         bound = f"; the Gabor banks take {share:.0%} of the unpruned model's time" if share is not None else ""
         sp, ms = top.speedup, top.measured
-        best = (f"at most {sp.median:.2f}x [{sp.low:.2f}-{sp.high:.2f}]" if target.speedup is not None
-                else f"at best {ms.median:.3g} ms [{ms.low:.3g}-{ms.high:.3g}]")
-        mac = f" (MAC ratio {top.mac_ratio:.2f})" if top.mac_ratio is not None else ""
+        best = (f"at best MAC ratio {top.mac_ratio:.3f}" if not target.timed else f"at most {sp.median:.2f}x [{sp.low:.2f}-{sp.high:.2f}]"
+                if target.speedup is not None else f"at best {ms.median:.3g} ms [{ms.low:.3g}-{ms.high:.3g}]")
+        mac = f" (MAC ratio {top.mac_ratio:.2f})" if top.mac_ratio is not None and target.timed else ""
+        rest = "time" if target.timed else "arithmetic"
         report.message = (f"target {target.describe()} not reachable: {best} with {family.everything()} removed{mac}{bound}; "
-                          "the rest of the time is in layers this search cannot remove (convert or prune more layers, or aim lower)")
+                          f"the rest of the {rest} is in layers this search cannot remove (convert or prune more layers, or aim lower)")
         return s.finish()
     if target.latency_ms is not None:
         base = median_interval(s.baseline)
@@ -329,6 +357,8 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
             return s.finish()
 
     aligned = sorted(k for k, c in s.candidates.items() if c.aligned and k < n)
+    if not target.timed:  # counting is cheap: no budget
+        max_candidates, max_seconds = n, math.inf
     budget = max_candidates - min(ALIGNED_TRIES, len(aligned))
     lo, hi = 0, n  # lo fails (k = 0 is the unpruned model itself), hi meets
     guess = s.first_predicted()
@@ -343,7 +373,7 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
         else:
             lo = k
     # a block-aligned count can beat the monotone trend: time the aligned k just below the answer
-    for k in sorted((k for k in aligned if k < hi and s.candidates[k].measured is None), reverse=True)[:ALIGNED_TRIES]:
+    for k in sorted((k for k in aligned if k < hi and s.candidates[k].meets is None), reverse=True)[:ALIGNED_TRIES]:
         if s.out_of_budget(max_candidates, max_seconds):
             break
         s.measure(k)
@@ -353,13 +383,14 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
 
 
 def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetSpec | None = None, *,
-                     speedup: float | None = None, latency_ms: float | None = None, scope: str = "banks", round_to: int | None = None,
+                     speedup: float | None = None, latency_ms: float | None = None, macs: float | None = None, scope: str = "banks",
+                     round_to: int | None = None,
                      batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES,
                      timer: Timer | None = None) -> TargetReport:
-    """Prune the least that meets a measured target (see the module doc).
+    """Prune the least that meets a target (see the module doc).
 
-    `scope` "banks" removes the weakest channel groups of the Gabor banks; "all" takes the lowest
-    `scope` all threshold that meets it (channels in multiples of `round_to`). On success `model`
+    `scope` "banks" removes the weakest channel groups of the Gabor banks; "all" the weakest channels
+    of every convolution (in multiples of `round_to`). On success `model`
     (inputs [N, *input_shape]) is pruned in place through `prune_model_`, and the report's `step` is
     what a recipe records of it. When the target cannot be met (even with all that can go removed),
     or the unpruned model already meets a latency target, `model` is left as it was, `step` is None
@@ -367,7 +398,8 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
 
     Args:
         target: the target, or give `speedup` (times the unpruned model's speed, > 1, by the low end of
-            the 95% interval) or `latency_ms` (milliseconds per run at `batch_size`, by the high end).
+            the 95% interval), `latency_ms` (milliseconds per run at `batch_size`, by the high end) or
+            `macs` (the pruned model's MACs over the unpruned model's, counted).
         batch_size, threads: the ONNX Runtime settings timed.
         max_seconds: no new candidate is timed after this long; the best measured one is chosen.
         max_candidates: candidates timed at most.
@@ -377,9 +409,9 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         PruneError: a bad target or setting, no Gabor banks or no channel groups.
     """
     if target is None:
-        target = TargetSpec(speedup, latency_ms)
-    elif speedup is not None or latency_ms is not None:
-        raise PruneError("give a TargetSpec or `speedup`/`latency_ms`, not both")
+        target = TargetSpec(speedup, latency_ms, macs)
+    elif speedup is not None or latency_ms is not None or macs is not None:
+        raise PruneError("give a TargetSpec or `speedup`/`latency_ms`/`macs`, not both")
     check_int(batch_size, "the timing batch size", error=PruneError)
     check_threads(threads, error=PruneError)
     check_int(max_candidates, "`max_candidates`", minimum=1, error=PruneError)
@@ -388,7 +420,8 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
     if scope not in ("banks", "all"):
         raise PruneError(f"`scope` must be banks or all, not {scope!r}")
     shape = tuple(input_shape)
-    family = GroupCandidates(model, shape) if scope == "banks" else ThresholdCandidates(model, shape, round_to)
-    timer = timer if timer is not None else OrtTimer(model, shape, batch_size, threads)
+    family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to)
+    if target.timed and timer is None:
+        timer = OrtTimer(model, shape, batch_size, threads)
     return search_(model, shape, target, family, timer=timer, batch_size=batch_size, threads=threads, max_seconds=max_seconds,
                    max_candidates=max_candidates)

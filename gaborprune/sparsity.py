@@ -296,14 +296,15 @@ class GaborSparsity:
         return {n: kernel_strength(m, self.norms[n]).float() for n, m in {**self.layers, **self.plain}.items()}
 
     @torch.no_grad()
+    def group_strengths(self) -> dict[str, Tensor]:
+        """{label: G}, Tensor[groups] on the CPU. An out group's G is its channel's BatchNorm gain |gamma|
+        (its kernels' shares of the row sum to 1 in square), comparable across layers."""
+        strengths = self._strengths()
+        return {label: f.strength(strengths).cpu() for label, f in self.families.items()}
+
     def relative_group_strengths(self) -> dict[str, Tensor]:
         """{label: G / the family's strongest G}, Tensor[groups] in [0, 1], on the CPU."""
-        strengths = self._strengths()
-        out = {}
-        for label, f in self.families.items():
-            g = f.strength(strengths).cpu()
-            out[label] = g / g.max().clamp_min(1e-30)
-        return out
+        return {label: g / g.max().clamp_min(1e-30) for label, g in self.group_strengths().items()}
 
     def groups_total(self) -> dict[str, int]:
         """{label: groups}, e.g. {'conv1 out': 16, 'conv2 in': 16}."""

@@ -547,7 +547,8 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
         run = PruneRun(str(source), None if dry_run else Path(output), spec, data=measures.name if measures else None,
                        recovery_epochs=accuracy.recovery_epochs if measures and not dry_run else None)
         if target is not None:
-            options.stage(f"pruning to {target.describe()}: exporting and timing candidates with ONNX Runtime...")
+            options.stage(f"pruning to {target.describe()}: " + ("exporting and timing candidates with ONNX Runtime..." if target.timed else
+                                                                  "counting the candidates' MACs..."))
             scoped = dict(scope=spec.scope, round_to=spec.round_to) if spec is not None else {}
             run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads))
             if run.target.prune is None:

@@ -132,7 +132,9 @@ def test_eval_leaves_the_batch_size_to_the_evaluators(monkeypatch, tmp_path):
     (["--ratio", "conv1=0.5", "--keep", "3"], PruneSpec(keep=3, layer_ratio={"conv1": 0.5}), None),
     (["--scope", "all"], PruneSpec(scope="all"), None),  # round_to left to the library (this CPU's block)
     (["--speedup", "1.2"], None, TargetSpec(speedup=1.2)),
-    (["--speedup", "1.2", "--scope", "all"], PruneSpec(scope="all"), TargetSpec(speedup=1.2)),  # the lowest threshold that meets it
+    (["--speedup", "1.2", "--scope", "all"], PruneSpec(scope="all"), TargetSpec(speedup=1.2)),  # the least share of channels that meets it
+    (["--macs", "0.5", "--scope", "all", "--round-to", "4"], PruneSpec(scope="all", round_to=4), TargetSpec(macs=0.5)),
+    (["--ratio", "0.3", "--scope", "all"], PruneSpec(scope="all", ratio=0.3), None),  # a share of the channels
     (["--latency-ms", "2", "--scope", "banks"], None, TargetSpec(latency_ms=2.0)),
 ])
 def test_prune_maps_the_rule_and_leaves_recovery_defaults_to_the_library(monkeypatch, tmp_path, args, spec, target):

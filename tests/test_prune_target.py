@@ -133,10 +133,32 @@ def test_a_block_multiple_that_meets_the_target_wins(monkeypatch, block, chosen)
     (dict(latency_ms=float("nan")), "`latency_ms` must be a finite number"),
     (dict(), "give one target"),
     (dict(speedup=2.0, latency_ms=1.0), "give one target"),
+    (dict(macs=0.5, speedup=2.0), "give one target"),
+    (dict(macs=1.0), "`macs` must be in \\(0, 1\\)"),
+    (dict(macs=float("nan")), "`macs` must be a finite number"),
 ])
 def test_bad_targets(args, message):
     with pytest.raises(PruneError, match=message):
         TargetSpec(**args)
+
+
+def test_a_mac_target_removes_the_fewest_groups_that_meet_it_without_timing():
+    model, recipe = ranked_model()
+    report = prune_to_target_(model, SHAPE, macs=0.97)  # no timer: a MAC target is counted
+    chosen = report.chosen_candidate
+    assert chosen.mac_ratio <= 0.97 and chosen.measured is None and report.baseline is None
+    assert all(c.meets == (c.mac_ratio <= 0.97) for c in report.candidates)
+    assert all(not c.meets for c in report.candidates if c.k < report.chosen) and report.chosen - 1 in {c.k for c in report.candidates}
+    assert model.conv1.out_channels == 16 - report.chosen
+
+
+def test_cli_prunes_to_a_mac_ratio(ranked_recipe, tmp_path):
+    result = run("prune", ranked_recipe, "--macs", "0.97", "-o", tmp_path / "p.pt", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    assert "pruning to MAC ratio 0.97 (MACs counted;" in shown and "met, chosen" in shown and "measured ms" not in shown
+    report = json.loads((tmp_path / "p.json").read_text())["target"]
+    assert report["target"]["macs"] == 0.97 and report["candidates"][-1]["measured_ms"] is None
 
 
 def test_a_model_without_groups_is_refused():
@@ -187,6 +209,8 @@ def test_cli_unreachable_target_is_one_line_and_writes_nothing(ranked_recipe, tm
     (["--speedup", "1.2", "--threshold", "0"], ["drop --threshold"]),
     (["--latency-ms", "1", "--ratio", "0.5"], ["--latency-ms chooses the kernels itself; drop --ratio"]),
     (["--speedup", "1.2", "--keep", "10"], ["drop --keep"]),
+    (["--macs", "1.5"], ["--macs must be in (0, 1)"]),
+    (["--macs", "0.5", "--speedup", "1.2"], ["--speedup chooses the kernels itself; drop --macs"]),
 ])
 def test_cli_refuses_bad_targets(tmp_path, args, fragments):
     result = run("prune", "resnet20_altered", "-o", tmp_path / "p.pt", *args)

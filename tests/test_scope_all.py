@@ -2,6 +2,7 @@
 whole residual branches exactly (Step 9)."""
 
 import collections
+import copy
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from gaborprune.prune.standins import ChannelConstant, Dropped
 from gaborprune.prune.structured import dead_units
 from gaborprune.recipe import save_recipe
 from gaborprune.sparsity import GaborSparsity, kernel_strength
+from gaborprune.summary import summarize
 from gaborprune.train.loop import recalibrate_norms_
 from helpers import one_line_error, randomize_norms, run
 
@@ -231,8 +233,8 @@ class MacsTimer:
         return [n for n in noise], [ratio * n for n in noise]
 
 
-def test_pruning_to_a_speedup_takes_the_lowest_threshold_that_meets_it():
-    from gaborprune.prune.candidates import TARGET_THRESHOLDS
+def test_pruning_to_a_speedup_removes_the_weakest_channels_first():
+    from gaborprune.prune.candidates import TARGET_RATIOS
     from gaborprune.search import prune_to_target_
 
     model, recipe = resnet20()
@@ -245,14 +247,71 @@ def test_pruning_to_a_speedup_takes_the_lowest_threshold_that_meets_it():
     report = prune_to_target_(model, SHAPE, speedup=1.05, scope="all", round_to=16, timer=MacsTimer(model, SHAPE))
     assert report.chosen is not None and report.prune is not None
     chosen = report.chosen_candidate
-    assert chosen.meets and chosen.speedup.low >= 1.05 and report.removed == {"threshold": TARGET_THRESHOLDS[report.chosen - 1]}
-    assert all(not c.meets for c in report.candidates if c.k < report.chosen)  # nothing lower was enough
+    assert chosen.meets and chosen.speedup.low >= 1.05 and report.removed == {"ratio": TARGET_RATIOS[report.chosen - 1]}
+    assert all(not c.meets for c in report.candidates if c.k < report.chosen)  # nothing less was enough
     assert report.prune.after.macs / report.prune.before.macs == pytest.approx(chosen.mac_ratio)
     assert chosen.branches == sorted(report.prune.plan.constants)
-    assert report.step.plan == report.prune.plan and isinstance(model.layer1[0].conv2, ChannelConstant)  # the weakest branch went
-    unreachable = prune_to_target_(resnet20()[0], SHAPE, speedup=50.0, scope="all", timer=MacsTimer(*resnet20_silenced()))
+    assert report.step.plan == report.prune.plan and isinstance(model.layer1[0].conv2, ChannelConstant)  # the weakest branch went, whole
+    unreachable = prune_to_target_(resnet20()[0], SHAPE, speedup=1e6, scope="all", timer=MacsTimer(*resnet20_silenced()))
     assert unreachable.chosen is None and unreachable.step is None and "not reachable" in unreachable.message
-    assert [c.details for c in unreachable.candidates] == [{"threshold": TARGET_THRESHOLDS[-1]}]
+    assert [c.details for c in unreachable.candidates] == [{"ratio": TARGET_RATIOS[-1]}]
+
+
+def _uniform_resnet20():
+    """Every BatchNorm gain 1: no pressure separated anything, so no relative threshold removes a channel."""
+    model, recipe = resnet20()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+    return model
+
+
+def test_a_target_is_met_even_where_the_pressure_separated_nothing():
+    """Relative thresholds (up to 0.8 of the strongest, the earlier candidates) removed nothing here;
+    a share of the channels, weakest first, reaches the target."""
+    from gaborprune.search import prune_to_target_
+
+    model = _uniform_resnet20()
+    assert prune_model_(copy.deepcopy(model), SHAPE, PruneSpec(threshold=0.8, scope="all", round_to=4)).after.macs == summarize(model, SHAPE).macs
+    report = prune_to_target_(model, SHAPE, speedup=1.5, scope="all", round_to=4, timer=MacsTimer(model, SHAPE))
+    assert report.chosen is not None and report.chosen_candidate.mac_ratio <= 1 / 1.5 + 0.01
+    x = torch.randn(2, *SHAPE)
+    assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_a_mac_target_is_counted_and_met_by_the_least_removal():
+    from gaborprune.search import prune_to_target_
+
+    model = _uniform_resnet20()
+    report = prune_to_target_(model, SHAPE, macs=0.6, scope="all", round_to=4)  # no timer: nothing is timed
+    chosen = report.chosen_candidate
+    assert chosen.mac_ratio <= 0.6 and chosen.measured is None and report.baseline is None
+    assert report.prune.after.macs <= 0.6 * report.prune.before.macs
+    tried = {c.k: c for c in report.candidates}
+    assert report.chosen - 1 in tried and tried[report.chosen - 1].mac_ratio > 0.6  # the bisection closed on the answer
+    assert all(c.meets == (c.mac_ratio <= 0.6) for c in report.candidates)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_a_ratio_removes_that_share_of_the_channels_weakest_first(ratio):
+    from gaborprune.prune.structured import units
+
+    model, _ = resnet20()
+    removed, _, _ = dead_units(model, SHAPE, 0.02, None, ratio=ratio)
+    every = units(GaborSparsity(model, SHAPE, "channel", "all"))
+    share = round(ratio * len(every))
+    assert 0.9 * share <= len(removed) <= share  # a layer whose every channel is among the weakest keeps one
+
+    def key(u):
+        layer, kernels = u.groups[u.side].members[0]
+        return u.side, layer, tuple(kernels[0])
+
+    weakest, gone = max(u.absolute for u in removed), {key(u) for u in removed}
+    assert all(u.absolute >= weakest for u in every if key(u) not in gone)  # none kept is weaker than one removed
+    spec = PruneSpec(scope="all", ratio=ratio, round_to=1)
+    report = prune_model_(model, SHAPE, spec)  # checks compacted == masked itself
+    assert report.after.macs < report.before.macs and report.step.plan.spec == spec.to_dict()
 
 
 @pytest.mark.parametrize("name, norm, channels, check", [

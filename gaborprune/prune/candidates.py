@@ -9,7 +9,11 @@ knows nothing of timing: `gaborprune.search` exports and times the candidates.
   (`gaborprune.prune.groups`), ranked by the measure the channel pressure uses (the L2 norm of the
   members' relative kernel strengths). Their channel counts are known before any is pruned, which
   lets the search predict each candidate's time.
-- `ThresholdCandidates` (`scope` all): k is the `--scope all` prune at the k-th of `TARGET_THRESHOLDS`.
+- `RatioCandidates` (`scope` all): k removes the k-th of `TARGET_RATIOS` of the channels that can go
+  exactly, the weakest first (`PruneSpec(scope="all", ratio=...)`), so a target is reached whenever
+  removing channels can reach it, however far the pressure separated them. (Relative thresholds, the
+  earlier candidates, stopped at 0.8 of the strongest channel: after a short or weak pressure they
+  could not remove enough.)
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ from gaborprune.prune.groups import ChannelGroup
 from gaborprune.prune.report import PruneReport
 from gaborprune.prune.select import PruneSpec
 
-#: The thresholds `ThresholdCandidates` tries, in increasing order of what they remove (a branch near
-#: the median goes only above about 0.5).
-TARGET_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: The shares of the removable channels `RatioCandidates` tries, in increasing order.
+TARGET_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 
 def layer_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -170,35 +173,37 @@ class GroupCandidates:
         return report
 
 
-class ThresholdCandidates:
-    """k = 1..n is the `scope` all prune at the k-th of `thresholds` (rounded to `round_to` channels)."""
+class RatioCandidates:
+    """k = 1..n removes the k-th of `ratios` of the channels that can go exactly, weakest first (the
+    `scope` all prune, each layer's count rounded to `round_to`)."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], round_to: int | None,
-                 thresholds: tuple[float, ...] = TARGET_THRESHOLDS) -> None:
-        self.input_shape, self.round_to, self.thresholds = tuple(input_shape), round_to, tuple(thresholds)
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], round_to: int | None, ratios: tuple[float, ...] = TARGET_RATIOS) -> None:
+        self.input_shape, self.round_to, self.ratios = tuple(input_shape), round_to, tuple(ratios)
         self.analysis = ModelAnalysis(model, self.input_shape)  # every candidate is a copy of `model`: one trace
         self.notes: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.thresholds)
+        return len(self.ratios)
 
     def describe(self) -> str:
-        return f"scope all at {len(self)} thresholds, channels in multiples of {self.round_to or 1}"
+        return f"scope all, the weakest channels first, in multiples of {self.round_to or 1}"
 
     def everything(self) -> str:
-        return f"threshold {self.thresholds[-1]:g}"
+        return f"{self.ratios[-1]:.0%} of the removable channels"
 
     def label(self, k: int) -> str:
-        return f"threshold {self.thresholds[k - 1]:g}"
+        return f"{self.ratios[k - 1]:.0%} of the channels"
 
     def details(self, k: int) -> dict:
-        return {"threshold": self.thresholds[k - 1]}
+        return {"ratio": self.ratios[k - 1]}
 
     def channels(self, k: int) -> dict[str, list[int]] | None:
         return None  # known only once pruned
 
+    def spec(self, k: int) -> PruneSpec:
+        return PruneSpec(ratio=self.ratios[k - 1], scope="all", round_to=self.round_to)
+
     def prune_(self, model: nn.Module, k: int) -> PruneReport:
         from gaborprune.prune.run import prune_model_
 
-        spec = PruneSpec(threshold=self.thresholds[k - 1], scope="all", round_to=self.round_to)
-        return prune_model_(model, self.input_shape, spec, self.analysis)
+        return prune_model_(model, self.input_shape, self.spec(k), self.analysis)

@@ -87,7 +87,7 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
     zeroed, folds = [], []
     if spec.scope == "all":
-        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to, analysis)
+        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to, analysis, spec.ratio)
         masks = zero_units_(masked, zeroed, norms)
         interior = analyse_channels(masked, shape, plain=True, interior=True, analysis=analysis)
         folds = interior.folds  # the removed channels' constants, exact away from zero-padded readers' borders

@@ -25,7 +25,9 @@ class PruneSpec:
     Attributes:
         threshold: in [0, 1); a kernel weaker than `threshold` x its layer's strongest is removed.
         ratio: remove this fraction, in [0, 1), of all Gabor kernels: the weakest across all layers
-            without a budget of their own, ranked by relative strength.
+            without a budget of their own, ranked by relative strength. With scope "all": of the
+            channels that can go exactly, the weakest first (instead of `threshold`; the Gabor banks'
+            kernels are still chosen by `threshold`).
         keep: keep this many kernels across all layers without a budget of their own.
         layer_ratio: {layer: fraction of that layer's kernels to remove}.
         layer_keep: {layer: kernels that layer keeps}.
@@ -53,8 +55,9 @@ class PruneSpec:
             raise PruneError(f"`round_to` must be a channel count from 1 to 1024, not {self.round_to!r}")
         if self.round_to is not None and self.scope != "all":
             raise PruneError("`round_to` counts channels that `scope` all removes; add `scope` all or drop `round_to`")
-        if self.scope == "all" and (self.ratio is not None or self.keep is not None or self.layer_ratio or self.layer_keep):
-            raise PruneError("`scope` all removes channel groups by `threshold`; `ratio` and `keep` count kernels of the Gabor banks (use `scope` banks)")
+        if self.scope == "all" and (self.keep is not None or self.layer_ratio or self.layer_keep):
+            raise PruneError("`scope` all removes channels by `threshold` or `ratio`; `keep`, `layer_ratio` and `layer_keep` count kernels of the "
+                             "Gabor banks (use `scope` banks)")
         if not 0 <= self.threshold < 1:
             raise PruneError(f"`threshold` must be in [0, 1) (a fraction of the layer's strongest kernel), not {self.threshold}")
         if self.ratio is not None and self.keep is not None:
@@ -87,7 +90,9 @@ class PruneSpec:
         if layers is not None and set(layers) <= set(self.layer_ratio) | set(self.layer_keep):
             return ", ".join(parts)
         rest = "others: " if parts else ""
-        if self.ratio is not None:
+        if self.ratio is not None and self.scope == "all":
+            parts.append(f"remove {self.ratio:.0%} of the removable channels (weakest first)")
+        elif self.ratio is not None:
             parts.append(f"{rest}remove {self.ratio:.0%} (weakest across layers)")
         elif self.keep is not None:
             parts.append(f"{rest}keep {self.keep} (strongest across layers)")
@@ -137,7 +142,7 @@ def select_kernels(model: nn.Module, input_shape: tuple[int, int, int], spec: Pr
             if spec.layer_keep[name] > total:
                 raise PruneError(f"`layer_keep` {name}={spec.layer_keep[name]}: the layer has only {total} kernels")
             keep[name] = present[name] & _strongest(s, spec.layer_keep[name])
-        elif spec.ratio is None and spec.keep is None:
+        elif (spec.ratio is None or spec.scope == "all") and spec.keep is None:  # scope all's ratio counts channels
             keep[name] = present[name] & (s >= spec.threshold)
     pooled = [n for n in strength if n not in keep]
     if pooled:  # the global budget, ranked across layers by strength relative to each layer's strongest

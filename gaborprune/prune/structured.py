@@ -52,6 +52,7 @@ class Unit:
     groups: dict[str, ChannelGroup]
     strengths: dict[str, float]  # G / the family's strongest, per side
     set: str  # the family label that counts this unit's channel
+    absolute: float = 0.0  # G of its side, comparable across layers (an out group's: the BatchNorm gain)
 
     @property
     def side(self) -> str:
@@ -72,22 +73,29 @@ def default_round_to() -> int | None:
 
 def units(sparsity) -> list[Unit]:
     """The units of a `GaborSparsity(..., "channel", "all")`, in the order their groups were found."""
-    relative = sparsity.relative_group_strengths()
+    absolute = sparsity.group_strengths()
+    relative = {label: g / g.max().clamp_min(1e-30) for label, g in absolute.items()}
     position: dict[str, int] = defaultdict(int)
-    sides: dict[int, dict[str, tuple[ChannelGroup, float]]] = {}
+    sides: dict[int, dict[str, tuple[ChannelGroup, float, float]]] = {}
     for g in sparsity.groups.groups:
         k = position[g.label]
         position[g.label] += 1
-        sides.setdefault(g.unit, {})[g.kind] = (g, float(relative[g.label][k]))
-    return [Unit({kind: g for kind, (g, _) in s.items()}, {kind: v for kind, (_, v) in s.items()}, (s.get("out") or s["in"])[0].label)
-            for s in sides.values()]
+        sides.setdefault(g.unit, {})[g.kind] = (g, float(relative[g.label][k]), float(absolute[g.label][k]))
+    units = []
+    for s in sides.values():
+        side = s.get("out") or s["in"]
+        units.append(Unit({kind: g for kind, (g, _, _) in s.items()}, {kind: v for kind, (_, v, _) in s.items()}, side[0].label, side[2]))
+    return units
 
 
 def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float,
-               round_to: int | None, analysis=None) -> tuple[list[Unit], dict, dict[str, str]]:
+               round_to: int | None, analysis=None, ratio: float | None = None) -> tuple[list[Unit], dict, dict[str, str]]:
     """The units `prune --scope all` removes (see the module doc), {set: [kept, total]}, and
     {convolution: its direct BatchNorm} from the same graph analysis (what `zero_units_` needs).
-    `analysis`: a `ModelAnalysis` of `model`'s architecture to reuse."""
+    `analysis`: a `ModelAnalysis` of `model`'s architecture to reuse. With `ratio`, that fraction of
+    all units goes instead of those below `threshold`, the weakest first by G (`Unit.absolute`: for a
+    channel written by a convolution, its BatchNorm gain, comparable across layers; ties in model
+    order); a residual branch then goes whole only when all its units are among them."""
     from gaborprune.sparsity import GaborSparsity
 
     sparsity = GaborSparsity(model, input_shape, "channel", "all", analysis=analysis)
@@ -100,11 +108,15 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
         sets[u.set].append(u)
     branches = set(sparsity.groups.branches)
     whole = sparsity.relative_branch_strengths()
+    cut = {id(u) for u in sorted(found, key=lambda u: u.absolute)[:round(ratio * len(found))]} if ratio is not None else set()
     step = round_to or 1
     dead, counts = [], {}
     for label, members in sets.items():
         ranked = sorted(members, key=lambda u: -u.strength)  # strongest first; sorted is stable
-        alive = sum(u.strength >= threshold for u in members) if whole.get(label, 1.0) >= threshold else 0
+        if ratio is not None:
+            alive = sum(id(u) not in cut for u in members)
+        else:
+            alive = sum(u.strength >= threshold for u in members) if whole.get(label, 1.0) >= threshold else 0
         if alive % step:
             alive = min(len(members), alive + step - alive % step)
         if alive == 0 and label not in branches:
