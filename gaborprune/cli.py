@@ -161,24 +161,25 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
-def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, sweep):
+def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, max_drop, sweep):
     """(PruneSpec or None, TargetSpec or None) from prune's options. A spec refuses its own fields that do not combine
     (`round_to` without `scope` all, ...) and `workflows.prune` specs that do not; refused here is only what the command
     line alone sees: a kernel rule or --sweep given with a target (the library cannot tell --threshold 0.02 from its default)."""
     from gaborprune.prune import PruneSpec
     from gaborprune.search import TargetSpec
 
-    targets = [f for f, v in (("--speedup", speedup), ("--latency-ms", latency_ms), ("--macs", macs)) if v is not None]
+    targets = [f for f, v in (("--speedup", speedup), ("--latency-ms", latency_ms), ("--macs", macs), ("--max-drop", max_drop)) if v is not None]
     if not targets:
         (global_ratio, layer_ratio), (global_keep, layer_keep) = _budgets(ratio, "--ratio", float), _budgets(keep, "--keep", int)
         options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to)
         return PruneSpec(**options, layer_ratio=layer_ratio, layer_keep=layer_keep), None
     chosen = [f for f, v in (("--threshold", threshold), ("--ratio", ratio), ("--keep", keep), ("--sweep", sweep)) if v is not None]
-    if chosen or len(targets) > 1:
-        raise GaborPruneError(f"{targets[0]} chooses the kernels itself; drop {chosen[0] if chosen else targets[1]} "
-                              "(give one of --speedup, --latency-ms, --macs, or --threshold/--ratio/--keep)")
+    floors = [t for t in targets if t != "--max-drop"]
+    if chosen or len(floors) > 1:
+        raise GaborPruneError(f"{targets[0]} chooses the kernels itself; drop {chosen[0] if chosen else floors[1]} "
+                              "(give one of --speedup, --latency-ms, --macs, and/or --max-drop, or --threshold/--ratio/--keep)")
     scoped = PruneSpec(**given(scope=scope, round_to=round_to)) if scope not in (None, "banks") or round_to is not None else None
-    return scoped, TargetSpec(speedup, latency_ms, macs)
+    return scoped, TargetSpec(speedup, latency_ms, macs, max_drop)
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -604,6 +605,12 @@ def prune(
                                                         show_default=False)] = None,
     macs: Annotated[Optional[float], typer.Option("--macs", metavar="R", help="Like --speedup, until the model's MACs are at most R times the unpruned "
                                                                               "model's (counted, not timed; e.g. 0.5).", show_default=False)] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", metavar="P",
+                                                      help="With --data: the most pruning whose top-1, after recalibration and any "
+                                                           "--finetune-epochs, stays within P points of the unpruned model's on a validation "
+                                                           f"split ({workflows.VALIDATION:.0%} of the training images, seeded; the test top-1 is "
+                                                           "reported beside it); --speedup/--latency-ms/--macs then set a floor.",
+                                                      show_default=False)] = None,
     scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all",
                                                  help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose "
                                                       "channel group is below --threshold, or the weakest --ratio of them (fine-tune with --scope all "
@@ -638,7 +645,7 @@ def prune(
 ) -> None:
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
-    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, sweep)
+    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, max_drop, sweep)
     if finetune_epochs is not None and data is None:
         raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
     model = _source(source, input_shape=input_shape, trust_factory=trust_factory)
@@ -724,23 +731,32 @@ def _print_target(report, source: str) -> None:
     def interval(i, fmt: str, unit: str = "") -> str:
         return "-" if i is None else f"{i.median:{fmt}}{unit} [{i.low:{fmt}}-{i.high:{fmt}}]"
 
-    branches, timed = any(c.branches for c in report.candidates), report.target.timed
+    budget = report.target.max_drop is not None
+    branches, timed = any(c.branches for c in report.candidates), report.baseline is not None or report.target.timed
     rows = []
     for c in report.candidates:
         channels = ", ".join(f"{name} {o}x{i}" for name, (o, i) in (c.channels or {}).items()) + (f" (x{report.block})" if c.aligned else "")
         times = ["-" if c.predicted_ms is None else f"{c.predicted_ms:.3f}", "-" if c.predicted_speedup is None else f"{c.predicted_speedup:.2f}x",
                  interval(c.measured, ".3f"), interval(c.speedup, ".2f", "x")] if timed else []
+        verdict = (("within" if c.within else "over") if c.within is not None else "floor met" if c.meets else "below floor") if budget \
+            else "met" if c.meets else "not met"
         rows.append([c.label, channels or "-", *([", ".join(c.branches) or "-"] if branches else []),
                      "-" if c.mac_ratio is None else f"{c.mac_ratio:.3f}", *times,
-                     ("met, chosen" if c.k == report.chosen else "met") if c.meets else "not met"])
+                     *(["-" if c.accuracy is None else f"{c.accuracy:.2f}%"] if budget else []),
+                     verdict + (", chosen" if c.k == report.chosen else "")])
     how = f"ONNX Runtime, batch {report.batch_size}, {report.threads} thread{'s' if report.threads != 1 else ''}" if timed else "MACs counted"
     table = _table(f"{source}: pruning to {report.target.describe()} ({how}; {report.family})",
                    ("candidate", "channels", *(["branches removed"] if branches else []), "MAC ratio",
-                    *(("predicted ms", "predicted", "measured ms", "speedup") if timed else ()), "target"),
+                    *(("predicted ms", "predicted", "measured ms", "speedup") if timed else ()), *(("val top-1",) if budget else ()), "target"),
                    ("candidate", "channels", "branches removed"), rows, ["cyan" if c.k == report.chosen else None for c in report.candidates])
+    caption = []
     if report.baseline is not None:
         b = report.baseline
-        table.caption = f"unpruned: {b.median:.3f} ms [{b.low:.3f}-{b.high:.3f}]; channels: out x in of the layers that change; [95% intervals]"
+        caption.append(f"unpruned: {b.median:.3f} ms [{b.low:.3f}-{b.high:.3f}]")
+    if report.base_accuracy is not None:
+        caption.append(f"unpruned validation top-1 {report.base_accuracy:.2f}%")
+    if caption:
+        table.caption = "; ".join(caption) + "; channels: out x in of the layers that change; [95% intervals]"
     out.print(table)
     for note in report.notes:
         out.print(_say(note))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,15 +61,25 @@ MAX_SECONDS = 120.0
 class TargetSpec:
     """What `prune_to_target_` aims for: one of `speedup` (times the unpruned model's speed, > 1),
     `latency_ms` (milliseconds per run at the timing batch, > 0) or `macs` (the pruned model's MACs
-    over the unpruned model's, in (0, 1); counted, not timed)."""
+    over the unpruned model's, in (0, 1); counted, not timed); and/or `max_drop`, the top-1 points
+    (on a validation split) the pruning may cost: the most pruning within it, the other target then
+    a floor (`prune_within_`)."""
 
     speedup: float | None = None
     latency_ms: float | None = None
     macs: float | None = None
+    max_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if sum(v is not None for v in (self.speedup, self.latency_ms, self.macs)) != 1:
-            raise PruneError("give one target: `speedup` X, `latency_ms` T or `macs` R")
+        floors = sum(v is not None for v in (self.speedup, self.latency_ms, self.macs))
+        if floors > 1 or (floors == 0 and self.max_drop is None):
+            raise PruneError("give one target: `speedup` X, `latency_ms` T or `macs` R, and/or an accuracy budget `max_drop` P")
+        if self.max_drop is not None:
+            check_finite(self.max_drop, "`max_drop`", PruneError)
+            if not 0 <= self.max_drop < 100:
+                raise PruneError(f"`max_drop` must be in [0, 100) (top-1 points the pruning may cost, e.g. 1), not {self.max_drop!r}")
+        if floors == 0:
+            return
         if self.macs is not None:
             check_finite(self.macs, "`macs`", PruneError)
             if not 0 < self.macs < 1:
@@ -84,25 +95,37 @@ class TargetSpec:
 
     @property
     def timed(self) -> bool:
-        """Whether meeting the target is a matter of measured time (else of counted MACs)."""
-        return self.macs is None
+        """Whether the target (or the floor of an accuracy budget) is a measured time."""
+        return self.speedup is not None or self.latency_ms is not None
+
+    @property
+    def floor(self) -> TargetSpec | None:
+        """The speed or MAC part alone (None: an accuracy budget without a floor)."""
+        if self.speedup is None and self.latency_ms is None and self.macs is None:
+            return None
+        return TargetSpec(self.speedup, self.latency_ms, self.macs)
 
     def met(self, candidate: TargetCandidate) -> bool:
-        """Whether a candidate meets the target: by its whole 95% interval (ms per run, and speedup per
-        round), or by its MAC ratio."""
+        """Whether a candidate meets the speed or MAC part: by its whole 95% interval (ms per run, and
+        speedup per round), or by its MAC ratio (True without one; `max_drop` is judged apart)."""
         if self.macs is not None:
             return candidate.mac_ratio is not None and candidate.mac_ratio <= self.macs
         if self.speedup is not None:
             return candidate.speedup.low >= self.speedup
-        return candidate.measured.high <= self.latency_ms
+        if self.latency_ms is not None:
+            return candidate.measured.high <= self.latency_ms
+        return True
 
     def describe(self) -> str:
-        if self.macs is not None:
-            return f"MAC ratio {self.macs:g}"
-        return f"{self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
+        speed = (f"MAC ratio {self.macs:g}" if self.macs is not None else f"{self.speedup:g}x" if self.speedup is not None
+                 else f"{self.latency_ms:g} ms" if self.latency_ms is not None else "")
+        if self.max_drop is None:
+            return speed
+        budget = f"top-1 within {self.max_drop:g} point{'s' if self.max_drop != 1 else ''}"
+        return f"{budget}, at least {speed}" if speed else budget
 
     def to_dict(self) -> dict:
-        return {"speedup": self.speedup, "latency_ms": self.latency_ms, "macs": self.macs}
+        return {"speedup": self.speedup, "latency_ms": self.latency_ms, "macs": self.macs, "max_drop": self.max_drop}
 
 
 class Timer(Protocol):
@@ -184,7 +207,9 @@ class TargetCandidate:
     branches: list[str] = field(default_factory=list)  # residual branches removed whole
     measured: Interval | None = None  # ms per run
     speedup: Interval | None = None  # the unpruned model's time / this one's, per round
-    meets: bool | None = None
+    meets: bool | None = None  # the speed or MAC part
+    accuracy: float | None = None  # validation top-1 percent, with an accuracy budget
+    within: bool | None = None  # within the budget
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -196,7 +221,8 @@ class TargetCandidate:
         return {"k": self.k, "label": self.label, **self.details, "channels": self.channels, "aligned": self.aligned,
                 "mac_ratio": self.mac_ratio, "branches": self.branches, "predicted_ms": self.predicted_ms,
                 "predicted_speedup": self.predicted_speedup, "measured_ms": None if self.measured is None else self.measured.to_dict(),
-                "speedup": None if self.speedup is None else self.speedup.to_dict(), "meets": self.meets}
+                "speedup": None if self.speedup is None else self.speedup.to_dict(), "meets": self.meets, "accuracy": self.accuracy,
+                "within": self.within}
 
 
 @dataclass
@@ -219,6 +245,7 @@ class TargetReport:
     prune: PruneReport | None = None
     message: str | None = None
     notes: list[str] = field(default_factory=list)
+    base_accuracy: float | None = None  # with an accuracy budget: the unpruned model's validation top-1
 
     @property
     def chosen_candidate(self) -> TargetCandidate | None:
@@ -240,7 +267,7 @@ class TargetReport:
         return {"target": self.target.to_dict(), "family": self.family, "batch_size": self.batch_size, "threads": self.threads,
                 "block": self.block, "size": self.size, "baseline_ms": None if self.baseline is None else self.baseline.to_dict(),
                 "chosen": self.chosen, "chosen_label": None if c is None else c.label, "removed": self.removed, "message": self.message,
-                "notes": self.notes, "candidates": [c.to_dict() for c in self.candidates]}
+                "notes": self.notes, "base_accuracy": self.base_accuracy, "candidates": [c.to_dict() for c in self.candidates]}
 
 
 def _predict(profile: dict[str, float], base: dict[str, tuple[int, int]], changed: dict[str, list[int]]) -> float:
@@ -276,7 +303,8 @@ class _Search:
 
     def __init__(self, model: nn.Module, family: Candidates, target: TargetSpec, timer: Timer | None, report: TargetReport) -> None:
         self.model, self.family, self.target, self.report = model, family, target, report
-        self.timer = timer if target.timed else None
+        self.timer = timer if target.timed or target.max_drop is not None else None
+        self.accuracy: Callable[[nn.Module], float] | None = None  # with an accuracy budget: validation top-1 of a pruned copy
         self.base_counts = layer_counts(model)
         known = timer is not None and all(family.channels(k) is not None for k in range(1, len(family) + 1))
         self.profile = timer.profile(sorted(self.base_counts)) if known else {}
@@ -304,6 +332,10 @@ class _Search:
             self.baseline.extend(base)
             c.measured, c.speedup = median_interval(cand), paired_ratio(base, cand)
         c.meets = self.target.met(c)
+        if self.accuracy is not None:  # after the timing: the accuracy function may recalibrate and fine-tune the copy
+            c.accuracy = self.accuracy(work)
+            c.within = c.accuracy >= self.report.base_accuracy - self.target.max_drop
+            return c.within
         return c.meets
 
     def timed(self) -> int:
@@ -333,9 +365,17 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
     doc); the report's `message` says why when none does or none is needed (`model` then unchanged).
     `timer` times a speed target (None for a MAC target); a MAC target tries as many candidates as the
     bisection needs, a speed target at most `max_candidates` in `max_seconds`."""
-    block = cpu.cpu_block()
-    report = TargetReport(target, family.describe(), batch_size, threads, block, len(family), notes=list(family.notes))
-    s = _Search(model, family, target, timer, report)
+    s = _Search(model, family, target, timer, TargetReport(target, family.describe(), batch_size, threads, cpu.cpu_block(), len(family),
+                                                           notes=list(family.notes)))
+    report = _smallest_meeting(s, max_seconds, max_candidates)
+    if report.chosen is not None:
+        report.prune = family.prune_(model, report.chosen)
+    return report
+
+
+def _smallest_meeting(s: _Search, max_seconds: float, max_candidates: int) -> TargetReport:
+    """The search of `search_`, up to its choice (`report.chosen`, or `message`); prunes only copies."""
+    model, family, target, report, batch_size = s.model, s.family, s.target.floor, s.report, s.report.batch_size
     n = len(family)
     if not s.measure(n):  # the most that can go: is the target reachable at all?
         top = s.candidates[n]
@@ -378,7 +418,53 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
             break
         s.measure(k)
     report.chosen = min(k for k, c in s.candidates.items() if c.meets)
-    report.prune = family.prune_(model, report.chosen)
+    return s.finish()
+
+
+def prune_within_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetSpec, family: Candidates,
+                  accuracy: Callable[[nn.Module], float], *, timer: Timer | None, batch_size: int = 1, threads: int = 1,
+                  max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES) -> TargetReport:
+    """Prune `model` in place to the largest candidate k of `family` whose `accuracy` stays within
+    `target.max_drop` points of the unpruned model's, and that meets `target.floor` when there is one.
+
+    `accuracy(copy)` scores a pruned copy on a validation split (it may re-estimate BatchNorm statistics
+    and fine-tune the copy first: the caller decides what "after pruning" means). Accuracy falls as k
+    grows, so the largest k within the budget is found by bisection between the floor's k (the
+    smallest that meets the floor, found first by `search_`'s rule; 1 without a floor) and the last
+    candidate. Each candidate scored is timed too (when `timer` is given), so the report shows what
+    each k buys and costs; the most pruning within the budget is the fastest, as far as time falls
+    with k."""
+    report = TargetReport(target, family.describe(), batch_size, threads, cpu.cpu_block(), len(family), notes=list(family.notes))
+    s = _Search(model, family, target, timer, report)
+    report.base_accuracy = accuracy(copy.deepcopy(model))
+    lo = 1
+    if target.floor is not None:
+        _smallest_meeting(s, max_seconds, max_candidates)
+        if report.chosen is None:
+            return s.finish()
+        lo, report.chosen = report.chosen, None
+    s.accuracy = accuracy
+    n = len(family)
+    if not s.measure(lo):
+        c = s.candidates[lo]
+        least = "the least pruning that meets the floor" if target.floor is not None else "the least pruning"
+        report.message = (f"no pruning stays within {target.max_drop:g} points: {least} ({c.label}) scores {c.accuracy:.2f}% on the validation "
+                          f"split against {report.base_accuracy:.2f}% unpruned; allow a larger drop, recover with more fine-tuning, or fine-tune "
+                          "with the pressure longer first")
+        return s.finish()
+    hi = n + 1  # fails (or past the end)
+    if lo < n and s.measure(n):
+        lo = n
+    elif lo < n:
+        hi = n
+    while hi - lo > 1:
+        k = (lo + hi) // 2
+        if s.measure(k):
+            lo = k
+        else:
+            hi = k
+    report.chosen = lo
+    report.prune = family.prune_(model, lo)
     return s.finish()
 
 
@@ -386,7 +472,7 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
                      speedup: float | None = None, latency_ms: float | None = None, macs: float | None = None, scope: str = "banks",
                      round_to: int | None = None,
                      batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES,
-                     timer: Timer | None = None) -> TargetReport:
+                     timer: Timer | None = None, accuracy: Callable[[nn.Module], float] | None = None) -> TargetReport:
     """Prune the least that meets a target (see the module doc).
 
     `scope` "banks" removes the weakest channel groups of the Gabor banks; "all" the weakest channels
@@ -404,6 +490,7 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         max_seconds: no new candidate is timed after this long; the best measured one is chosen.
         max_candidates: candidates timed at most.
         timer: where timings come from (default `OrtTimer`).
+        accuracy: with `target.max_drop`, the validation top-1 of a pruned copy (`prune_within_`).
 
     Raises:
         PruneError: a bad target or setting, no Gabor banks or no channel groups.
@@ -421,7 +508,12 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         raise PruneError(f"`scope` must be banks or all, not {scope!r}")
     shape = tuple(input_shape)
     family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to)
-    if target.timed and timer is None:
+    if (target.timed or target.max_drop is not None) and timer is None:
         timer = OrtTimer(model, shape, batch_size, threads)
+    if target.max_drop is not None:
+        if accuracy is None:
+            raise PruneError("an accuracy budget (`max_drop`) needs a way to score candidates: give `accuracy` (with `data` in the workflow)")
+        return prune_within_(model, shape, target, family, accuracy, timer=timer, batch_size=batch_size, threads=threads,
+                             max_seconds=max_seconds, max_candidates=max_candidates)
     return search_(model, shape, target, family, timer=timer, batch_size=batch_size, threads=threads, max_seconds=max_seconds,
                    max_candidates=max_candidates)

@@ -46,6 +46,9 @@ RECOVERY_LR = 0.01
 #: Training images that calibrate: a conversion's output fit (`convert(..., data=)`) and the
 #: BatchNorm statistics re-estimated after a conversion or a prune.
 CALIBRATION_IMAGES = 1024
+#: The share of the training images an accuracy budget (`TargetSpec.max_drop`) is judged on, held out
+#: (seeded) from the training split: choices are never made on the test split.
+VALIDATION = 0.1
 #: Where the CLI's `prune --sweep` draws its plot when no --png is given (`sweep` draws only when asked).
 SWEEP_PNG = "prune-sweep.png"
 #: The device a workflow trains and evaluates on: CUDA when available, else the CPU.
@@ -486,26 +489,44 @@ def _prune_spec(spec: PruneSpec | None, target: TargetSpec | None) -> PruneSpec 
 
 
 class _Measures:
-    """Accuracy on the test split, and recovery fine-tuning then accuracy, of a model on one dataset."""
+    """Accuracy on the test split, and recovery fine-tuning then accuracy, of a model on one dataset;
+    with `validation`, a share of the training split is held out to score candidates on (`score`)."""
 
-    def __init__(self, model, recipe, accuracy: Accuracy, scope: str, device, dist, options: Options) -> None:
+    def __init__(self, model, recipe, accuracy: Accuracy, scope: str, device, dist, options: Options, validation: bool = False) -> None:
         self.train, self.test, self.name = _data(model, recipe, accuracy.data, accuracy.resize)
-        self.test = self.test.to(device)
+        self.test, self.val = self.test.to(device), None
+        if validation:
+            self.train, self.val = self.train.split(max(1, round(VALIDATION * len(self.train))), seed=accuracy.seed)
+            self.val = self.val.to(device)
+        self.recipe, self.recalibrates, self.recovers = recipe, accuracy.recalibrate, accuracy.recovery_epochs is not None
         self.config, self.device, self.dist, self.on_step, self.on_epoch = accuracy.recovery(scope), device, dist, options.on_step, options.on_epoch
 
-    def accuracy(self, model) -> float:
+    def accuracy(self, model, split=None) -> float:
         from gaborprune.train import evaluate as evaluate_model
 
-        return evaluate_model(model.to(self.device), self.test, self.device, batch_size=self.config.batch_size).top1
+        split = self.test if split is None else split
+        return evaluate_model(model.to(self.device), split, self.device, batch_size=self.config.batch_size).top1
 
-    def recalibrate(self, model) -> float:
+    def score(self, model) -> float:
+        """Validation top-1 of a pruned copy after what the prune does next (recalibration, recovery)."""
+        if self.recalibrates:
+            self.recalibrate_(model)
+        if self.recovers:
+            _train(model, self.recipe, self.train, self.val, self.config, self.device, self.dist, self.name, on_step=self.on_step)
+        return self.accuracy(model, self.val)
+
+    def recalibrate_(self, model) -> None:
         """Re-estimate `model`'s BatchNorm statistics on CALIBRATION_IMAGES training images (no
-        gradient steps, nothing else changes); returns the accuracy after."""
+        gradient steps, nothing else changes)."""
         from gaborprune.data import calibration_batches
         from gaborprune.norms import recalibrate_norms_
 
         batches = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed)
         recalibrate_norms_(model.to(self.device), (x.to(self.device) for x in batches))
+
+    def recalibrate(self, model) -> float:
+        """`recalibrate_`, then the test accuracy."""
+        self.recalibrate_(model)
         return self.accuracy(model)
 
     def recover(self, model, recipe):
@@ -525,6 +546,11 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
     fine-tuning (removed kernels stay removed); save the pruned recipe at `output`, its run recorded
     under metadata["prunes"] (`PruneRun.record`). `dry_run` writes nothing.
 
+    A target with an accuracy budget (`TargetSpec.max_drop`) needs `accuracy`: each candidate is
+    recalibrated and recovered as the final prune will be, then scored on VALIDATION of the training
+    images, held out (seeded by `Accuracy.seed`) from what recalibration and recovery see; the test
+    split is measured before and after, as always, and never decides.
+
     `on_pruned(run)` is called once the model is pruned, before its accuracy is measured and before
     recovery, so the prune can be shown while recovery runs; also when a target is not met
     (`run.report` None), before the call raises.
@@ -536,21 +562,26 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
     from gaborprune.train.distributed import setup, teardown
 
     source, spec = Source.of(source), _prune_spec(spec, target)
+    budget = target is not None and target.max_drop is not None
+    if budget and accuracy is None:
+        raise GaborPruneError("an accuracy budget (`max_drop`) is judged on a validation split held out from the training images; give `data`")
     if output is None and not dry_run:
         raise GaborPruneError("say where to write the pruned recipe with `output` (or look first with `dry_run`)")
     check_outputs([*options.extra_outputs] + ([] if dry_run else [output]), options.force)
     model, recipe = source.load()
     dist, dev = setup(options.device)
     try:
-        measures = _Measures(model, recipe, accuracy, spec.scope if spec else "banks", dev, dist, options) if accuracy is not None else None
+        measures = _Measures(model, recipe, accuracy, spec.scope if spec else "banks", dev, dist, options, validation=budget) if accuracy else None
         before = measures.accuracy(model) if measures else None
         run = PruneRun(str(source), None if dry_run else Path(output), spec, data=measures.name if measures else None,
                        recovery_epochs=accuracy.recovery_epochs if measures and not dry_run else None)
         if target is not None:
-            options.stage(f"pruning to {target.describe()}: " + ("exporting and timing candidates with ONNX Runtime..." if target.timed else
-                                                                  "counting the candidates' MACs..."))
+            options.stage(f"pruning to {target.describe()}: " + ("scoring candidates on the validation split" if budget else
+                                                                  "exporting and timing candidates with ONNX Runtime" if target.timed else
+                                                                  "counting the candidates' MACs") + "...")
             scoped = dict(scope=spec.scope, round_to=spec.round_to) if spec is not None else {}
-            run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads))
+            run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads),
+                                          accuracy=measures.score if budget else None)
             if run.target.prune is None:
                 if on_pruned is not None:
                     on_pruned(run)

@@ -216,3 +216,66 @@ def test_cli_refuses_bad_targets(tmp_path, args, fragments):
     result = run("prune", "resnet20_altered", "-o", tmp_path / "p.pt", *args)
     one_line_error(result, *fragments)
     assert not (tmp_path / "p.pt").exists()
+
+
+# -- an accuracy budget ---------------------------------------------------------------------------
+def _scored(copy_):
+    """A fake validation top-1: 90% unpruned, 2 points lower per conv1 channel removed."""
+    return 90.0 - 2.0 * (16 - copy_.conv1.out_channels)
+
+
+@pytest.mark.parametrize("floor, chosen", [({}, 2), ({"speedup": 1.05}, 2), ({"macs": 0.999}, 2)])
+def test_the_most_pruning_within_the_budget_is_chosen(floor, chosen):
+    model, recipe = ranked_model()
+    report = prune_to_target_(model, SHAPE, TargetSpec(max_drop=5.0, **floor), timer=FakeTimer(), accuracy=_scored)
+    assert report.base_accuracy == 90.0 and report.chosen == chosen and model.conv1.out_channels == 16 - chosen
+    scored = {c.k: c for c in report.candidates if c.accuracy is not None}
+    assert scored[chosen].within and scored[chosen + 1].within is False  # the bisection closed on the boundary
+    assert all(c.within == (c.accuracy >= 85.0) for c in scored.values())
+    assert all(c.measured is not None for c in report.candidates)  # each scored candidate is timed too: what it buys
+
+
+def test_a_floor_the_budget_cannot_afford_prunes_nothing():
+    model, recipe = ranked_model()
+    report = prune_to_target_(model, SHAPE, TargetSpec(speedup=1.2, max_drop=5.0), timer=FakeTimer(), accuracy=_scored)
+    assert report.chosen is None and report.step is None and model.conv1.out_channels == 16
+    assert report.message.startswith("no pruning stays within 5 points: the least pruning that meets the floor")
+
+
+def test_an_accuracy_budget_is_judged_on_training_images_held_out():
+    from gaborprune.data import load_data
+
+    train, test = load_data("fake:200:4", SHAPE)
+    rest, held = train.split(20, seed=3)
+    assert (len(rest), len(held)) == (len(train) - 20, 20) and held.crop_padding == 0
+    whole = {tuple(x.flatten().tolist()) for x in train.images}
+    parts = [{tuple(x.flatten().tolist()) for x in d.images} for d in (rest, held)]
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == whole  # disjoint, and all of the training split
+    again = train.split(20, seed=3)[1]
+    assert torch.equal(again.images, held.images)  # seeded
+
+
+def test_the_workflow_scores_candidates_on_the_validation_split_never_the_test_split(tmp_path, monkeypatch):
+    from gaborprune import workflows
+
+    seen = []
+    real = workflows._Measures.accuracy
+
+    def accuracy(self, model, split=None):
+        seen.append("test" if split is None else len(split))
+        return real(self, model, split)
+
+    monkeypatch.setattr(workflows._Measures, "accuracy", accuracy)
+    model, recipe = ranked_model(num_classes=4)
+    save_recipe(tmp_path / "r.pt", model, recipe)
+    monkeypatch.setattr(search, "OrtTimer", FakeTimer)
+    run_ = workflows.prune(str(tmp_path / "r.pt"), tmp_path / "p.pt", target=TargetSpec(max_drop=99.0),
+                           accuracy=workflows.Accuracy("fake:100:4", batch_size=16), options=workflows.Options(device="cpu"))
+    assert run_.target.chosen == run_.target.size  # a budget of 99 points allows everything on 4 classes
+    assert seen[0] == "test" and set(seen[1:-2]) == {8} and seen[-2:] == ["test", "test"]  # before; candidates on 8 held-out images (10% of 80); after
+    assert run_.report.accuracy_before is not None and run_.target.base_accuracy is not None
+
+
+def test_cli_refuses_a_budget_without_data(tmp_path):
+    one_line_error(run("prune", "resnet20_altered", "--max-drop", "1", "-o", tmp_path / "p.pt"), "--max-drop", "give --data")
+    assert not (tmp_path / "p.pt").exists()

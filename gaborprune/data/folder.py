@@ -78,6 +78,22 @@ class FolderData:
         subset.dataset.transform = self.eval_transform
         return subset
 
+    def split(self, held: int, *, seed: int = 0) -> tuple[FolderData, FolderData]:
+        """(the rest, `held` images drawn at random, seeded): a validation split held out from a
+        training split; the held images are read with the evaluation transform."""
+        import copy
+
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        parts = []
+        for idx, transform in ((order[held:], self.dataset.transform), (order[:held], self.eval_transform)):
+            part = copy.copy(self)
+            part.dataset = copy.copy(self.dataset)
+            part.dataset.samples = [self.dataset.samples[i] for i in idx]
+            part.dataset.targets = [s[1] for s in part.dataset.samples]
+            part.dataset.transform = transform
+            parts.append(part)
+        return parts[0], parts[1]
+
     def to(self, device) -> FolderData:
         return self  # images are decoded per batch; the trainer moves each batch
 

@@ -75,6 +75,15 @@ class TensorData:
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count].to(self.images.device)
         return TensorData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes)
 
+    def split(self, held: int, *, seed: int = 0) -> tuple[TensorData, TensorData]:
+        """(the rest, `held` samples drawn at random without replacement, seeded): a validation split
+        held out from a training split. The rest keeps the training augmentation; the held samples
+        have none."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).to(self.images.device)
+        rest, hold = order[held:], order[:held]
+        return (TensorData(self.images[rest], self.labels[rest], self.mean, self.std, self.num_classes, self.crop_padding, self.flip),
+                TensorData(self.images[hold], self.labels[hold], self.mean, self.std, self.num_classes))
+
     def batches(
         self,
         batch_size: int,
