@@ -91,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--all-sparsity", type=float, default=0.3, help="gaborprune --scope all: sparsity strength")
     parser.add_argument("--all-epochs", type=int, default=12, help="gaborprune --scope all: fine-tuning epochs with the pressure")
     parser.add_argument("--all-threshold", type=float, default=0.3, help="gaborprune --scope all: prune threshold")
+    parser.add_argument("--all-mac-ratio", type=float, default=None,
+                        help="gaborprune --scope all: prune to this MAC ratio instead (prune --macs R: the weakest channels first, by "
+                             "BatchNorm gain), e.g. to match a peer; --all-epochs 0 skips the pressure")
     parser.add_argument("--peer-mac-ratio", default="0.8", help="Torch-Pruning global: MACs kept, of the unpruned model's ('auto': gaborprune-all's)")
     parser.add_argument("--restricted-mac-ratio", type=float, default=None,
                         help="Torch-Pruning restricted: MACs kept (default: the ratio gaborprune reached)")
@@ -194,8 +197,14 @@ def gaborprune_all(run: Run, trained: nn.Module, gabor: bool) -> tuple[nn.Module
     model, recipe = copy.deepcopy(trained), run.recipe
     if gabor:
         recipe = recipe.with_step(gp.gaborize_(model, gp.ConversionSpec(targets=args.targets), recipe.input_shape).step)
-    info = {"sparse_finetune": run.finetune(model, recipe, args.all_epochs, args.lr, sparsity=args.all_sparsity, scope="all")}
-    report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=args.all_threshold, scope="all", round_to=default_round_to()))
+    info = {"sparse_finetune": run.finetune(model, recipe, args.all_epochs, args.lr, sparsity=args.all_sparsity, scope="all")} if args.all_epochs else {}
+    if args.all_mac_ratio is not None:
+        target = gp.prune_to_target_(model.cpu(), recipe.input_shape, macs=args.all_mac_ratio, scope="all", round_to=default_round_to())
+        if target.prune is None:
+            sys.exit(f"gaborprune-all: {target.message}")
+        report = target.prune
+    else:
+        report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=args.all_threshold, scope="all", round_to=default_round_to()))
     recipe = recipe.with_step(report.step)
     info["prune"] = report.to_dict()
     info["branches_removed"] = sorted(report.plan.constants)
@@ -360,7 +369,8 @@ def main() -> None:
           f"max {args.max_seconds:g} s; float compared with unpruned float, int8 with unpruned int8")
     print(f"trained {args.model} {args.model_args} {args.epochs} epochs on {args.data}; every method then {args.recovery_epochs} "
           f"recovery epochs at lr {args.lr / 5:g}; gaborprune also {args.sparsity_epochs} epochs at sparsity {args.sparsity} first, "
-          f"gaborprune-all {args.all_epochs} epochs at sparsity {args.all_sparsity} (--scope all), threshold {args.all_threshold}\n")
+          f"gaborprune-all {args.all_epochs} epochs at sparsity {args.all_sparsity} (--scope all), "
+          + (f"MAC ratio {args.all_mac_ratio}\n" if args.all_mac_ratio is not None else f"threshold {args.all_threshold}\n"))
     timed = "".join(f" p50 ms b{b} | speedup b{b} |" for b in args.batch_sizes)
     print(f"| method | precision | top-1 (ORT) | MACs | MAC ratio | executed MAC ratio | params (ONNX) | KiB |{timed} notes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|" + "---:|---|" * len(args.batch_sizes) + "---|")
