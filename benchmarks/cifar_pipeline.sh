@@ -7,7 +7,7 @@
 #     DATA=cifar10:/work/data/cifar10-jpeg OUT=out/pipeline bash benchmarks/cifar_pipeline.sh
 #
 # Every command writes its JSON report under $OUT; $OUT/log holds everything printed. Run it alone
-# on the machine: the bench at the end times latency.
+# on the machine: the bench at the end times latency (BENCH=0 stops before it, to run it later).
 set -euo pipefail
 BASE=${BASE:-benchmarks/checkpoints/resnet20-cifar10.pt}
 DATA=${DATA:?give DATA=cifar10:DIR}
@@ -35,6 +35,7 @@ step "top-1 of the exported files in ONNX Runtime"
 for f in base pruned base-int8 pruned-int8; do
   $GP eval "$OUT/$f.onnx" --data "$DATA" --json "$OUT/eval_$f.json" --force
 done
+[ "${BENCH:-1}" = 1 ] || { step "bench skipped (BENCH=0): run it alone on the machine"; exit 0; }
 step "bench: pruned against unpruned, float and int8, batch 1 and 32, one thread, interleaved"
 $GP bench "$OUT/pruned.onnx" "$OUT/pruned-int8.onnx" --baseline "$OUT/base.onnx" --baseline "$OUT/base-int8.onnx" \
     --batch-size 1,32 --threads 1 --max-seconds 120 --json "$OUT/bench.json" --force

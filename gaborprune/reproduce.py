@@ -86,7 +86,8 @@ class SeedResult:
 class ReproduceReport:
     experiment: Experiment
     data: str
-    epochs: int
+    epochs: int  # what ran (the experiment records the recipe as written)
+    warmup_epochs: float
     seeds: list[SeedResult] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -105,7 +106,7 @@ class ReproduceReport:
     def to_dict(self) -> dict:
         e = self.experiment
         recipe = asdict(e) | {"train": e.train.to_dict(), "convert": e.convert.to_dict() if e.convert else None}
-        return {"experiment": recipe, "data": self.data, "epochs": self.epochs, "seeds": [asdict(s) for s in self.seeds],
+        return {"experiment": recipe, "data": self.data, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs, "seeds": [asdict(s) for s in self.seeds],
                 "summary": self.summary()}
 
     def to_markdown(self) -> str:
@@ -114,7 +115,7 @@ class ReproduceReport:
         def ms(d: dict, fmt: str = ".2f") -> str:
             return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
 
-        lines = [f"# {e.name}", "", f"Data `{self.data}`, {self.epochs} epochs, {len(self.seeds)} seed(s); "
+        lines = [f"# {e.name}", "", f"Data `{self.data}`, {self.epochs} epochs ({self.warmup_epochs:g} of warm-up), {len(self.seeds)} seed(s); "
                  f"sparsity {e.sparsity}, threshold {e.threshold}. Paper: {e.paper}.", "",
                  "| seed | plain top-1 | Gabor top-1 | pruned top-1 | " + " | ".join(f"{n} kept" for n in s["kernels_kept"]) + " |",
                  "|---:|---:|---:|---:|" + "---:|" * len(s["kernels_kept"])]
@@ -159,7 +160,7 @@ def _gabor(name: str, data: str, *, seeds: int, epochs: int | None, out, device:
     spec = DataSpec.parse(data)
     # a shorter run keeps the recipe's share of warm-up (2 of 160 epochs), at most a quarter of it
     train_config = replace(e.train, epochs=epochs, warmup_epochs=min(e.train.warmup_epochs, epochs // 4)) if epochs is not None else e.train
-    report = ReproduceReport(e, str(spec), train_config.epochs)
+    report = ReproduceReport(e, str(spec), train_config.epochs, train_config.warmup_epochs)
     out = Path(out) if out is not None else None
     if out is not None:  # before any training
         check_outputs([out / n for n in ("results.md", "results.json")]
