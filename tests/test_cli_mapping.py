@@ -335,8 +335,8 @@ def test_prune_with_recovery_records_what_an_independent_evaluation_measures(tmp
     assert model[0].kernels_alive == run_.report.gabor_layers[0].kernels_after == 12  # half of the 24 kernels, and they stayed removed
 
 
-@pytest.mark.parametrize("scope, recalibrate", [("all", True), ("banks", None)])
-def test_prune_recovers_at_the_library_lr_and_recalibrates_after_scope_all(tmp_path, monkeypatch, scope, recalibrate):
+@pytest.mark.parametrize("scope", ["all", "banks"])
+def test_prune_recovers_a_trained_network_without_warm_up_and_recalibrates(tmp_path, monkeypatch, scope):
     seen = []
 
     class Stop(Exception):
@@ -352,7 +352,7 @@ def test_prune_recovers_at_the_library_lr_and_recalibrates_after_scope_all(tmp_p
                         PruneSpec(scope=scope, round_to=1 if scope == "all" else None),
                         accuracy=workflows.Accuracy("fake:64:4", recovery_epochs=1, batch_size=16), options=workflows.Options(device="cpu"))
     (config,) = seen
-    assert (config.epochs, config.lr, config.batch_size, config.recalibrate) == (1, workflows.RECOVERY_LR, 16, recalibrate)
+    assert (config.epochs, config.lr, config.warmup_epochs, config.batch_size, config.recalibrate) == (1, workflows.RECOVERY_LR, 0.0, 16, True)
     assert not (tmp_path / "p.pt").exists()
 
 

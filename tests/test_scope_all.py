@@ -212,7 +212,7 @@ def test_scope_options_give_one_line_errors(tmp_path):
          "--structure channel"),
         (["finetune", "resnet20", "--data", "fake:64:4", "--input-shape", "3,16,16", "--scope", "every", "-o", str(tmp_path / "b.pt")], "every"),
         (["prune", "resnet20", "--input-shape", "3,16,16", "--round-to", "16", "-o", str(tmp_path / "c.pt")], "--scope all"),
-        (["prune", "resnet20", "--input-shape", "3,16,16", "--scope", "all", "--ratio", "0.5", "-o", str(tmp_path / "d.pt")], "--threshold"),
+        (["prune", "resnet20", "--input-shape", "3,16,16", "--scope", "all", "--keep", "5", "-o", str(tmp_path / "d.pt")], "--threshold or --ratio"),
     ]:
         one_line_error(run(*args), words)
     assert not list(tmp_path.iterdir())
