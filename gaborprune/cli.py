@@ -648,6 +648,8 @@ def prune(
     spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, max_drop, sweep)
     if finetune_epochs is not None and data is None:
         raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
+    if data is None:  # nothing uses them then, but a bad value is still refused
+        TrainConfig(**given(lr=lr, batch_size=batch_size, seed=seed))
     model = _source(source, input_shape=input_shape, trust_factory=trust_factory)
     accuracy = workflows.Accuracy(data, **given(recalibrate=recalibrate, recovery_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                                                 seed=seed, resize=resize)) if data is not None else None

@@ -138,6 +138,7 @@ class Accuracy:
 
         if self.recovery_epochs is not None:
             check_int(self.recovery_epochs, "`recovery_epochs`", 1)
+        self.recovery()  # lr, batch size and seed checked as a fine-tuning run checks them
         DataSpec.parse(self.data)  # a bad spec fails before any model loads
 
     def recovery(self) -> TrainConfig:
