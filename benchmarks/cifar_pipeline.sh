@@ -27,10 +27,10 @@ $GP finetune "$OUT/converted.pt" --data "$DATA" --epochs "$EPOCHS" --sparsity "$
 step "prune at the default threshold, BatchNorm recalibration, $RECOVER recovery epoch(s)"
 $GP prune "$OUT/pressed.pt" --data "$DATA" --finetune-epochs "$RECOVER" -o "$OUT/pruned.pt" --json "$OUT/prune.json" --threads 1 --force
 step "export: the unpruned network and the pruned one, float and int8 (static, calibrated on training images)"
-$GP export "$BASE" -o "$OUT/base.onnx" --data "$DATA" --json "$OUT/export_base.json" --threads 1 --force
-$GP export "$OUT/pruned.pt" -o "$OUT/pruned.onnx" --data "$DATA" --json "$OUT/export_pruned.json" --threads 1 --force
-$GP export "$BASE" -o "$OUT/base-int8.onnx" --quantize int8 --data "$DATA" --threads 1 --force
-$GP export "$OUT/pruned.pt" -o "$OUT/pruned-int8.onnx" --quantize int8 --data "$DATA" --threads 1 --force
+$GP export "$BASE" -o "$OUT/base.onnx" --dynamic-batch --data "$DATA" --json "$OUT/export_base.json" --threads 1 --force
+$GP export "$OUT/pruned.pt" -o "$OUT/pruned.onnx" --dynamic-batch --data "$DATA" --json "$OUT/export_pruned.json" --threads 1 --force
+$GP export "$BASE" -o "$OUT/base-int8.onnx" --dynamic-batch --quantize int8 --data "$DATA" --threads 1 --force
+$GP export "$OUT/pruned.pt" -o "$OUT/pruned-int8.onnx" --dynamic-batch --quantize int8 --data "$DATA" --threads 1 --force
 step "top-1 of the exported files in ONNX Runtime"
 for f in base pruned base-int8 pruned-int8; do
   $GP eval "$OUT/$f.onnx" --data "$DATA" --json "$OUT/eval_$f.json" --force
