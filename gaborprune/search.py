@@ -48,6 +48,7 @@ from gaborprune.export.stats import Interval, median_interval, paired_ratio
 from gaborprune.prune.candidates import GroupCandidates, RatioCandidates, changed_counts, layer_counts
 from gaborprune.prune.plan import PruneStep
 from gaborprune.prune.report import PruneReport
+from gaborprune.scopes import SCOPES
 
 #: Candidates timed at most (each is an export and an interleaved timing against the baseline).
 MAX_CANDIDATES = 8
@@ -323,7 +324,7 @@ class _Search:
         c.mac_ratio = pruned.after.macs / pruned.before.macs if pruned.before.macs else None
         c.branches = sorted(pruned.plan.constants)
         c.channels = c.channels if c.channels is not None else changed_counts(self.base_counts, layer_counts(work))
-        if self.timer is not None:
+        if self.timer is not None and c.measured is None:  # an accuracy budget scores the floor's candidate again: timed once
             base, cand = self.timer.time(work)
             if not self.baseline and c.predicted_ratio is not None:  # the baseline's first median scales every prediction
                 scale = median_interval(base).median
@@ -365,12 +366,16 @@ def search_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetS
     doc); the report's `message` says why when none does or none is needed (`model` then unchanged).
     `timer` times a speed target (None for a MAC target); a MAC target tries as many candidates as the
     bisection needs, a speed target at most `max_candidates` in `max_seconds`."""
-    s = _Search(model, family, target, timer, TargetReport(target, family.describe(), batch_size, threads, cpu.cpu_block(), len(family),
-                                                           notes=list(family.notes)))
+    s = _Search(model, family, target, timer, _report(target, family, batch_size, threads))
     report = _smallest_meeting(s, max_seconds, max_candidates)
     if report.chosen is not None:
         report.prune = family.prune_(model, report.chosen)
     return report
+
+
+def _report(target: TargetSpec, family: Candidates, batch_size: int, threads: int) -> TargetReport:
+    """An empty report of a search over `family`, with this CPU's channel block."""
+    return TargetReport(target, family.describe(), batch_size, threads, cpu.cpu_block(), len(family), notes=list(family.notes))
 
 
 def _smallest_meeting(s: _Search, max_seconds: float, max_candidates: int) -> TargetReport:
@@ -434,7 +439,7 @@ def prune_within_(model: nn.Module, input_shape: tuple[int, int, int], target: T
     candidate. Each candidate scored is timed too (when `timer` is given), so the report shows what
     each k buys and costs; the most pruning within the budget is the fastest, as far as time falls
     with k."""
-    report = TargetReport(target, family.describe(), batch_size, threads, cpu.cpu_block(), len(family), notes=list(family.notes))
+    report = _report(target, family, batch_size, threads)
     s = _Search(model, family, target, timer, report)
     report.base_accuracy = accuracy(copy.deepcopy(model))
     lo = 1
@@ -504,8 +509,8 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
     check_int(max_candidates, "`max_candidates`", minimum=1, error=PruneError)
     if not check_finite(max_seconds, "`max_seconds`", PruneError) > 0:
         raise PruneError(f"`max_seconds` must be above 0, not {max_seconds!r}")
-    if scope not in ("banks", "all"):
-        raise PruneError(f"`scope` must be banks or all, not {scope!r}")
+    if scope not in SCOPES:
+        raise PruneError(f"unknown `scope` '{scope}'; known: {', '.join(SCOPES)}")
     shape = tuple(input_shape)
     family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to)
     if (target.timed or target.max_drop is not None) and timer is None:
