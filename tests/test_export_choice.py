@@ -40,8 +40,10 @@ def fake_times(factor, noise=0.03, seed=0):
 
 @pytest.fixture
 def timed(monkeypatch):
-    """Inject timings by candidate position (0: the baseline) and fix the CPU block at 16."""
+    """Inject timings by candidate position (0: the baseline), fix the CPU block at 16 and profile
+    every layer flat (no layer is faster split), so no real timing picks the candidates."""
     monkeypatch.setattr(cpu, "cpu_block", lambda cpuinfo=None: 16)
+    monkeypatch.setattr(search_module, "profile", lambda blob, proto, x, layers, threads: dict.fromkeys(layers, 1.0))
 
     def use(factors):
         monkeypatch.setattr(search_module, "time_interleaved", fake_times(lambda k, s: factors[k]))
