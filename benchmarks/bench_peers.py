@@ -212,18 +212,21 @@ def gaborprune_all(run: Run, trained: nn.Module, gabor: bool) -> tuple[nn.Module
     return model, recipe, info
 
 
-def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | None, restricted: bool,
+def tp_prune(tp, trained: nn.Module, shape: tuple[int, int, int], target: float, round_to: int | None, restricted: tuple[str, ...] = (),
              importance: str = "magnitude") -> tuple[nn.Module, dict]:
     """Torch-Pruning global pruning (L2 magnitude, or BatchNorm scale), its ratio bisected so the MACs
-    come closest to `target` (a fraction of the unpruned model's) from below; `restricted` prunes only
-    the target layers' groups."""
-    base = run.macs(trained)
-    example = torch.randn(1, *run.shape)
+    come closest to `target` (a fraction of the unpruned model's) from below; with `restricted` (layer
+    names), only those layers' groups are pruned."""
+    def macs(model: nn.Module) -> int:
+        return summarize(model, shape).macs
+
+    base = macs(trained)
+    example = torch.randn(1, *shape)
 
     def pruned_at(ratio: float) -> tuple[nn.Module, float] | None:
         model = copy.deepcopy(trained).eval()  # the graph is traced with a forward pass: BatchNorm statistics must not move
         if restricted:
-            ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in run.args.targets]
+            ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in restricted]
         else:
             ignored = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]]
         try:
@@ -237,7 +240,7 @@ def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | No
                 model(example)
         except Exception:  # a ratio Torch-Pruning cannot apply at this round_to: treat as overshoot
             return None
-        return model, run.macs(model) / base
+        return model, macs(model) / base
 
     tried: dict[float, float] = {}  # pruning ratio -> MAC ratio (valid models only)
     lo, hi = 0.0, 0.95
@@ -260,7 +263,7 @@ def tp_prune(tp, run: Run, trained: nn.Module, target: float, round_to: int | No
     model, mac_ratio = pruned_at(ratio) if ratio > 0 else (copy.deepcopy(trained), 1.0)
     channels = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     return model, {"pruning_ratio": ratio, "mac_ratio": mac_ratio, "target": target, "round_to": round_to,
-                   "restricted": restricted, "importance": importance, "note": note, "out_channels": channels}
+                   "restricted": bool(restricted), "importance": importance, "note": note, "out_channels": channels}
 
 
 def export_both(run: Run, name: str, model: nn.Module, recipe: Recipe, lowering: str) -> dict:
@@ -334,7 +337,7 @@ def main() -> None:
     for base_name, restricted, target, importance in peers:
         for round_to in args.round_to:
             name = base_name + (f"-r{round_to}" if round_to else "")
-            model, info = tp_prune(tp, run, trained, target, round_to, restricted, importance)
+            model, info = tp_prune(tp, trained, run.shape, target, round_to, run.args.targets if restricted else (), importance)
             if info["mac_ratio"] >= 1:
                 print(f"{name}: nothing pruned (target MAC ratio {target:.3f}{'; ' + info['note'] if info['note'] else ''}); skipped", flush=True)
                 continue

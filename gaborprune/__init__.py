@@ -42,6 +42,7 @@ _EXPORTS = {
     "PruneStep": "gaborprune.prune",
     "apply_plan_": "gaborprune.prune",
     "prune_model_": "gaborprune.prune",
+    "taylor_scores": "gaborprune.prune.importance",
     "TargetReport": "gaborprune.search",
     "TargetSpec": "gaborprune.search",
     "prune_to_target_": "gaborprune.search",

@@ -161,7 +161,7 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
-def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, max_drop, sweep):
+def _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep):
     """(PruneSpec or None, TargetSpec or None) from prune's options. A spec refuses its own fields that do not combine
     (`round_to` without `scope` all, ...) and `workflows.prune` specs that do not; refused here is only what the command
     line alone sees: a kernel rule or --sweep given with a target (the library cannot tell --threshold 0.02 from its default)."""
@@ -171,14 +171,15 @@ def _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, ma
     targets = [f for f, v in (("--speedup", speedup), ("--latency-ms", latency_ms), ("--macs", macs), ("--max-drop", max_drop)) if v is not None]
     if not targets:
         (global_ratio, layer_ratio), (global_keep, layer_keep) = _budgets(ratio, "--ratio", float), _budgets(keep, "--keep", int)
-        options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to)
+        options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to, importance=importance)
         return PruneSpec(**options, layer_ratio=layer_ratio, layer_keep=layer_keep), None
     chosen = [f for f, v in (("--threshold", threshold), ("--ratio", ratio), ("--keep", keep), ("--sweep", sweep)) if v is not None]
     floors = [t for t in targets if t != "--max-drop"]
     if chosen or len(floors) > 1:
         raise GaborPruneError(f"{targets[0]} chooses the kernels itself; drop {chosen[0] if chosen else floors[1]} "
                               "(give one of --speedup, --latency-ms, --macs, and/or --max-drop, or --threshold/--ratio/--keep)")
-    scoped = PruneSpec(**given(scope=scope, round_to=round_to)) if scope not in (None, "banks") or round_to is not None else None
+    scoped = (PruneSpec(**given(scope=scope, round_to=round_to, importance=importance))
+              if scope not in (None, "banks") or round_to is not None or importance is not None else None)
     return scoped, TargetSpec(speedup, latency_ms, macs, max_drop)
 
 
@@ -618,6 +619,10 @@ def prune(
     round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N",
                                                     help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime "
                                                          "channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", metavar="gain|taylor",
+                                                      help="With --scope all and --ratio or a target, rank channels by their BatchNorm gain (gain, "
+                                                           "default) or by the first-order loss change of removing each on training images (taylor, "
+                                                           "needs --data).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset "
                                                                                "(digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
@@ -645,7 +650,7 @@ def prune(
 ) -> None:
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
-    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, speedup, latency_ms, macs, max_drop, sweep)
+    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep)
     if finetune_epochs is not None and data is None:
         raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
     if data is None:  # nothing uses them then, but a bad value is still refused

@@ -5,3 +5,6 @@ and the prune specs all validate against (a leaf without imports, so a config st
 STRUCTURES = ("channel", "kernel")
 #: Where it presses channel groups: the Gabor banks, or every convolution (`gaborprune.prune.groups`).
 SCOPES = ("banks", "all")
+#: How `scope` all ranks channels with a `ratio` (`gaborprune.prune.importance`): the BatchNorm gain,
+#: or the first-order loss change of removing each, from labelled training batches.
+IMPORTANCES = ("gain", "taylor")

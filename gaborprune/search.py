@@ -477,7 +477,8 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
                      speedup: float | None = None, latency_ms: float | None = None, macs: float | None = None, scope: str = "banks",
                      round_to: int | None = None,
                      batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES,
-                     timer: Timer | None = None, accuracy: Callable[[nn.Module], float] | None = None) -> TargetReport:
+                     timer: Timer | None = None, accuracy: Callable[[nn.Module], float] | None = None,
+                     scores: dict[str, float] | None = None) -> TargetReport:
     """Prune the least that meets a target (see the module doc).
 
     `scope` "banks" removes the weakest channel groups of the Gabor banks; "all" the weakest channels
@@ -496,6 +497,8 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         max_candidates: candidates timed at most.
         timer: where timings come from (default `OrtTimer`).
         accuracy: with `target.max_drop`, the validation top-1 of a pruned copy (`prune_within_`).
+        scores: with `scope` all, rank the channels by these importances (`taylor_scores`) instead of
+            their BatchNorm gains.
 
     Raises:
         PruneError: a bad target or setting, no Gabor banks or no channel groups.
@@ -511,8 +514,10 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         raise PruneError(f"`max_seconds` must be above 0, not {max_seconds!r}")
     if scope not in SCOPES:
         raise PruneError(f"unknown `scope` '{scope}'; known: {', '.join(SCOPES)}")
+    if scores is not None and scope != "all":
+        raise PruneError("importance `scores` rank the channels of `scope` all; the Gabor banks' groups are ranked by their strength")
     shape = tuple(input_shape)
-    family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to)
+    family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to, scores=scores)
     if (target.timed or target.max_drop is not None) and timer is None:
         timer = OrtTimer(model, shape, batch_size, threads)
     if target.max_drop is not None:

@@ -527,6 +527,15 @@ class _Measures:
         batches = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed)
         recalibrate_norms_(model.to(self.device), (x.to(self.device) for x in batches))
 
+    def taylor_scores(self, model, input_shape) -> dict[str, float]:
+        """Each removable channel's Taylor importance (`gaborprune.prune.importance`) on the
+        CALIBRATION_IMAGES training images recalibration uses, on the CPU."""
+        from gaborprune.data import calibration_batches
+        from gaborprune.prune.importance import taylor_scores
+
+        batches = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed, labels=True)
+        return taylor_scores(model.to("cpu"), input_shape, [(x.cpu(), y.cpu()) for x, y in batches])
+
     def recalibrate(self, model) -> float:
         """`recalibrate_`, then the test accuracy."""
         self.recalibrate_(model)
@@ -549,6 +558,9 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
     fine-tuning (removed kernels stay removed); save the pruned recipe at `output`, its run recorded
     under metadata["prunes"] (`PruneRun.record`). `dry_run` writes nothing.
 
+    A spec with `importance` "taylor" needs `accuracy` too: the channels' first-order loss changes are
+    estimated on CALIBRATION_IMAGES of its training images before anything is removed.
+
     A target with an accuracy budget (`TargetSpec.max_drop`) needs `accuracy`: each candidate is
     recalibrated and recovered as the final prune will be, then scored on VALIDATION of the training
     images, held out (seeded by `Accuracy.seed`) from what recalibration and recovery see; the test
@@ -566,6 +578,9 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
 
     source, spec = Source.of(source), _prune_spec(spec, target)
     budget = target is not None and target.max_drop is not None
+    taylor = spec is not None and spec.importance == "taylor"
+    if taylor and accuracy is None:
+        raise GaborPruneError("`importance` taylor estimates each channel's loss change on training images; give `data`")
     if budget and accuracy is None:
         raise GaborPruneError("an accuracy budget (`max_drop`) is judged on a validation split held out from the training images; give `data`")
     if output is None and not dry_run:
@@ -578,11 +593,15 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
         before = measures.accuracy(model) if measures else None
         run = PruneRun(str(source), None if dry_run else Path(output), spec, data=measures.name if measures else None,
                        recovery_epochs=accuracy.recovery_epochs if measures and not dry_run else None)
+        scores = None
+        if taylor:
+            options.stage(f"estimating each channel's loss change on {CALIBRATION_IMAGES} training images (Taylor importance)...")
+            scores = measures.taylor_scores(model, recipe.input_shape)
         if target is not None:
             options.stage(f"pruning to {target.describe()}: " + ("scoring candidates on the validation split" if budget else
                                                                   "exporting and timing candidates with ONNX Runtime" if target.timed else
                                                                   "counting the candidates' MACs") + "...")
-            scoped = dict(scope=spec.scope, round_to=spec.round_to) if spec is not None else {}
+            scoped = dict(scope=spec.scope, round_to=spec.round_to, scores=scores) if spec is not None else {}
             run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads),
                                           accuracy=measures.score if budget else None)
             if run.target.prune is None:
@@ -593,7 +612,7 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
             run.report, run.rule = run.target.prune, f"{run.target.chosen_candidate.label}{scope} for {target.describe()}"
         else:
             options.stage("pruning...")
-            run.report = prune_model_(model, recipe.input_shape, spec)
+            run.report = prune_model_(model, recipe.input_shape, spec, scores=scores)
             run.rule = spec.describe([c.name for c in run.report.gabor_layers])
         recipe = recipe.with_step(run.report.step)
         if on_pruned is not None:

@@ -23,7 +23,7 @@ def shard_order(n: int, *, train: bool, generator: torch.Generator | None, rank:
     return order[: n - n % world][rank::world]
 
 
-def calibration_batches(data, images: int, batch_size: int = 128, *, seed: int = 0) -> list[Tensor]:
+def calibration_batches(data, images: int, batch_size: int = 128, *, seed: int = 0, labels: bool = False) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
     """`images` training images as normalised batches (the last one may be short), drawn in a seeded
     random order *with the training augmentation*: BatchNorm statistics re-estimated on them match
     those the network was trained with (on CIFAR-10 resnet20, 1024 augmented images re-estimated
@@ -31,12 +31,14 @@ def calibration_batches(data, images: int, batch_size: int = 128, *, seed: int =
 
     Args:
         data: a `TensorData` or `FolderData` (anything with `batches`).
+        labels: (images, labels) pairs instead of images (what a Taylor importance needs).
     """
     generator = torch.Generator().manual_seed(seed)
     out, seen = [], 0
-    for x, _ in data.batches(batch_size, train=True, generator=generator):
-        out.append(x[: images - seen])
-        seen += len(out[-1])
+    for x, y in data.batches(batch_size, train=True, generator=generator):
+        n = min(len(x), images - seen)
+        out.append((x[:n], y[:n]) if labels else x[:n])
+        seen += n
         if seen >= images:
             break
     return out

@@ -10,7 +10,8 @@ knows nothing of timing: `gaborprune.search` exports and times the candidates.
   members' relative kernel strengths). Their channel counts are known before any is pruned, which
   lets the search predict each candidate's time.
 - `RatioCandidates` (`scope` all): k removes the k-th of `TARGET_RATIOS` of the channels that can go
-  exactly, the weakest first (`PruneSpec(scope="all", ratio=...)`), so a target is reached whenever
+  exactly, the weakest first (`PruneSpec(scope="all", ratio=...)`; by the BatchNorm gain, or by the
+  Taylor `scores` when given: `gaborprune.prune.importance`), so a target is reached whenever
   removing channels can reach it, however far the pressure separated them. (Relative thresholds, the
   earlier candidates, stopped at 0.8 of the strongest channel: after a short or weak pressure they
   could not remove enough.)
@@ -177,8 +178,9 @@ class RatioCandidates:
     """k = 1..n removes the k-th of `ratios` of the channels that can go exactly, weakest first (the
     `scope` all prune, each layer's count rounded to `round_to`)."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], round_to: int | None, ratios: tuple[float, ...] = TARGET_RATIOS) -> None:
-        self.input_shape, self.round_to, self.ratios = tuple(input_shape), round_to, tuple(ratios)
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], round_to: int | None, ratios: tuple[float, ...] = TARGET_RATIOS,
+                 scores: dict[str, float] | None = None) -> None:
+        self.input_shape, self.round_to, self.ratios, self.scores = tuple(input_shape), round_to, tuple(ratios), scores
         self.analysis = ModelAnalysis(model, self.input_shape)  # every candidate is a copy of `model`: one trace
         self.notes: list[str] = []
 
@@ -186,7 +188,8 @@ class RatioCandidates:
         return len(self.ratios)
 
     def describe(self) -> str:
-        return f"scope all, the weakest channels first, in multiples of {self.round_to or 1}"
+        by = "the channels of least Taylor loss change first" if self.scores is not None else "the weakest channels first"
+        return f"scope all, {by}, in multiples of {self.round_to or 1}"
 
     def everything(self) -> str:
         return f"{self.ratios[-1]:.0%} of the removable channels"
@@ -201,9 +204,9 @@ class RatioCandidates:
         return None  # known only once pruned
 
     def spec(self, k: int) -> PruneSpec:
-        return PruneSpec(ratio=self.ratios[k - 1], scope="all", round_to=self.round_to)
+        return PruneSpec(ratio=self.ratios[k - 1], scope="all", round_to=self.round_to, importance="gain" if self.scores is None else "taylor")
 
     def prune_(self, model: nn.Module, k: int) -> PruneReport:
         from gaborprune.prune.run import prune_model_
 
-        return prune_model_(model, self.input_shape, self.spec(k), self.analysis)
+        return prune_model_(model, self.input_shape, self.spec(k), self.analysis, self.scores)

@@ -63,7 +63,8 @@ def _as_data(folds) -> tuple[dict, ...]:
     return tuple({"module": f.module, "attr": f.attr, "delta": f.delta.tolist()} for f in folds)
 
 
-def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec = PruneSpec(), analysis: ModelAnalysis | None = None) -> PruneReport:
+def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: PruneSpec = PruneSpec(), analysis: ModelAnalysis | None = None,
+                 scores: dict[str, float] | None = None) -> PruneReport:
     """Prune the Gabor banks of `model` (inputs [N, *input_shape]) in place. The report's `step`
     is what a recipe records of it: `recipe = recipe.with_step(report.step)`.
 
@@ -72,6 +73,8 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     columns read, with their producers' kernels), fold their constants, cut them out (`apply_plan_`),
     and check that the compacted model computes what the masked one did. The graph is traced once
     (`analysis`, a `ModelAnalysis` of `model` or of a model of its architecture, is reused when given).
+    `scores`: with `spec.importance` "taylor", each channel's importance
+    (`gaborprune.prune.importance.taylor_scores` of `model` on labelled training batches).
 
     Raises:
         PruneError: bad criterion, no Gabor banks, a layer would lose every kernel, or (a bug) the
@@ -79,6 +82,11 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
             so reload it.
     """
     shape = tuple(input_shape)
+    if spec.importance == "taylor" and spec.ratio is None:
+        raise PruneError("`importance` taylor ranks the channels a `ratio` removes (or a target's search); give `ratio`, or drop `importance`")
+    if spec.importance == "taylor" and scores is None:
+        raise PruneError("`importance` taylor ranks channels by their loss change on training batches: pass `scores` "
+                         "(gaborprune.taylor_scores(model, input_shape, batches)), or give `data` to the workflow")
     analysis = analysis if analysis is not None and analysis.same_architecture(model) else ModelAnalysis(model, shape)
     keep = select_kernels(model, shape, spec, analysis)
     before = summarize(model, shape, analysis.norms)
@@ -87,7 +95,8 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     masked = apply_plan_(copy.deepcopy(model), PrunePlan(kernels=kernels))
     zeroed, folds = [], []
     if spec.scope == "all":
-        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to, analysis, spec.ratio)
+        zeroed, _, norms = dead_units(masked, shape, spec.threshold, spec.round_to, analysis, spec.ratio,
+                                      scores if spec.importance == "taylor" else None)
         masks = zero_units_(masked, zeroed, norms)
         interior = analyse_channels(masked, shape, plain=True, interior=True, analysis=analysis)
         folds = interior.folds  # the removed channels' constants, exact away from zero-padded readers' borders

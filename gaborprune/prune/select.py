@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from gaborprune._validate import is_int
 from gaborprune.errors import PruneError
-from gaborprune.scopes import SCOPES
+from gaborprune.scopes import IMPORTANCES, SCOPES
 from gaborprune.sparsity import GaborSparsity
 from gaborprune.strength import DEFAULT_THRESHOLD
 
@@ -36,6 +36,9 @@ class PruneSpec:
             `threshold` x its family's strongest (`gaborprune.prune.structured`).
         round_to: with scope "all" only, each layer (or residual stream) keeps a multiple of this many
             channels; None or 1: any count.
+        importance: with scope "all" and a `ratio` (or a target), what ranks the channels (`gaborprune.prune.importance`):
+            "gain" (the BatchNorm gain) or "taylor" (the first-order loss change of removing each, which
+            `prune_model_` then needs as `scores`).
 
     Kernels removed before (masked) count as removed: budgets are fractions of a layer's full size.
     """
@@ -47,6 +50,7 @@ class PruneSpec:
     layer_keep: dict[str, int] = field(default_factory=dict)
     scope: str = "banks"
     round_to: int | None = None
+    importance: str = "gain"
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -55,6 +59,10 @@ class PruneSpec:
             raise PruneError(f"`round_to` must be a channel count from 1 to 1024, not {self.round_to!r}")
         if self.round_to is not None and self.scope != "all":
             raise PruneError("`round_to` counts channels that `scope` all removes; add `scope` all or drop `round_to`")
+        if self.importance not in IMPORTANCES:
+            raise PruneError(f"unknown `importance` '{self.importance}'; known: {', '.join(IMPORTANCES)}")
+        if self.importance != "gain" and self.scope != "all":
+            raise PruneError(f"`importance` {self.importance} ranks the channels that `scope` all removes; add `scope` all, or drop `importance`")
         if self.scope == "all" and (self.keep is not None or self.layer_ratio or self.layer_keep):
             raise PruneError("`scope` all removes channels by `threshold` or `ratio`; `keep`, `layer_ratio` and `layer_keep` count kernels of the "
                              "Gabor banks (use `scope` banks)")
@@ -76,7 +84,8 @@ class PruneSpec:
     def to_dict(self) -> dict:
         d = {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
              "layer_ratio": dict(self.layer_ratio), "layer_keep": dict(self.layer_keep)}
-        return d | ({"scope": self.scope, "round_to": self.round_to} if self.scope != "banks" else {})
+        return (d | ({"scope": self.scope, "round_to": self.round_to} if self.scope != "banks" else {})
+                | ({"importance": self.importance} if self.importance != "gain" else {}))
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneSpec:
@@ -91,7 +100,8 @@ class PruneSpec:
             return ", ".join(parts)
         rest = "others: " if parts else ""
         if self.ratio is not None and self.scope == "all":
-            parts.append(f"remove {self.ratio:.0%} of the removable channels (weakest first)")
+            by = "by their Taylor loss change" if self.importance == "taylor" else "weakest first"
+            parts.append(f"remove {self.ratio:.0%} of the removable channels ({by})")
         elif self.ratio is not None:
             parts.append(f"{rest}remove {self.ratio:.0%} (weakest across layers)")
         elif self.keep is not None:

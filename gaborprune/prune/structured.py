@@ -63,6 +63,14 @@ class Unit:
     def strength(self) -> float:
         return self.strengths[self.side]
 
+    @property
+    def key(self) -> str:
+        """The unit's name, stable across analyses of one architecture: its side's first channel, e.g.
+        'layer1.0.conv1 out 3' or 'fc in 12' (what importance scores are keyed by)."""
+        g = self.groups[self.side]
+        layer, kernels = g.members[0]
+        return f"{layer} {g.kind} {kernels[0][0] if g.kind == 'out' else kernels[0][1]}"
+
 
 def default_round_to() -> int | None:
     """This CPU's ONNX Runtime channel block (`gaborprune.cpu.cpu_block`), None when unknown."""
@@ -89,13 +97,15 @@ def units(sparsity) -> list[Unit]:
 
 
 def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: float,
-               round_to: int | None, analysis=None, ratio: float | None = None) -> tuple[list[Unit], dict, dict[str, str]]:
+               round_to: int | None, analysis=None, ratio: float | None = None,
+               scores: dict[str, float] | None = None) -> tuple[list[Unit], dict, dict[str, str]]:
     """The units `prune --scope all` removes (see the module doc), {set: [kept, total]}, and
     {convolution: its direct BatchNorm} from the same graph analysis (what `zero_units_` needs).
     `analysis`: a `ModelAnalysis` of `model`'s architecture to reuse. With `ratio`, that fraction of
     all units goes instead of those below `threshold`, the weakest first by G (`Unit.absolute`: for a
     channel written by a convolution, its BatchNorm gain, comparable across layers; ties in model
-    order); a residual branch then goes whole only when all its units are among them."""
+    order), or by `scores` when given ({`Unit.key`: importance}, e.g. `taylor_scores`); a residual
+    branch then goes whole only when all its units are among them."""
     from gaborprune.sparsity import GaborSparsity
 
     sparsity = GaborSparsity(model, input_shape, "channel", "all", analysis=analysis)
@@ -108,11 +118,14 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
         sets[u.set].append(u)
     branches = set(sparsity.groups.branches)
     whole = sparsity.relative_branch_strengths()
-    cut = {id(u) for u in sorted(found, key=lambda u: u.absolute)[:round(ratio * len(found))]} if ratio is not None else set()
+    if scores is not None and (missing := [u.key for u in found if u.key not in scores]):
+        raise PruneError(f"the importance scores have no entry for channel '{missing[0]}'; compute them on this model")
+    rank = (lambda u: scores[u.key]) if scores is not None else (lambda u: u.absolute)
+    cut = {id(u) for u in sorted(found, key=rank)[:round(ratio * len(found))]} if ratio is not None else set()
     step = round_to or 1
     dead, counts = [], {}
     for label, members in sets.items():
-        ranked = sorted(members, key=lambda u: -u.strength)  # strongest first; sorted is stable
+        ranked = sorted(members, key=lambda u: -(rank(u) if ratio is not None else u.strength))  # strongest first; sorted is stable
         if ratio is not None:
             alive = sum(id(u) not in cut for u in members)
         else:
