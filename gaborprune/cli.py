@@ -944,6 +944,7 @@ def demo(
                       on_epoch=_brief_epoch, force=force)
     out.print(_table(f"gaborprune demo: {config.model} on {config.data} ({time.perf_counter() - t0:.0f} s on {dev})", ("stage", "top-1", "parameters", "MACs"),
                      ("stage",), [[st.name, f"{st.accuracy:.2f}%", _count(st.params), _count(st.macs)] for st in report.stages]))
+    out.print(f"pruned: {report.pruned}")
     out.print("kernels kept: " + "  ".join(f"{n} {k}/{t}" for n, (k, t) in report.kernels.items()) + f"   ({report.removed:.0%} removed)")
     for name, e in report.onnx.items():
         top1, diff = file_figures(e)
