@@ -152,6 +152,16 @@ R20_EXPORT = Run("gaborprune export out/r20-all-pruned.pt -o out/r20-all-pruned.
 R20_EXPORT_UNPRUNED = Run("gaborprune export out/r20-plain.pt -o out/r20-plain.onnx --dynamic-batch --threads 1", (R20,))
 R20_BENCH = Run("gaborprune bench out/r20-all-pruned.onnx --baseline out/r20-plain.onnx --batch-size 1,32 --threads 1 --max-seconds 30",
                 (R20_EXPORT, R20_EXPORT_UNPRUNED))
+# targets past what a short, weak pressure separated (Step 14's digits case): --speedup and --max-drop with --scope all
+R20_SHORT = Run("gaborprune finetune out/r20-plain.pt --data digits --epochs 4 --batch-size 64 --sparsity 0.1 --structure channel --scope all "
+                "-o out/r20-short.pt --threads 1", (R20,))
+R20_SPEEDUP = Run("gaborprune prune out/r20-short.pt --scope all --speedup 1.4 --data digits --finetune-epochs 2 --batch-size 64 "
+                  "-o out/r20-fast.pt --threads 1", (R20_SHORT,))
+R20_FAST_EXPORT = Run("gaborprune export out/r20-fast.pt -o out/r20-fast.onnx --dynamic-batch --threads 1", (R20_SPEEDUP,))
+R20_FAST_BENCH = Run("gaborprune bench out/r20-fast.onnx --baseline out/r20-plain.onnx --batch-size 1,32 --threads 1 --max-seconds 30",
+                     (R20_FAST_EXPORT, R20_EXPORT_UNPRUNED))
+R20_BUDGET = Run("gaborprune prune out/r20-short.pt --scope all --max-drop 1 --data digits --batch-size 64 -o out/r20-1pt.pt --threads 1",
+                 (R20_SHORT,))
 
 EPOCHS = elide(r"^epoch ", 1, 2)
 DEEP_LAYERS = elide(r"^│ layer[23]\.", 1, 1)
@@ -171,6 +181,8 @@ CAPTURES: list[Capture] = [
     Capture("bench-scope-all", README, (R20_BENCH,)),
     Capture("prune-speedup", README, (SPEEDUP,)),
     Capture("prune-unreachable", README, (UNREACHABLE,)),
+    Capture("prune-speedup-all", README, (R20_SHORT, R20_SPEEDUP, R20_FAST_BENCH), (EPOCHS,)),
+    Capture("prune-budget", README, (R20_BUDGET,)),
     Capture("export", README, (EXPORT,)),
     Capture("export-int8", README, (EXPORT_INT8,)),
     Capture("bench", README, (BENCH,), (PROFILE_ROWS,)),

@@ -3,13 +3,16 @@
 The suite's models are tiny, so one thread loses nothing on a quiet machine, and on a busy one it
 keeps the suite from running several times slower (torch's threads wait for each other at every
 operator when the cores are taken). Subprocesses (`torchrun`, `python -m gaborprune`) inherit it
-through OMP_NUM_THREADS. The image-tree cache goes to a fresh temporary folder.
+through OMP_NUM_THREADS. The image-tree cache goes to a fresh temporary folder. The CPU's channel
+block is pinned to AVX2's 8 (GABORPRUNE_CPU_BLOCK, inherited by subprocesses too), so that no
+expectation depends on the host's CPU; tests of other blocks set theirs.
 """
 
 import os
 import tempfile
 
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["GABORPRUNE_CPU_BLOCK"] = "8"
 # decoded image trees are cached here, never in the user's ~/.cache
 os.environ["GABORPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gaborprune-test-cache-")
 

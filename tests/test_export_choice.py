@@ -270,3 +270,14 @@ def test_cli_prints_each_candidate_and_the_choice(timed, tmp_path):
     assert "lowering: plain dense kept: no candidate faster" in result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [c["kept"] for c in saved["candidates"]] == [True, False, False, False] and saved["pad_block"] == 16
+
+
+def test_the_block_can_be_set_for_another_cpu(monkeypatch):
+    """GABORPRUNE_CPU_BLOCK names the target CPU's block (the suite pins it to 8); a bad value is one line."""
+    monkeypatch.setenv("GABORPRUNE_CPU_BLOCK", "16")
+    assert cpu_block() == 16 and cpu_block("flags\t: avx2\n") == 8  # an explicit cpuinfo text is read as given
+    monkeypatch.setenv("GABORPRUNE_CPU_BLOCK", "0")
+    assert cpu_block() == 0
+    monkeypatch.setenv("GABORPRUNE_CPU_BLOCK", "avx512")
+    with pytest.raises(gp.GaborPruneError, match="GABORPRUNE_CPU_BLOCK='avx512' is not a channel count"):
+        cpu_block()
