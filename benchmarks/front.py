@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_peers import require_torch_pruning, tp_prune
 
 import gaborprune as gp
-from bench_peers import require_torch_pruning, tp_prune
 from gaborprune._io import write_json
 from gaborprune._threads import machine_note
 from gaborprune.data import calibration_batches, load_data
@@ -71,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="/tmp/front")
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-bench", action="store_true", help="prune, recover and export only; bench later with --rows")
+    parser.add_argument("--no-unpruned", action="store_true", help="with --no-bench: leave out the unpruned row (another run has it)")
     parser.add_argument("--rows", default=None, help="comma-separated --json files of --no-bench runs: bench their exports together")
     parser.add_argument("--png", default=None, help="Pareto figure, one panel per batch size")
     args = parser.parse_args()
@@ -112,12 +113,12 @@ def main() -> None:
     gp.set_threads(1)
     print(machine_note(), flush=True)
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
-    if args.rows:
+    if args.rows:  # a name, or a series' MAC ratio, seen in an earlier file is left out (a rerun goes first)
         rows, seen = [], set()
         for f in args.rows.split(","):
             for r in json.loads(Path(f).read_text())["rows"]:
-                if r["name"] not in seen:
-                    seen.add(r["name"])
+                if r["name"] not in seen and (r["series"], round(r["mac_ratio"], 4)) not in seen:
+                    seen |= {r["name"], (r["series"], round(r["mac_ratio"], 4))}
                     rows.append(r)
     else:
         rows = build(args)
@@ -166,7 +167,8 @@ def build(args) -> list[dict]:
         print(f"{name}: MAC ratio {s.macs / base_macs:.3f}, top-1 float {files['float']['top1']:.2f}%"
               + (f", int8 {files['int8']['top1']:.2f}%" if "int8" in files else "") + f" ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    finish("unpruned", "unpruned", copy.deepcopy(trained), {})
+    if not args.no_unpruned:
+        finish("unpruned", "unpruned", copy.deepcopy(trained), {})
     for series_name, method, round_to in series(args):
         for mac_ratio in args.macs:
             model, info = prune(tp, method, round_to, trained, shape, mac_ratio, scores)

@@ -30,12 +30,12 @@ from gaborprune.export.api import ExportConfig, ExportReport, export_model
 from gaborprune.export.bench import bench
 from gaborprune.export.bench_models import load_onnx
 from gaborprune.export.results import BenchReport, Comparison
+from gaborprune.norms import recalibrate_norms_
 from gaborprune.plot import bank_views, plot_banks, plot_latency, plot_summary
 from gaborprune.recipe import load_model, save_recipe
+from gaborprune.search import TargetReport, TargetSpec, prune_to_target_
 from gaborprune.summary import summarize
 from gaborprune.train import TrainConfig, evaluate, finetune_
-from gaborprune.norms import recalibrate_norms_
-from gaborprune.search import TargetReport, TargetSpec, prune_to_target_
 from gaborprune.workflows import CALIBRATION_IMAGES, VALIDATION
 
 

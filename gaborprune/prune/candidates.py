@@ -31,8 +31,11 @@ from gaborprune.prune.groups import ChannelGroup
 from gaborprune.prune.report import PruneReport
 from gaborprune.prune.select import PruneSpec
 
-#: The shares of the removable channels `RatioCandidates` tries, in increasing order.
-TARGET_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+#: The shares of the removable channels `RatioCandidates` tries, in increasing order: steps of 2%, so that a
+#: bisection over them needs at most 6 candidates, and a step that removes many residual branches at once (with
+#: the BatchNorm-gain ranking of an unpressed resnet20 on CIFAR-10, 5% steps went from MAC ratio 0.70 to 0.08)
+#: is as small as the grid allows.
+TARGET_RATIOS = tuple(round(0.02 * k, 2) for k in range(1, 50))
 
 
 def layer_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
