@@ -13,6 +13,10 @@ import os
 from gaborprune.errors import GaborPruneError
 
 MAX_SEED = 2**63 - 1  # non-negative int64: a seed every consumer here (torch, its generators, numpy, JSON) holds exactly
+#: An environment variable that lowers the memory a command may plan to use (bytes, or with a unit: 2GB, 512MB).
+MEMORY_ENV = "GABORPRUNE_MEMORY_LIMIT"
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def usable_cores() -> int:
@@ -73,6 +77,33 @@ def available_memory() -> int | None:
         return None
 
 
+def memory_limit_from_env() -> int | None:
+    """GABORPRUNE_MEMORY_LIMIT in bytes (None when unset).
+
+    Raises:
+        GaborPruneError: a value that is not a positive size.
+    """
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if not text:
+        return None
+    number = text.rstrip("KMGTiBkmgtib ")
+    unit = text[len(number):].strip().upper()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 1):
+        raise GaborPruneError(f"{MEMORY_ENV}={text[:40]!r} is not a memory size; give bytes or a size such as 2GB or 512MB")
+    return int(value)
+
+
+def memory_budget() -> int | None:
+    """Bytes a command may plan to allocate: the memory available now (`available_memory`), or
+    GABORPRUNE_MEMORY_LIMIT when that is lower; None when neither is known (nothing is refused)."""
+    limits = [n for n in (available_memory(), memory_limit_from_env()) if n is not None]
+    return min(limits) if limits else None
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
@@ -80,13 +111,13 @@ def _gb(n: float) -> str:
 def check_batch_memory(per_sample: int, count: int, what: str, option: str = "`batch_size`",
                        error: type[GaborPruneError] = GaborPruneError) -> None:
     """Refuse `count` samples of `per_sample` bytes each (an estimate such as
-    `gaborprune.probe.activation_bytes`) when they exceed the memory available now, before anything
-    is allocated: the kernel would otherwise kill the process after minutes of swapping.
+    `gaborprune.probe.activation_bytes`) when they exceed the memory available now (`memory_budget`),
+    before anything is allocated: the kernel would otherwise kill the process after minutes of swapping.
 
     Raises:
         `error`: naming `what`, the count, the estimate, the limit and the largest count that fits.
     """
-    limit = available_memory()
+    limit = memory_budget()
     need = per_sample * count
     if limit is None or need <= limit:
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from gaborprune import workflows
 from gaborprune._flags import COMMANDS, cli_message
@@ -31,10 +33,31 @@ app = typer.Typer(
     help="Compress CNNs: convert early convolutions to learnable Gabor banks, fine-tune with sparsity, "
     "prune the zeroed kernels, export compact ONNX, and benchmark it.",
 )
+# Control characters, line and paragraph separators, bidirectional overrides and isolates.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _plain(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\x1b`, `\\n`, `\\r`, `\\u202e`): a name,
+    path, spec or metadata value from a file or an argument cannot move the cursor, recolour or clear
+    the terminal, set its title, or start a line of its own (a forged `error:` line)."""
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return _CONTROL.sub(lambda m: named.get(m[0]) or (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}"), text)
+
+
+class _PlainConsole(Console):
+    """A Console that renders every string (printed lines, table cells, titles, captions) as
+    `_plain` text: one line each; print multi-line text line by line."""
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        return super().render_str(_plain(text), **kwargs)
+
+
 # Piped output is not cut to 80 columns: tables of layer names would wrap into noise.
-# Names, paths and dataset specs are printed verbatim: no markup, no emoji codes (fake:100:4 has one).
-out = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, emoji=False)
+# Names, paths and dataset specs are printed verbatim: no markup, no emoji codes (fake:100:4 has one);
+# `err` has markup for its red and yellow labels, so what follows them goes through `escape`.
+out = _PlainConsole(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+err = _PlainConsole(stderr=True, highlight=False, emoji=False)
 _TRAIN = TrainConfig()  # the library defaults, quoted in --help
 
 # -- shared options ------------------------------------------------------------------------------
@@ -78,6 +101,9 @@ def _command(fn):
         except GaborPruneError as e:
             err.print(f"[bold red]error:[/] {escape(cli_message(str(e), name))}", soft_wrap=True)
             raise typer.Exit(1) from None
+        except typer.BadParameter as e:  # click prints it as is: the value quoted in it is the user's
+            e.message = _plain(e.message)
+            raise
 
     return app.command(name)(wrapper)
 
@@ -249,7 +275,7 @@ class _Feedback:
     def stage(self, text: str) -> None:
         if err.is_terminal:
             self._stop()
-            self.live = err.status(text)
+            self.live = err.status(Text(_plain(text)))  # a str would be read as markup
             self.live.start()
 
     def step(self, s) -> None:
@@ -535,7 +561,8 @@ def finetune(
 def _print_finetune(run) -> None:
     result, config = run.result, run.config
     if result.kernels_total:
-        out.print("\n".join(_groups_report(result, config.structure)))
+        for line in _groups_report(result, config.structure):
+            out.print(line)
     if result.cost_table:
         from gaborprune.export.costs import describe
 
@@ -620,9 +647,9 @@ def prune(
                                                     help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime "
                                                          "channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", metavar="gain|taylor",
-                                                      help="With --scope all and --ratio or a target, rank channels by their BatchNorm gain (gain, "
-                                                           "default) or by the first-order loss change of removing each on training images (taylor, "
-                                                           "needs --data).", show_default=False)] = None,
+                                                      help="With --scope all and --ratio or a target, rank channels by their BatchNorm gain (gain) "
+                                                           "or by the first-order loss change of removing each on training images (taylor, needs "
+                                                           "--data). Default: taylor with --data, else gain.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset "
                                                                                "(digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
@@ -983,7 +1010,8 @@ def reproduce(
     names = [s.strip() for s in settings.split(",") if s.strip()] if settings else None
     report = run_experiment(experiment, data, out=out_dir, device=resolve_device(device or workflows.DEVICE), on_stage=out.print, on_epoch=_brief_epoch,
                             force=force, **given(seeds=seeds, epochs=epochs, settings=names, input_shape=_shape(input_shape, "C,H,W", "3,16,16")))
-    out.print(_say(report.to_markdown()))
+    for line in _say(report.to_markdown()).rstrip("\n").split("\n"):
+        out.print(line)
     out.print(f"-> {out_dir / 'results.md'}, {out_dir / 'results.json'}")
 
 

@@ -52,13 +52,25 @@ from gaborprune._io import safe_torch_load, save_torch
 from gaborprune._validate import check_seed, is_int
 from gaborprune.convert.spec import ConversionSpec, ConversionStep
 from gaborprune.errors import GaborPruneError, ModelSourceError, RecipeError
-from gaborprune.models import TRUST_ENV, ModelSource, fit_state_dict, load_state_dict_file, non_finite, portable_state_dict, trusted_factory
+from gaborprune.models import (
+    TRUST_ENV,
+    ModelSource,
+    fit_state_dict,
+    load_state_dict_file,
+    non_finite,
+    portable_state_dict,
+    state_dict_problems,
+    trusted_factory,
+)
+from gaborprune.models.budget import check_footprint, meta_build, weight_bytes
 from gaborprune.prune.plan import PrunePlan, PruneStep, fold_problem
 from gaborprune.train.config import LEGACY_SETTINGS, FinetuneStep, TrainConfig
 
 FORMAT = "gaborprune.recipe"
 VERSION = 2
 _MAX_SIDE, _MAX_INPUT = 16384, 2**26  # a stored input shape beyond these is corruption, not a model
+_METADATA_DEPTH = 16  # levels of nesting in metadata; reports nest a few
+_SMALL_MODEL = 64 * 2**20  # weight bytes a recipe's source may have beyond 4x its stored weights before it is replayed on meta first
 # what replaying validated data can still raise (a layer name the model lacks, a plan that does not fit)
 _REPLAY_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, ArithmeticError)
 
@@ -140,6 +152,10 @@ class Recipe:
                 f"{where} names the model factory '{spec}', which rebuilding would import and call (code chosen by whoever wrote the file); "
                 f"refused. If you trust it, pass `trust_factory` (trust_factory=True in the API) or set {TRUST_ENV}={spec.partition(':')[0]}"
             )
+        return self._replay(where)
+
+    def _replay(self, where: str) -> nn.Module:
+        """Build the source and replay the steps (`build`, after its trust check)."""
         label = "its model source"
         try:
             model = self.source.build()
@@ -152,6 +168,45 @@ class Recipe:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise RecipeError(f"{where}: {label} does not replay on its model ({type(e).__name__}: {detail}); the file may be corrupt") from None
         return model
+
+    def check_fits(self, state: dict[str, torch.Tensor]) -> None:
+        """Before `build` allocates anything, build the source on the meta device (no memory) and
+        refuse it when its weights and one input's forward pass would not fit in memory: the same
+        estimate as a command-line source (`check_footprint`). When the source is much larger than
+        `state` (its builder arguments ask for more than the file holds), replay the steps on meta
+        too and refuse a `state` that does not fit the result (names, shapes, kinds of number). A
+        factory source (code the user trusted) and an architecture that cannot be built on meta are
+        left to the real build.
+
+        Raises:
+            RecipeError: the estimate exceeds the memory available.
+            ModelSourceError: `state` does not fit the architecture (or what `build` raises).
+        """
+        if self.source.kind == "factory":
+            return
+        where = f"recipe '{self.origin}'" if self.origin else "the recipe"
+        try:
+            source = meta_build(self.source.build)
+        except GaborPruneError as e:
+            raise type(e)(f"{where}, its model source: {e}") from None
+        if source is None:
+            return
+        args = f" with {self.source.kwargs}" if self.source.kwargs else ""
+        check_footprint(source, self.input_shape, f"{where} (model '{self.source.spec}'{args})", RecipeError)
+        stored = sum(t.numel() * t.element_size() for t in state.values())
+        if weight_bytes(source) <= 4 * stored + _SMALL_MODEL:  # proportionate to the file: the real build tells
+            return
+        try:
+            # replaying on meta loads torch's Python decompositions (a second): only for a model out of proportion
+            model = meta_build(lambda: self._replay(where))
+        except RecipeError as e:
+            if "does not replay" in str(e):  # a step that reads values meta tensors lack: the real build will tell
+                return
+            raise
+        problems = state_dict_problems(model.state_dict(), state) if model is not None else []
+        if problems:
+            raise ModelSourceError(f"the state_dict in '{self.origin}' does not fit its own architecture (corrupt recipe?): {'; '.join(problems)}; "
+                                   "check the model name and `num_classes`")
 
     def to_dict(self) -> dict[str, Any]:
         """The file's contents without the state_dict (format `VERSION`)."""
@@ -249,6 +304,31 @@ def _json_like(value: Any, depth: int = 0) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items())
 
 
+def _plain(value: Any, depth: int = 0) -> bool:
+    """JSON-like data, as `json.dumps` writes it: dict keys may be numbers, booleans or None too."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth >= _METADATA_DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    return isinstance(value, dict) and all((k is None or isinstance(k, (str, int, float, bool))) and _plain(v, depth + 1) for k, v in value.items())
+
+
+def metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """Why `metadata` cannot be a recipe's (words that follow "'metadata'"), or None: it must be plain
+    data (JSON-like) at most `_METADATA_DEPTH` levels deep, which reports, JSON files and torch.save
+    all handle, and its `prunes` (the prune records that `prune` appends to) a list of dicts."""
+    bad = next((k for k, v in metadata.items() if not (isinstance(k, str) and _plain(v, 1))), None)
+    if bad is not None:
+        return (f"must be plain data (dicts, lists, strings, numbers) under string keys, nested at most {_METADATA_DEPTH} levels deep; "
+                f"the entry {_show(bad)} is not")
+    prunes = metadata.get("prunes", [])
+    if not (isinstance(prunes, list) and all(isinstance(r, dict) for r in prunes)):
+        return f"has 'prunes' {_show(prunes)}, not a list of prune records"
+    return None
+
+
 def _fits(value: Any, hint: Any) -> bool:
     """Whether `value` (plain data) has the type a dataclass field declares: int, float, str, bool,
     tuple[str, ...] (a list in the file) and their `| None`. Other hints are left to the class."""
@@ -342,8 +422,12 @@ def _validate(obj: Any, p: Path) -> None:
                 if problem:
                     raise bad(f"'{name}.{problem[0]}'", problem[1])
 
-    if not isinstance(obj.get("metadata", {}), dict):
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
         raise bad("'metadata'", f"must be a dict, not {_show(obj['metadata'])}")
+    problem = metadata_problem(metadata)
+    if problem:
+        raise bad("'metadata'", problem)
 
     state = obj["state_dict"]
     if not isinstance(state, dict):
@@ -454,6 +538,9 @@ def read_recipe(path: str | os.PathLike) -> tuple[Recipe, dict[str, torch.Tensor
 
 def save_payload(path: str | os.PathLike, model: nn.Module, recipe: Recipe, extra: dict[str, Any] | None = None, *, force: bool = False) -> Path:
     """Write a recipe with extra top-level entries (plain data and tensors), atomically."""
+    problem = metadata_problem(recipe.metadata)
+    if problem:  # refused here, with the reason, rather than as a failed torch.save
+        raise RecipeError(f"cannot save the recipe to '{path}': its metadata {problem}")
     payload = recipe.to_dict() | (extra or {})
     payload["state_dict"] = portable_state_dict(model)
     return save_torch(path, payload, force)
@@ -494,12 +581,19 @@ def load_model(
         if num_classes is not None or weights is not None or model_args:
             raise ModelSourceError(f"'{spec}' is a recipe, which fixes its classes, weights and model arguments; drop `num_classes`/`weights`/`model_args`")
         recipe, state = read_recipe(spec)
-        model = recipe.build(trust_factory=trust_factory)
-        fit_state_dict(model, state, f"the state_dict in '{spec}'", "its own architecture (corrupt recipe?)")
         if input_shape is not None:
             recipe = dataclasses.replace(recipe, input_shape=tuple(input_shape))
+        recipe.check_fits(state)  # before anything is allocated
+        model = recipe.build(trust_factory=trust_factory)
+        fit_state_dict(model, state, f"the state_dict in '{spec}'", "its own architecture (corrupt recipe?)")
         return model, recipe
     source = ModelSource(spec, num_classes, dict(model_args or {}))
+    if source.kind != "factory":  # a factory is the user's own code: called once, for real
+        meta = meta_build(source.build)
+        if meta is not None:
+            shape = tuple(input_shape or source.input_shape(meta))
+            args = f" with {source.kwargs}" if source.kwargs else ""
+            check_footprint(meta, shape, f"model '{spec}'{args}", ModelSourceError)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(check_seed(seed))
         model = source.build()

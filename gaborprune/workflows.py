@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,10 @@ class Source:
     def options(self) -> dict[str, Any]:
         """The loading options that were given (what an ONNX file fixes itself is refused by them)."""
         return given(weights=self.weights, num_classes=self.num_classes, model_args=dict(self.model_args) or None, input_shape=self.input_shape)
+
+    def files(self) -> list[str | None]:
+        """The paths it reads (those that name no file are skipped where it matters): no output may replace them."""
+        return [self.spec, self.weights]
 
     def load(self, seed: int = 0):
         """(model, recipe): `load_model` with these options, a fresh source's weights drawn from `seed`."""
@@ -233,7 +237,7 @@ def convert(source: Source | str, spec: ConversionSpec, output: str | os.PathLik
     if data is not None:
         DataSpec.parse(data)  # a bad spec fails before the model loads
     source = Source.of(source)
-    check_outputs([output, *options.extra_outputs], options.force)
+    check_outputs([output, *options.extra_outputs], options.force, inputs=source.files())
     model, recipe = source.load(spec.seed)
     before = summarize(model, recipe.input_shape).params
     calibration = batches = None
@@ -298,7 +302,7 @@ def inspect(source: Source | str, *, png: str | os.PathLike | None = None, optio
     from gaborprune.summary import summarize
 
     source = Source.of(source)
-    check_outputs([png, *options.extra_outputs], options.force)
+    check_outputs([png, *options.extra_outputs], options.force, inputs=source.files())
     if is_onnx_path(source.spec):
         _check_onnx_options(source, "num_classes", "weights", "model_args", "input_shape")
         if png:
@@ -368,7 +372,7 @@ def finetune(source: Source | str, data: str, output: str | os.PathLike, config:
     Raises:
         GaborPruneError: also for Ctrl-C or SIGTERM, naming the checkpoint to resume from.
     """
-    from gaborprune._io import check_outputs
+    from gaborprune._io import check_not_inputs, check_outputs
     from gaborprune.data import DataSpec, load_data
     from gaborprune.recipe import save_recipe
     from gaborprune.train import Checkpoints
@@ -379,6 +383,7 @@ def finetune(source: Source | str, data: str, output: str | os.PathLike, config:
     if resume is not None and not Path(resume).is_file():
         raise GaborPruneError(f"resume file '{resume}' not found")
     spec = DataSpec.parse(data)
+    check_not_inputs([output, *options.extra_outputs], [*source.files(), resume])  # before loading: the rest needs the model's checkpoints
     dist, dev = setup(options.device)
     try:
         model, recipe = source.load(config.seed)
@@ -425,7 +430,7 @@ def evaluate(source: Source | str, data: str, *, batch_size: int | None = None, 
     from gaborprune.export.inspect_onnx import evaluate_onnx, input_chw, is_onnx_path
 
     source = Source.of(source)
-    check_outputs(options.extra_outputs, options.force)
+    check_outputs(options.extra_outputs, options.force, inputs=source.files())
 
     if is_onnx_path(source.spec):
         _check_onnx_options(source, "num_classes", "weights", "model_args")
@@ -476,8 +481,6 @@ def _prune_spec(spec: PruneSpec | None, target: TargetSpec | None) -> PruneSpec 
     """The spec a workflow prunes by: PruneSpec() when neither is given; with scope "all", rounded to
     this CPU's channel block unless `round_to` says otherwise. Which of a spec's own fields combine,
     `PruneSpec` checks; here, which combine with a target."""
-    from dataclasses import replace
-
     from gaborprune.prune import PruneSpec
     from gaborprune.prune.structured import default_round_to
 
@@ -558,8 +561,10 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
     fine-tuning (removed kernels stay removed); save the pruned recipe at `output`, its run recorded
     under metadata["prunes"] (`PruneRun.record`). `dry_run` writes nothing.
 
-    A spec with `importance` "taylor" needs `accuracy` too: the channels' first-order loss changes are
-    estimated on CALIBRATION_IMAGES of its training images before anything is removed.
+    With `scope` all and a `ratio` or a target, channels are ranked by their Taylor importance when
+    `accuracy` is given and the spec leaves `importance` None (`PruneSpec.importance`): the channels'
+    first-order loss changes are estimated on CALIBRATION_IMAGES of its training images before
+    anything is removed. `importance` "taylor" needs `accuracy`.
 
     A target with an accuracy budget (`TargetSpec.max_drop`) needs `accuracy`: each candidate is
     recalibrated and recovered as the final prune will be, then scored on VALIDATION of the training
@@ -578,6 +583,8 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
 
     source, spec = Source.of(source), _prune_spec(spec, target)
     budget = target is not None and target.max_drop is not None
+    if spec is not None and spec.scope == "all" and spec.importance is None and (spec.ratio is not None or target is not None):
+        spec = replace(spec, importance="taylor" if accuracy is not None else "gain")
     taylor = spec is not None and spec.importance == "taylor"
     if taylor and accuracy is None:
         raise GaborPruneError("`importance` taylor estimates each channel's loss change on training images; give `data`")
@@ -585,7 +592,7 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
         raise GaborPruneError("an accuracy budget (`max_drop`) is judged on a validation split held out from the training images; give `data`")
     if output is None and not dry_run:
         raise GaborPruneError("say where to write the pruned recipe with `output` (or look first with `dry_run`)")
-    check_outputs([*options.extra_outputs] + ([] if dry_run else [output]), options.force)
+    check_outputs([*options.extra_outputs] + ([] if dry_run else [output]), options.force, inputs=source.files())
     model, recipe = source.load()
     dist, dev = setup(options.device)
     try:
@@ -665,7 +672,7 @@ def sweep(source: Source | str, thresholds: Sequence[float], spec: PruneSpec | N
     if accuracy is None:
         raise GaborPruneError("`sweep` needs `data` to measure accuracy")
     source, spec = Source.of(source), _prune_spec(spec, None)
-    check_outputs([png, *options.extra_outputs], options.force)
+    check_outputs([png, *options.extra_outputs], options.force, inputs=source.files())
     model, recipe = source.load()
     dist, dev = setup(options.device)
     try:
@@ -704,7 +711,7 @@ def export(source: Source | str, output: str | os.PathLike, config: ExportConfig
     from gaborprune.export.api import ExportConfig, export_model
 
     source, config = Source.of(source), config if config is not None else ExportConfig()
-    check_outputs([output, *options.extra_outputs], options.force)
+    check_outputs([output, *options.extra_outputs], options.force, inputs=source.files())
     model, recipe = source.load()
     pair = None
     if data is not None:
@@ -779,7 +786,7 @@ def bench(models: Sequence[Source | str], *, baseline: Sequence[Source | str] = 
         from gaborprune.data import DataSpec, load_data
 
         spec = DataSpec.parse(data)
-    check_outputs(options.extra_outputs, options.force)
+    check_outputs(options.extra_outputs, options.force, inputs=[f for m in [*models, *baseline] for f in Source.of(m).files()])
     with tempfile.TemporaryDirectory() as tmp:
         loaded = [_bench_model(Source.of(m), Path(tmp), batches[0], counts[0], options) for m in models]
         bases = [_bench_model(Source.of(b), Path(tmp), batches[0], counts[0], options) for b in baseline]

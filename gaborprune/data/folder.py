@@ -1,4 +1,7 @@
-"""ImageFolder trees (DIR/train/CLASS/*.jpg, DIR/val/CLASS/*.jpg or DIR/test/), read by DataLoader workers."""
+"""ImageFolder trees (DIR/train/CLASS/*.jpg, DIR/val/CLASS/*.jpg or DIR/test/), read by DataLoader workers.
+
+Only `load_data` imports this module, for imagefolder:DIR specs, so torchvision loads here at the top.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,91 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.datasets import ImageFolder
 
 from gaborprune.data.tensor import shard_order
+from gaborprune.data.tree import not_regular, open_regular
 from gaborprune.errors import DataError
 
 #: ImageNet's channel statistics: what ImageFolder trees (and torchvision's pretrained weights) are normalised by.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def listed(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names quoted, then how many more: a list that fits on one line whatever its length."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
+
+def _seen_above(folder: str) -> set[tuple[int, int]]:
+    """(device, inode) of every folder above `folder`, along its path as given and its real path: a
+    symlink to one of them leads back into the tree (a loop, or a walk of the whole disk from '/')."""
+    seen = set()
+    for path in (os.path.abspath(folder), os.path.realpath(folder)):
+        while (parent := os.path.dirname(path)) != path:
+            path = parent
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+    return seen
+
+
+def _class_images(folder: str, label: int, extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The images under one class folder, in torchvision's order (folders by path, then file names).
+
+    Symlinked folders are followed, as torchvision follows them (ImageNet class folders are often
+    links), but each real folder is walked once and no link back to a folder above is: a symlink
+    loop counted every image 41 times, and links that fan out could name 2**N paths. A FIFO, socket
+    or device named like an image is refused here, before anything opens it.
+    """
+    seen, found, stack = _seen_above(folder), {}, [folder]
+    while stack:
+        path = stack.pop()
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            names = []
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():  # follows a link (a stat for links only; plain entries use the folder's listing)
+                        stack.append(entry.path)
+                    elif entry.name.lower().endswith(extensions):
+                        if not entry.is_file():
+                            raise not_regular(entry.path)
+                        names.append(entry.name)
+        except OSError as e:
+            raise DataError(f"cannot list '{path}': {e.strerror}") from None
+        found[path] = sorted(names)
+    return [(os.path.join(path, name), label) for path in sorted(found) for name in found[path]]
+
+
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder, listed by `_class_images` and read through `open_regular`."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list[tuple[str, int]]:
+        samples, empty = [], []
+        for name in sorted(class_to_idx):
+            images = _class_images(os.path.join(directory, name), class_to_idx[name], tuple(extensions))
+            samples += images
+            if not images:
+                empty.append(name)
+        if empty:
+            raise DataError(f"image folder '{directory}' has no images in {len(empty)} of its {len(class_to_idx)} class folders: "
+                            f"{listed(empty)}; add images ({', '.join(extensions)}) or remove the folders")
+        return samples
+
+
+def _load_rgb(path: str):
+    """The image at `path` as an RGB PIL image, read only if it is (still) a regular file."""
+    from PIL import Image
+
+    with open_regular(path) as f:
+        return Image.open(f).convert("RGB")
 
 
 class _Unreadable:
@@ -54,10 +136,8 @@ class FolderData:
     """One split of an ImageFolder tree, with the `TensorData.batches` interface (CPU pinned batches)."""
 
     def __init__(self, root: Path, transform, num_workers: int, eval_transform=None) -> None:
-        from torchvision.datasets import ImageFolder
-
         try:
-            self.dataset = ImageFolder(str(root), transform=transform)
+            self.dataset = _ImageFolder(str(root), transform=transform, loader=_load_rgb)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"image folder '{root}' has no images: {e}") from None
         self.num_classes = len(self.dataset.classes)

@@ -37,16 +37,49 @@ def is_tree(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "test").is_dir()
 
 
-def _listing(split: Path) -> tuple[list[str], list[tuple[str, int]], list[os.stat_result]]:
+def not_regular(path: str) -> DataError:
+    """The error for a FIFO, socket, device or folder named like an image (opening a FIFO would wait forever for a writer)."""
+    return DataError(f"'{path}' is not a regular file; remove it from the image tree")
+
+
+def open_regular(path: str):
+    """`path` opened for binary reading, refused unless it is a regular file.
+
+    The listing already refused special files; this closes the gap between listing and reading
+    (a file replaced by a FIFO meanwhile): O_NONBLOCK makes opening a FIFO return at once instead
+    of waiting for a writer, and the check is on the opened file itself.
+
+    Raises:
+        DataError: not a regular file.
+        OSError: cannot be opened.
+    """
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX; elsewhere there are no FIFOs to open
+    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular(path)
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _listing(split: Path, num_classes: int) -> tuple[list[str], list[tuple[str, int]], list[os.stat_result]]:
     """The class names (sorted) and the image files (paths as text) with their class index, in a fixed order.
 
     Only regular files count (a FIFO named like an image would block the decoder forever);
-    symlinks to regular files are read, symlinked class folders are not followed. Paths stay
-    plain strings: pathlib costs seconds over 60,000 files, more than reading the cache.
+    symlinks to regular files are read, symlinked class folders and folders inside class folders
+    are not followed (so no symlink loop is either). The class count is checked before any class
+    folder is read. Paths stay plain strings: pathlib costs seconds over 60,000 files, more than
+    reading the cache.
     """
     classes = sorted(e.name for e in os.scandir(split) if e.is_dir(follow_symlinks=False))
     if not classes:
         raise DataError(f"'{split}' has no class folders; expected {split}/CLASS/*.png or *.jpg")
+    if len(classes) != num_classes:
+        raise DataError(f"'{split}' has {len(classes)} class folders; this set has {num_classes}")
     files, stats = [], []
     for label, name in enumerate(classes):
         for entry in sorted(os.scandir(os.path.join(split, name)), key=lambda e: e.name):
@@ -57,7 +90,7 @@ def _listing(split: Path) -> tuple[list[str], list[tuple[str, int]], list[os.sta
             except OSError as e:
                 raise DataError(f"cannot read image '{entry.path}': {e.strerror}; remove or replace it") from None
             if not stat.S_ISREG(st.st_mode):
-                raise DataError(f"'{entry.path}' is not a regular file; remove it from the image tree")
+                raise not_regular(entry.path)
             files.append((entry.path, label))
             stats.append(st)
     if not files:
@@ -70,7 +103,11 @@ def _decode(path: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        f = open_regular(path)
+    except OSError as e:
+        raise DataError(f"cannot read image '{path}': {e.strerror}; remove or replace it") from None
+    try:
+        with f, Image.open(f) as image:
             array = np.asarray(image.convert("RGB"))
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         lines = str(e).strip().splitlines()
@@ -120,10 +157,7 @@ def load_tree(root: Path, num_classes: int) -> tuple[dict[str, tuple[np.ndarray,
     Returns:
         ({"train": (images, labels), "test": (images, labels)}, whether the cache answered).
     """
-    listings = {split: _listing(root / split) for split in ("train", "test")}
-    for split, (classes, _, _) in listings.items():
-        if len(classes) != num_classes:
-            raise DataError(f"'{root / split}' has {len(classes)} class folders; this set has {num_classes}")
+    listings = {split: _listing(root / split, num_classes) for split in ("train", "test")}
     if listings["train"][0] != listings["test"][0]:
         raise DataError(f"'{root}': train/ and test/ have different class folders")
     counts = {split: len(files) for split, (_, files, _) in listings.items()}

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gaborprune.errors import OnnxFileError
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError
+from gaborprune.export.onnx_file import metadata_of, read_onnx
 
 INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "ConvInteger",
                       "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul"})
@@ -52,6 +53,19 @@ def _counts(proto):
     return onnx_counts(_float_view(proto) if precision_of(proto) == "int8" else proto)
 
 
+def counts_of(proto, path: str | os.PathLike):
+    """`onnx_counts` of a model read from `path` (an int8 one on its float view).
+
+    Raises:
+        OnnxFileError: ONNX cannot follow the graph's shapes or read its weights (one line).
+    """
+    try:
+        return _counts(proto)
+    except Exception as e:  # a graph ONNX shape inference cannot follow
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise OnnxFileError(f"cannot count the arithmetic of '{path}': ONNX shape inference fails ({detail})") from None
+
+
 @dataclass
 class BenchModel:
     """One model under test: its ONNX bytes and what is known about it."""
@@ -76,11 +90,8 @@ class BenchModel:
     @property
     def converted(self) -> list[str]:
         """The Gabor banks the exporter recorded (`gaborprune.kernels_kept`): the converted layers."""
-        stored = {e.key: e.value for e in self.proto.metadata_props}
-        try:
-            return sorted(json.loads(stored.get("gaborprune.kernels_kept", "{}")))
-        except (ValueError, TypeError):
-            return []
+        kept = metadata_of(self.proto).get("gaborprune.kernels_kept", {})
+        return sorted(kept) if isinstance(kept, dict) else []  # another shape is ignored (`metadata_of`)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -123,22 +134,24 @@ class BenchModel:
 
 
 def load_onnx(path: str | os.PathLike, name: str | None = None) -> BenchModel:
-    import onnx
+    """An ONNX file to bench, read through the one checked loader (`gaborprune.export.onnx_file.read_onnx`:
+    sizes checked before anything is allocated, external data only from inside the model's folder,
+    inlined), with its MAC counts.
 
+    Raises:
+        OnnxFileError: every way the file can be unusable (one line): missing, corrupt, a size it does
+            not hold, external data outside its folder, metadata `gaborprune.macs` that is not a count,
+            a graph ONNX cannot count.
+    """
     p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"model file '{p}' not found")
-    try:
-        data = p.read_bytes()
-        proto = onnx.load_from_string(data)
-    except Exception:
-        raise ExportError(f"'{p}' is not an ONNX model (give .onnx files, or recipes to export on the fly)") from None
-    if not proto.graph.input:
-        raise ExportError(f"'{p}' has no inputs")
+    proto = read_onnx(p)
     stored = {e.key: e.value for e in proto.metadata_props}
-    counts = _counts(proto)
+    if "gaborprune.macs" in stored and not isinstance(metadata_of(proto)["gaborprune.macs"], int):
+        raise OnnxFileError(f"'{p}' records metadata gaborprune.macs {stored['gaborprune.macs'][:40]!r}, not a count of MACs; "
+                            "export the model again, or remove that key")
+    counts = counts_of(proto, p)
     macs = int(stored["gaborprune.macs"]) if "gaborprune.macs" in stored else counts.macs
-    return BenchModel(name or str(p), data, proto, macs, macs_executed=counts.macs_executed)
+    return BenchModel(name or str(p), proto.SerializeToString(), proto, macs, macs_executed=counts.macs_executed)
 
 
 def quantized(model: BenchModel, calibration: list[np.ndarray] | None = None) -> tuple[BenchModel, str]:

@@ -7,7 +7,6 @@ An exported file is judged on its own: its graph, its declared input and output,
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 
 from gaborprune._validate import check_batch_memory, check_int, check_threads
 from gaborprune.errors import OnnxFileError
+from gaborprune.export.onnx_file import metadata_of, read_onnx
 
 #: `evaluate_onnx`'s `provider`: ONNX Runtime's execution providers by the names `--device` takes.
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -64,35 +64,6 @@ class OnnxSummary:
         return d
 
 
-def read_onnx(path: str | os.PathLike):
-    """The parsed, checked model in `path` (onnx.ModelProto).
-
-    Raises:
-        OnnxFileError: the file is missing, unreadable, corrupt or fails the ONNX checker (one line).
-    """
-    import onnx
-
-    p = Path(path)
-    if p.is_dir():
-        raise OnnxFileError(f"'{p}' is a directory, not an ONNX file")
-    if not p.is_file():
-        raise OnnxFileError(f"ONNX file '{p}' not found")
-    try:
-        proto = onnx.load_from_string(p.read_bytes())
-    except OSError as e:
-        raise OnnxFileError(f"cannot read '{p}': {e.strerror or e}") from None
-    except Exception:  # protobuf's DecodeError, whatever the damage
-        raise OnnxFileError(f"'{p}' is not a readable ONNX model (corrupt, truncated or not an ONNX file); export it again") from None
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        lines = str(e).strip().splitlines()
-        raise OnnxFileError(f"'{p}' is not a valid ONNX model (the ONNX checker: {lines[0][:160] if lines else type(e).__name__}); export it again") from None
-    if not proto.graph.input or not proto.graph.output:
-        raise OnnxFileError(f"'{p}' has no graph {'inputs' if not proto.graph.input else 'outputs'}; it cannot be run")
-    return proto
-
-
 def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
     """Summarise an ONNX file: operators, parameters, MACs per image, input and output, opset and
     the metadata gaborprune (or anyone) wrote into it.
@@ -100,16 +71,12 @@ def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
     Raises:
         OnnxFileError: see `read_onnx`.
     """
-    from gaborprune.export.bench_models import _counts, precision_of
+    from gaborprune.export.bench_models import counts_of, precision_of
     from gaborprune.export.onnx import opset_of
 
     proto = read_onnx(path)
     p = Path(path)
-    try:
-        counts = _counts(proto)
-    except Exception as e:  # a graph ONNX shape inference cannot follow
-        raise OnnxFileError(f"cannot count the arithmetic of '{p}': "
-                            f"ONNX shape inference fails ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+    counts = counts_of(proto, p)
     try:
         opset = opset_of(proto)
     except StopIteration:
@@ -118,7 +85,7 @@ def describe_onnx(path: str | os.PathLike) -> OnnxSummary:
     producer = " ".join(v for v in (proto.producer_name, proto.producer_version) if v)
     return OnnxSummary(str(p), p.stat().st_size, opset, proto.ir_version, producer, precision_of(proto), _values(proto.graph.input),
                        _values(proto.graph.output), ops, counts.params, counts.macs, counts.macs_executed,
-                       {e.key: _decoded(e.value) for e in proto.metadata_props})
+                       metadata_of(proto))
 
 
 def _values(infos) -> list[dict]:
@@ -134,15 +101,6 @@ def _values(infos) -> list[dict]:
         shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
         out.append({"name": v.name, "shape": shape, "dtype": dtype})
     return out
-
-
-def _decoded(value: str) -> object:
-    """export_model stores non-strings as JSON (`to_onnx`); plain strings (a version, a path) stay strings."""
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        return value
-    return value if isinstance(decoded, str) else decoded
 
 
 def input_chw(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -244,7 +202,7 @@ def evaluate_onnx(path: str | os.PathLike, dataset, *, batch_size: int | None = 
         raise OnnxFileError(f"ONNX Runtime has no CUDA provider here (available: {', '.join(ort.get_available_providers())}); "
                             "install onnxruntime-gpu, or give `provider` cpu")
     provider = provider if provider != "auto" else "cuda" if cuda else "cpu"
-    sess = session(str(path), threads, provider)
+    sess = session(proto.SerializeToString(), threads, provider)  # the checked model, its external data inlined: never the path
     k = min(5, dataset.num_classes)
     correct1 = correct5 = count = 0
     loss_sum = 0.0

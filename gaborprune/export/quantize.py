@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gaborprune.export.onnx import ExportError
-from gaborprune.export.runtime import input_spec, run
+from gaborprune.export.runtime import input_spec, quiet_ort, run
 
 
 def quantize_int8(model: bytes, calibration: list[np.ndarray] | None = None) -> tuple[bytes, str]:
@@ -38,6 +38,7 @@ def quantize_int8(model: bytes, calibration: list[np.ndarray] | None = None) -> 
             x = next(self.batches, None)
             return None if x is None else {"input": x}
 
+    quiet_ort()
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(model)

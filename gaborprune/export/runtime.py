@@ -32,10 +32,29 @@ def providers(name: str = "cpu") -> list[str]:
     return wanted[name]
 
 
-def session(model: bytes | str | os.PathLike, threads: int | None = None, provider: str = "cpu", profile_dir: str | None = None):
-    """An InferenceSession with intra-op threads fixed (inter-op 1, sequential execution)."""
+def quiet_ort() -> None:
+    """ONNX Runtime's default logger to errors only: sessions made without options (the quantiser's)
+    log warnings through it ("Removing initializer ...") straight to the terminal."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
+
+
+def session(model: bytes | str | os.PathLike, threads: int | None = None, provider: str = "cpu", profile_dir: str | None = None):
+    """An InferenceSession with intra-op threads fixed (inter-op 1, sequential execution), logging
+    errors only. A path is read through the checked loader (`gaborprune.export.onnx_file.read_onnx`)
+    and handed over as bytes: ONNX Runtime given a path would follow links to external data.
+
+    Raises:
+        OnnxFileError: the file at a path `model` is unusable; SessionError: ONNX Runtime refuses the model.
+    """
+    import onnxruntime as ort
+
+    if not isinstance(model, bytes):
+        from gaborprune.export.onnx_file import read_onnx
+
+        model = read_onnx(model).SerializeToString()
+    quiet_ort()
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -45,9 +64,8 @@ def session(model: bytes | str | os.PathLike, threads: int | None = None, provid
     if profile_dir is not None:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile_dir, "ort")
-    source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=providers(provider))
+        return ort.InferenceSession(model, options, providers=providers(provider))
     except GaborPruneError:
         raise
     except Exception as e:

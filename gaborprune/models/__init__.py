@@ -154,6 +154,9 @@ def _factory(spec: str):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelSourceError(f"model spec '{spec}' is not package.module:factory")
+    if not all(part.isidentifier() for part in module_name.split(".")):  # '.x' would be a relative import
+        raise ModelSourceError(f"model spec '{spec}': '{module_name}' is not a module name (package.module, no leading dot); "
+                               "give package.module:factory")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -211,20 +214,40 @@ def load_state_dict_file(model: nn.Module, path: str, source: ModelSource) -> No
     fit_state_dict(model, obj, f"weights file '{path}'", f"model '{source.spec}'")
 
 
-def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, target: str) -> None:
-    """`model.load_state_dict(state)` with a one-line error naming the first mismatches."""
-    own = model.state_dict()
+def _kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating"
+    return "bool" if t.dtype == torch.bool else "integer"
+
+
+def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """How `state` fails to fit a model whose own state_dict is `own` (which may be on the meta
+    device): missing and unexpected names, other shapes, and another kind of number (a complex or
+    integer tensor where the model holds floats: copying would drop its imaginary part or mean
+    nothing). Half and double weights fit float ones. Empty when it fits."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:2])})")
+    kinds = [f"{k} {state[k].dtype} vs {v.dtype}".replace("torch.", "") for k, v in own.items()
+             if k in state and state[k].shape == v.shape and _kind(state[k]) != _kind(v)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:2])})")
+    if kinds:
+        parts.append(f"{len(kinds)} of another kind of number (e.g. {', '.join(kinds[:2])})")
+    return parts
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, target: str) -> None:
+    """`model.load_state_dict(state)` with a one-line error naming the first mismatches (`state_dict_problems`)."""
+    parts = state_dict_problems(model.state_dict(), state)
+    if parts:
         raise ModelSourceError(f"{what} does not fit {target}: {'; '.join(parts)}; check the model name and `num_classes`")
     try:
         model.load_state_dict(state)
