@@ -74,13 +74,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-unpruned", action="store_true", help="with --no-bench: leave out the unpruned row (another run has it)")
     parser.add_argument("--rows", default=None, help="comma-separated --json files of --no-bench runs: bench their exports together")
     parser.add_argument("--png", default=None, help="Pareto figure, one panel per batch size")
+    parser.add_argument("--replot", default=None, metavar="JSON", help="redraw --png from a finished run's --json (no timing)")
     args = parser.parse_args()
     args.macs = [float(m) for m in args.macs.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",")]
     args.round_to = [None if r.strip() == "none" else int(r) for r in args.round_to.split(",")]
     args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     unknown = sorted(set(args.methods) - set(METHODS))
-    if args.rows is None and args.data is None:
+    if args.rows is None and args.data is None and args.replot is None:
         parser.error("give --data (or --rows to bench earlier runs)")
     if unknown:
         parser.error(f"unknown method '{unknown[0]}'; known: {', '.join(METHODS)}")
@@ -113,6 +114,8 @@ def main() -> None:
     gp.set_threads(1)
     print(machine_note(), flush=True)
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
+    if args.replot:
+        return plot(json.loads(Path(args.replot).read_text())["rows"], args.batch_sizes, args.png)
     if args.rows:  # a name, or a series' MAC ratio, seen in an earlier file is left out (a rerun goes first)
         rows, seen = [], set()
         for f in args.rows.split(","):
@@ -258,7 +261,8 @@ def plot(rows: list[dict], batch_sizes, png: str) -> None:
             ax.errorbar(xs, ys, xerr=err, marker="o" if name.startswith("gaborprune") else "s", capsize=2,
                         linestyle="-" if name.startswith("gaborprune") else "--", label=name)
         ax.scatter([1.0], [base["files"]["float"]["top1"]], marker="*", s=120, color="black", label="unpruned", zorder=5)
-        ax.set_xlabel(f"speedup over unpruned, ONNX Runtime float, batch {b}, 1 thread (95% interval)")
+        ax.set_title(f"ONNX Runtime float, batch {b}, 1 thread", fontsize=10)
+        ax.set_xlabel("speedup over the unpruned export (95% interval)")
         ax.set_ylabel("top-1 on the test split (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
