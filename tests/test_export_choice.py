@@ -281,3 +281,18 @@ def test_the_block_can_be_set_for_another_cpu(monkeypatch):
     monkeypatch.setenv("GABORPRUNE_CPU_BLOCK", "avx512")
     with pytest.raises(gp.GaborPruneError, match="GABORPRUNE_CPU_BLOCK='avx512' is not a channel count"):
         cpu_block()
+
+
+@pytest.mark.parametrize("block", [0, 8, 16])
+def test_every_default_that_reads_the_block_follows_it(monkeypatch, chain, block):
+    """No block, AVX2, AVX-512: pruning rounds to the block and export tries padding to it; with no
+    block, neither rounds nor pads."""
+    from gaborprune.prune import PruneSpec
+    from gaborprune.workflows import _prune_spec
+
+    monkeypatch.setenv("GABORPRUNE_CPU_BLOCK", str(block))
+    assert _prune_spec(PruneSpec(scope="all"), None).round_to == (block or None)
+    monkeypatch.setattr(search_module, "profile", lambda blob, proto, x, layers, threads: dict.fromkeys(layers, 1.0))
+    monkeypatch.setattr(search_module, "time_interleaved", fake_times(lambda k, s: 1.0))
+    found = search_module.search(chain, threads=1)
+    assert found.block == block and {c.form.pad for c in found.candidates} == ({0, block} if block > 1 else {0})

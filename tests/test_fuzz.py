@@ -153,3 +153,89 @@ def test_no_command_crashes_or_leaves_partial_files(files, tmp_path_factory, inv
         assert left == {Path("existing.pt")}, (args, left, result.output[-1000:])
         assert _digest(out) == outputs_before, args
         assert "error" in result.output.lower() or "usage" in result.output.lower(), (args, result.output[-1000:])
+
+
+# -- the files themselves: mutated recipes, recipe metadata, ONNX files and CIFAR batches -----------
+FILE_EXAMPLES = max(1, EXAMPLES // 10)  # each file fuzz runs commands end to end: a tenth of the option fuzz
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8)),
+                       lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                       max_leaves=12)
+
+
+def _clean(result, args) -> None:
+    """The command ended as a command should: done, or refused in one line; never a traceback."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), (args, repr(result.exception))
+    assert "Traceback" not in result.output, (args, result.output[-2000:])
+    assert result.exit_code in (0, 1), (args, result.exit_code, result.output[-1000:])
+    if result.exit_code == 1:
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr[-2000:])
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(["good.pt", "good.onnx"]), edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.floats(0, 1)), command=st.sampled_from(["inspect", "eval"]))
+def test_corrupted_bytes_of_a_recipe_or_onnx_file_end_in_one_line(files, tmp_path_factory, kind, edits, cut, command):
+    """Bytes of a good file overwritten at random places, and maybe cut short."""
+    data = bytearray((files / kind).read_bytes())
+    for where, value in edits:
+        data[min(int(where * len(data)), len(data) - 1)] = value
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = tmp_path_factory.mktemp("fuzz-bytes") / kind
+    path.write_bytes(bytes(data))
+    args = [command, str(path)] + (["--data", "fake:16:4"] if command == "eval" else [])
+    _clean(runner.invoke(app, args), args)
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=st.sampled_from(["metadata", "source", "input_shape", "steps", "format", "version"]), value=JSONISH,
+       command=st.sampled_from(["inspect", "prune", "export"]))
+def test_a_recipe_with_any_value_in_a_field_ends_in_one_line(files, tmp_path_factory, key, value, command):
+    """A good recipe with one of its fields replaced by arbitrary plain data (what a hand-edited or
+    crafted file holds)."""
+    payload = torch.load(files / "good.pt", weights_only=True)
+    payload[key] = value
+    d = tmp_path_factory.mktemp("fuzz-fields")
+    torch.save(payload, d / "r.pt")
+    args = [command, str(d / "r.pt")] + {"inspect": [], "prune": ["--dry-run"], "export": ["-o", str(d / "r.onnx")]}[command]
+    _clean(runner.invoke(app, args), args)
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(props=st.dictionaries(st.sampled_from(["gaborprune.macs", "gaborprune.kernels_kept", "gaborprune.lowering", "gaborprune.input_shape",
+                                               "gaborprune.source", "x\x1b[2J"]), st.one_of(st.text(max_size=12), JSONISH.map(str)), max_size=4),
+       command=st.sampled_from(["inspect", "bench"]))
+def test_onnx_metadata_of_any_value_ends_in_one_line(files, tmp_path_factory, props, command):
+    import onnx
+
+    model = onnx.load(files / "good.onnx")
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    d = tmp_path_factory.mktemp("fuzz-onnx")
+    onnx.save(model, d / "m.onnx")
+    args = [command, str(d / "m.onnx")] + (["--runs", "1", "--warmup", "0", "--max-seconds", "1"] if command == "bench" else [])
+    result = runner.invoke(app, args)
+    _clean(result, args)
+    assert "\x1b" not in result.output, args  # a control character in a key is printed escaped
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(images=st.integers(0, 12), labels=st.lists(st.integers(-3, 300), max_size=14), shape=st.sampled_from([(3072,), (3, 32, 32), (10,), ()]),
+       dtype=st.sampled_from(["uint8", "float32", "int64"]), label_key=st.sampled_from([b"labels", "labels", b"fine_labels"]))
+def test_a_cifar_batch_of_any_contents_ends_in_one_line(tmp_path_factory, images, labels, shape, dtype, label_key):
+    import pickle
+
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("fuzz-cifar") / "cifar-10-batches-py"
+    d.mkdir()
+    batch = {b"data": np.zeros((images, *shape), dtype=dtype), label_key: labels}
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    args = ["eval", "resnet20", "--data", f"cifar10:{d}"]
+    _clean(runner.invoke(app, args), args)
