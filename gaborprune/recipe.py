@@ -185,10 +185,7 @@ class Recipe:
         if self.source.kind == "factory":
             return
         where = f"recipe '{self.origin}'" if self.origin else "the recipe"
-        try:
-            source = meta_build(self.source.build)
-        except GaborPruneError as e:
-            raise type(e)(f"{where}, its model source: {e}") from None
+        source = meta_build(self.source.build)
         if source is None:
             return
         args = f" with {self.source.kwargs}" if self.source.kwargs else ""
@@ -196,13 +193,9 @@ class Recipe:
         stored = sum(t.numel() * t.element_size() for t in state.values())
         if weight_bytes(source) <= 4 * stored + _SMALL_MODEL:  # proportionate to the file: the real build tells
             return
-        try:
-            # replaying on meta loads torch's Python decompositions (a second): only for a model out of proportion
-            model = meta_build(lambda: self._replay(where))
-        except RecipeError as e:
-            if "does not replay" in str(e):  # a step that reads values meta tensors lack: the real build will tell
-                return
-            raise
+        # replaying on meta loads torch's Python decompositions (a second): only for a model out of proportion;
+        # a step that reads values meta tensors lack returns None, and the real build tells
+        model = meta_build(lambda: self._replay(where))
         problems = state_dict_problems(model.state_dict(), state) if model is not None else []
         if problems:
             raise ModelSourceError(f"the state_dict in '{self.origin}' does not fit its own architecture (corrupt recipe?): {'; '.join(problems)}; "

@@ -218,3 +218,5 @@ def test_every_figure_is_linked_and_produced_by_a_capture():
     produced = {ROOT / "docs" / "figures" / name for c in capture.CAPTURES for name in c.figures.values()}
     assert figures == produced, "docs/figures/ should hold exactly what docs/capture.py writes there"
     assert figures <= {image for _, image in linked_images()}, "a figure no doc links"
+    benchmark_figures = set((ROOT / "docs" / "figures" / "benchmarks").glob("*.png"))  # written by benchmarks/ scripts, with their commands
+    assert benchmark_figures <= {image for _, image in linked_images()}, "a benchmark figure no doc links"

@@ -41,17 +41,13 @@ def meta_build(build: Callable[[], nn.Module]) -> nn.Module | None:
 
     Returns:
         The meta model, or None when the architecture cannot be built there (a builder that reads
-        values, such as torchvision's RegNet): then only the real build can tell.
-
-    Raises:
-        GaborPruneError: what `build` raises (a bad argument fails the same way on any device).
+        values, such as torchvision's RegNet, which a model source reports as a `GaborPruneError`
+        naming the meta tensor; or a bad argument): then the real build tells, with its own error.
     """
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"), _NoRandomInit():
             model = build()
-    except GaborPruneError:
-        raise
-    except Exception:  # an operation meta tensors do not support
+    except Exception:  # an operation meta tensors do not support, or what the real build will raise too
         return None
     return model if isinstance(model, nn.Module) else None
 
