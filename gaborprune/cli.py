@@ -641,8 +641,8 @@ def prune(
                                                       show_default=False)] = None,
     scope: Annotated[Optional[str], typer.Option("--scope", metavar="banks|all",
                                                  help="banks (default): kernels of the Gabor banks; all: also whole channels of every convolution whose "
-                                                      "channel group is below --threshold, or the weakest --ratio of them (fine-tune with --scope all "
-                                                      "first).", show_default=False)] = None,
+                                                      "channel group is below --threshold (fine-tune with --scope all first), or the weakest --ratio "
+                                                      "of them or what a target needs (no pressure needed).", show_default=False)] = None,
     round_to: Annotated[Optional[int], typer.Option("--round-to", metavar="N",
                                                     help="With --scope all, keep a multiple of N channels in each layer (default: this CPU's ONNX Runtime "
                                                          "channel block, 16 with AVX-512, 8 with AVX2; 1: any count).", show_default=False)] = None,
