@@ -656,8 +656,8 @@ class SweepRun:
 def sweep(source: Source | str, thresholds: Sequence[float], spec: PruneSpec | None = None, *, accuracy: Accuracy | None = None,
           png: str | os.PathLike | None = None, options: Options = OPTIONS) -> SweepRun:
     """Prune copies of `source` at each threshold (the rest of `spec` as given: scope, rounding),
-    measure each as `accuracy` says (after its recovery epochs when given; BatchNorm recalibration
-    is not applied in a sweep) and, with `png`, plot accuracy and MACs against kernels kept. Writes
+    measure each as `accuracy` says (BatchNorm statistics re-estimated as `prune` does, and after its
+    recovery epochs when given) and, with `png`, plot accuracy and MACs against kernels kept. Writes
     no recipe."""
     from gaborprune._io import check_outputs
     from gaborprune.plot import plot_sweep
@@ -680,7 +680,7 @@ def sweep(source: Source | str, thresholds: Sequence[float], spec: PruneSpec | N
         unpruned = measures.accuracy(model)
         options.stage(f"pruning at {len(thresholds)} thresholds...")
         measure = ((lambda m, report: measures.recover(m, recipe.with_step(report.step))[0]) if accuracy.recovery_epochs
-                   else (lambda m, report: measures.accuracy(m)))
+                   else (lambda m, report: measures.recalibrate(m)) if accuracy.recalibrate else (lambda m, report: measures.accuracy(m)))
         points = prune_sweep(model, recipe.input_shape, thresholds, measure, spec)
         run = SweepRun(str(source), points, unpruned, summarize(model.cpu(), recipe.input_shape).macs, None if png is None else Path(png))
         if png is not None:

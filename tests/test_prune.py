@@ -294,6 +294,33 @@ def test_cli_sweep_prints_a_table_and_plots(chain_recipe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.png"]
 
 
+def test_a_sweep_point_scores_what_the_prune_at_its_threshold_scores(chain_recipe, tmp_path, monkeypatch):
+    """The sweep recalibrates BatchNorm as prune does, once per point: its accuracy at a threshold is
+    prune's recalibrated accuracy there (same data, same calibration images); without recalibration,
+    prune's accuracy right after pruning."""
+    import json
+
+    from gaborprune import workflows
+
+    calls = []
+    real = workflows._Measures.recalibrate_
+    monkeypatch.setattr(workflows._Measures, "recalibrate_", lambda self, m: calls.append(1) or real(self, m))
+    source = workflows.Source(str(chain_recipe), trust_factory=True)
+    workflows.sweep(source, [0.01, 0.9], accuracy=workflows.Accuracy("fake:64:4"), options=workflows.Options(device="cpu"))
+    assert len(calls) == 2
+    workflows.sweep(source, [0.01, 0.9], accuracy=workflows.Accuracy("fake:64:4", recalibrate=False), options=workflows.Options(device="cpu"))
+    assert len(calls) == 2
+
+    for flag, key in (("--recalibrate", "accuracy_recalibrated"), ("--no-recalibrate", "accuracy_pruned")):
+        swept = run("prune", chain_recipe, "--trust-factory", "--sweep", "0.9", "--data", "fake:64:4", flag, "--png", tmp_path / f"s{flag}.png",
+                    "--json", tmp_path / f"s{flag}.json")
+        pruned = run("prune", chain_recipe, "--trust-factory", "--threshold", "0.9", "--data", "fake:64:4", flag, "--dry-run",
+                     "--json", tmp_path / f"p{flag}.json")
+        assert swept.exit_code == 0 and pruned.exit_code == 0, swept.output + pruned.output
+        [point] = json.loads((tmp_path / f"s{flag}.json").read_text())["points"]
+        assert point["accuracy"] == json.loads((tmp_path / f"p{flag}.json").read_text())[key]
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["--threshold", "1.5"], ["--threshold must be in [0, 1)"]),
     (["--ratio", "1.2"], ["--ratio 1.2 is out of range"]),
