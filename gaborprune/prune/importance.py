@@ -37,7 +37,7 @@ def _channels(g) -> dict[str, list[int]]:
     return {layer: sorted({k[index] for k in kernels}) for layer, kernels in g.members}
 
 
-def _removed_value(m: nn.Module) -> Tensor | None:
+def _removed_value(m: nn.Module) -> Tensor:
     """Per channel, what a BatchNorm outputs once its channel's convolution rows and gain are zeroed
     (`zero_units_`): beta with an affine BatchNorm, -mean / std without."""
     if m.affine:
