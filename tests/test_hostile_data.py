@@ -368,3 +368,13 @@ def test_a_huge_spec_is_shown_cut_short():
     with pytest.raises(DataError) as info:
         DataSpec.parse("fake:" + "9" * 5000)
     assert len(str(info.value)) < 300
+
+
+def test_digits_at_a_huge_input_shape_is_refused_before_the_resize(monkeypatch):
+    """Resizing digits' 1,797 images to 3x2048x2048 would ask for about 90 GB in float: refused from
+    the estimate against the memory budget (set here, so the host's memory does not matter)."""
+    monkeypatch.setenv("GABORPRUNE_MEMORY_LIMIT", str(16 * 2**30))
+    with pytest.raises(DataError, match=r"1797 images resized to 3x2048x2048 need about 9\d\.\d GB .* give a smaller `input_shape`"):
+        load_data("digits", (3, 2048, 2048))
+    train, test = load_data("digits", (3, 64, 64))  # a modest size still loads under the same budget
+    assert train.images.shape[1:] == (3, 64, 64)

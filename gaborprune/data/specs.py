@@ -117,10 +117,15 @@ def load_data(spec: DataSpec | str, input_shape: tuple[int, int, int], *, resize
 
 
 def _fit_images(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 Tensor[N, c, h, w] -> uint8 Tensor[N, C, H, W]: bilinear resize, grey replicated to C."""
+    """uint8 Tensor[N, c, h, w] -> uint8 Tensor[N, C, H, W]: bilinear resize, grey replicated to C.
+    The resize's float copies are checked against the memory available first (`memory_budget`)."""
     c, h, w = input_shape
     if images.shape[1] not in (1, c):
         raise DataError(f"images have {images.shape[1]} channels but the model takes {c}; pass `input_shape`")
+    need, limit = (9 * images.shape[1] + c) * h * w * len(images), _validate.memory_budget()  # two float copies and the uint8 results
+    if images.shape[-2:] != (h, w) and limit is not None and need > limit:
+        raise DataError(f"the dataset's {len(images)} images resized to {c}x{h}x{w} need about {_validate._gb(need)} of memory (estimated), "
+                        f"more than the {_validate._gb(limit)} available; give a smaller `input_shape`")
     if images.shape[-2:] != (h, w):
         images = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         images = images.round().clamp(0, 255).to(torch.uint8)
