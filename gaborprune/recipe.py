@@ -287,32 +287,24 @@ def _ints(value: Any) -> bool:
     return isinstance(value, list) and all(map(is_int, value))
 
 
-def _json_like(value: Any, depth: int = 0) -> bool:
+def _json_like(value: Any, depth: int = 0, keys: tuple[type, ...] = (str,)) -> bool:
+    """Plain data (None, numbers, strings, lists, dicts with keys of `keys`), containers nested at most
+    `_METADATA_DEPTH` levels below `depth`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
-    if depth > 16:
+    if depth > _METADATA_DEPTH:
         return False
     if isinstance(value, (list, tuple)):
-        return all(_json_like(v, depth + 1) for v in value)
-    return isinstance(value, dict) and all(isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items())
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """JSON-like data, as `json.dumps` writes it: dict keys may be numbers, booleans or None too."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if depth >= _METADATA_DEPTH:
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v, depth + 1) for v in value)
-    return isinstance(value, dict) and all((k is None or isinstance(k, (str, int, float, bool))) and _plain(v, depth + 1) for k, v in value.items())
+        return all(_json_like(v, depth + 1, keys) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, keys) and _json_like(v, depth + 1, keys) for k, v in value.items())
 
 
 def metadata_problem(metadata: dict[str, Any]) -> str | None:
     """Why `metadata` cannot be a recipe's (words that follow "'metadata'"), or None: it must be plain
     data (JSON-like) at most `_METADATA_DEPTH` levels deep, which reports, JSON files and torch.save
     all handle, and its `prunes` (the prune records that `prune` appends to) a list of dicts."""
-    bad = next((k for k, v in metadata.items() if not (isinstance(k, str) and _plain(v, 1))), None)
+    # dict keys as json.dumps writes them: numbers, booleans and None too
+    bad = next((k for k, v in metadata.items() if not (isinstance(k, str) and _json_like(v, 2, (str, int, float, type(None))))), None)
     if bad is not None:
         return (f"must be plain data (dicts, lists, strings, numbers) under string keys, nested at most {_METADATA_DEPTH} levels deep; "
                 f"the entry {_show(bad)} is not")

@@ -506,6 +506,7 @@ class _Measures:
             self.val = self.val.to(device)
         self.recipe, self.recalibrates, self.recovers = recipe, accuracy.recalibrate, accuracy.recovery_epochs is not None
         self.config, self.device, self.dist, self.on_step, self.on_epoch = accuracy.recovery(), device, dist, options.on_step, options.on_epoch
+        self._calibration: list | None = None
 
     def accuracy(self, model, split=None) -> float:
         from gaborprune.train import evaluate as evaluate_model
@@ -521,23 +522,28 @@ class _Measures:
             _train(model, self.recipe, self.train, self.val, self.config, self.device, self.dist, self.name, on_step=self.on_step)
         return self.accuracy(model, self.val)
 
-    def recalibrate_(self, model) -> None:
-        """Re-estimate `model`'s BatchNorm statistics on CALIBRATION_IMAGES training images (no
-        gradient steps, nothing else changes)."""
+    def calibration(self) -> list:
+        """CALIBRATION_IMAGES augmented training images with their labels, drawn once (seeded): what
+        recalibration and the Taylor importance use."""
         from gaborprune.data import calibration_batches
+
+        if self._calibration is None:
+            self._calibration = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed, labels=True)
+        return self._calibration
+
+    def recalibrate_(self, model) -> None:
+        """Re-estimate `model`'s BatchNorm statistics on the calibration images (no gradient steps,
+        nothing else changes)."""
         from gaborprune.norms import recalibrate_norms_
 
-        batches = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed)
-        recalibrate_norms_(model.to(self.device), (x.to(self.device) for x in batches))
+        recalibrate_norms_(model.to(self.device), (x.to(self.device) for x, _ in self.calibration()))
 
     def taylor_scores(self, model, input_shape) -> dict[str, float]:
         """Each removable channel's Taylor importance (`gaborprune.prune.importance`) on the
-        CALIBRATION_IMAGES training images recalibration uses, on the CPU."""
-        from gaborprune.data import calibration_batches
+        calibration images, on the CPU."""
         from gaborprune.prune.importance import taylor_scores
 
-        batches = calibration_batches(self.train, CALIBRATION_IMAGES, self.config.batch_size, seed=self.config.seed, labels=True)
-        return taylor_scores(model.to("cpu"), input_shape, [(x.cpu(), y.cpu()) for x, y in batches])
+        return taylor_scores(model.to("cpu"), input_shape, [(x.cpu(), y.cpu()) for x, y in self.calibration()])
 
     def recalibrate(self, model) -> float:
         """`recalibrate_`, then the test accuracy."""

@@ -122,11 +122,11 @@ def _fit_images(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torc
     c, h, w = input_shape
     if images.shape[1] not in (1, c):
         raise DataError(f"images have {images.shape[1]} channels but the model takes {c}; pass `input_shape`")
-    need, limit = (9 * images.shape[1] + c) * h * w * len(images), _validate.memory_budget()  # two float copies and the uint8 results
-    if images.shape[-2:] != (h, w) and limit is not None and need > limit:
-        raise DataError(f"the dataset's {len(images)} images resized to {c}x{h}x{w} need about {_validate._gb(need)} of memory (estimated), "
-                        f"more than the {_validate._gb(limit)} available; give a smaller `input_shape`")
     if images.shape[-2:] != (h, w):
+        need, limit = (9 * images.shape[1] + c) * h * w * len(images), _validate.memory_budget()  # two float copies and the uint8 results
+        if limit is not None and need > limit:
+            raise DataError(f"the dataset's {len(images)} images resized to {c}x{h}x{w} need about {_validate._gb(need)} of memory (estimated), "
+                            f"more than the {_validate._gb(limit)} available; give a smaller `input_shape`")
         images = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         images = images.round().clamp(0, 255).to(torch.uint8)
     return images.expand(-1, c, -1, -1).contiguous() if images.shape[1] != c else images
