@@ -56,6 +56,7 @@ _EXPORTS = {
     "FinetuneStep": "gaborprune.train.config",
     "TrainConfig": "gaborprune.train.config",
     "finetune_": "gaborprune.train.loop",
+    "Pressure": "gaborprune.train.pressure",
 }
 
 __all__ = ["__version__", *_EXPORTS]

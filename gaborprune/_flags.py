@@ -30,7 +30,8 @@ FLAGS: dict[str, str] = {
     "rel_pos": "--rel-pos", "basis": "--basis", "calibration_images": "--calibration-images",
     # PruneSpec, TargetSpec, and the prune and sweep workflows
     "threshold": "--threshold", "ratio": "--ratio", "keep": "--keep", "layer_ratio": "--ratio", "layer_keep": "--keep",
-    "round_to": "--round-to", "importance": "--importance", "speedup": "--speedup", "latency_ms": "--latency-ms", "macs": "--macs", "max_drop": "--max-drop",
+    "round_to": "--round-to", "importance": "--importance", "module": "--module",
+    "speedup": "--speedup", "latency_ms": "--latency-ms", "macs": "--macs", "max_drop": "--max-drop",
     "finetune_epochs": "--finetune-epochs", "recovery_epochs": "--finetune-epochs", "dry_run": "--dry-run", "sweep": "--sweep", "thresholds": "--sweep",
     # ExportConfig
     "lowering": "--lowering", "atol": "--atol", "threads": "--threads", "pad_channels": "--pad-channels", "opset": "--opset",
@@ -65,10 +66,10 @@ COMMANDS: dict[str, dict[str, str]] = {
                        "seed", "device", "amp", "channels_last", "compile", "deterministic", "resume", "resize", "force", "threads"),
     "eval": _flags(*_SOURCE, "data", "batch_size", "device", "resize", "force", "threads", provider="--device"),
     "prune": _flags("input_shape", "trust_factory", "output", "threshold", "ratio", "keep", "layer_ratio", "layer_keep", "speedup", "latency_ms", "macs",
-                    "max_drop", "scope", "round_to", "importance", "dry_run", "data", "recalibrate", "finetune_epochs", "recovery_epochs", "lr", "batch_size",
-                    "seed", "sweep", "thresholds", "png", "device", "resize", "force", "threads", epochs="--finetune-epochs"),
+                    "max_drop", "scope", "round_to", "importance", "module", "dry_run", "data", "recalibrate", "finetune_epochs", "recovery_epochs", "lr",
+                    "batch_size", "seed", "sweep", "thresholds", "png", "device", "resize", "force", "threads", epochs="--finetune-epochs"),
     "export": _flags("input_shape", "trust_factory", "output", "dynamic_batch", "opset", "lowering", "threads", "atol", "pad_channels",
-                     "quantize", "data", "force", batch_size="N of --input-shape N,C,H,W"),
+                     "quantize", "data", "module", "force", batch_size="N of --input-shape N,C,H,W"),
     "bench": _flags("trust_factory", "baseline", "batch_size", "batch_sizes", "threads", "warmup", "runs", "precision", "max_seconds", "int8",
                     "data", "provider", "profile", "torch_eager", "markdown", "png", "force"),
     "demo": _flags("out", "device", "force", "threads"),

@@ -187,7 +187,7 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
-def _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep):
+def _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep, module=None):
     """(PruneSpec or None, TargetSpec or None) from prune's options. A spec refuses its own fields that do not combine
     (`round_to` without `scope` all, ...) and `workflows.prune` specs that do not; refused here is only what the command
     line alone sees: a kernel rule or --sweep given with a target (the library cannot tell --threshold 0.02 from its default)."""
@@ -197,15 +197,15 @@ def _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, la
     targets = [f for f, v in (("--speedup", speedup), ("--latency-ms", latency_ms), ("--macs", macs), ("--max-drop", max_drop)) if v is not None]
     if not targets:
         (global_ratio, layer_ratio), (global_keep, layer_keep) = _budgets(ratio, "--ratio", float), _budgets(keep, "--keep", int)
-        options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to, importance=importance)
+        options = given(threshold=threshold, ratio=global_ratio, keep=global_keep, scope=scope, round_to=round_to, importance=importance, module=module)
         return PruneSpec(**options, layer_ratio=layer_ratio, layer_keep=layer_keep), None
     chosen = [f for f, v in (("--threshold", threshold), ("--ratio", ratio), ("--keep", keep), ("--sweep", sweep)) if v is not None]
     floors = [t for t in targets if t != "--max-drop"]
     if chosen or len(floors) > 1:
         raise GaborPruneError(f"{targets[0]} chooses the kernels itself; drop {chosen[0] if chosen else floors[1]} "
                               "(give one of --speedup, --latency-ms, --macs, and/or --max-drop, or --threshold/--ratio/--keep)")
-    scoped = (PruneSpec(**given(scope=scope, round_to=round_to, importance=importance))
-              if scope not in (None, "banks") or round_to is not None or importance is not None else None)
+    scoped = (PruneSpec(**given(scope=scope, round_to=round_to, importance=importance, module=module))
+              if scope not in (None, "banks") or round_to is not None or importance is not None or module is not None else None)
     return scoped, TargetSpec(speedup, latency_ms, macs, max_drop)
 
 
@@ -650,6 +650,10 @@ def prune(
                                                       help="With --scope all and --ratio or a target, rank channels by their BatchNorm gain (gain) "
                                                            "or by the first-order loss change of removing each on training images (taylor, needs "
                                                            "--data). Default: taylor with --data, else gain.", show_default=False)] = None,
+    module: Annotated[Optional[str], typer.Option("--module", metavar="NAME",
+                                                  help="The part of the model whose channels --scope all removes (a module path, e.g. backbone). "
+                                                       "Default: the whole model when torch.fx traces it, else its backbone (detectors).",
+                                                  show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed; write no recipe.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Evaluate top-1 accuracy before and after on this dataset "
                                                                                "(digits, fake:N, cifar10:DIR, ...).", show_default=False)] = None,
@@ -677,7 +681,7 @@ def prune(
 ) -> None:
     """Remove the dead kernels of the Gabor banks and cut the channels they leave empty or unread out of the network."""
     _threads(threads)
-    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep)
+    spec, target = _prune_rule(threshold, ratio, keep, scope, round_to, importance, speedup, latency_ms, macs, max_drop, sweep, module)
     if finetune_epochs is not None and data is None:
         raise GaborPruneError("--finetune-epochs needs --data to measure accuracy")
     if data is None:  # nothing uses them then, but a bad value is still refused
@@ -821,6 +825,9 @@ def export(
                                                                                        "--data) or, without --data, dynamic.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Real images for the checks, int8 calibration and ONNX accuracy.",
                                                 show_default=False)] = None,
+    module: Annotated[Optional[str], typer.Option("--module", metavar="NAME", help="Export only this module (e.g. a detector's backbone), for the "
+                                                                                  "input the whole model feeds it (default: the whole model).",
+                                                  show_default=False)] = None,
     json_path: JsonOut = None,
     trust_factory: TrustFactory = False,
     force: Force = False,
@@ -834,7 +841,7 @@ def export(
                                   pad_channels=pad_channels, quantize=quantize), dynamic_batch=dynamic_batch)
     with _Feedback() as show:
         model = workflows.Source(source, input_shape=shape[1:] if shape else None, trust_factory=trust_factory)
-        run = workflows.export(model, output, config, data=data, options=workflows.Options(force, [json_path], on_stage=show.stage))
+        run = workflows.export(model, output, config, data=data, module=module, options=workflows.Options(force, [json_path], on_stage=show.stage))
     _print_export(run)
     _json(json_path, run, force)
 
@@ -862,7 +869,10 @@ def _print_export(run) -> None:
         out.print(f"grown with zero channels to a multiple of {report.pad}: {', '.join(report.padded)}")
     out.print(f"parameters: {_count(report.params)}   MACs: {_count(report.macs)} (executed: {_count(report.macs_executed)})   FLOPs: {_count(report.flops)}")
     out.print(f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.2g}, "
-              f"cosine {report.cosine:.6f}   opset {report.opset}   input {report.inputs[0]['shape']}")
+              f"cosine {report.cosine:.6f}   opset {report.opset}{' (TorchScript exporter)' if report.exporter == 'torchscript' else ''}"
+              f"   input {report.inputs[0]['shape']}")
+    if report.module:
+        out.print(f"exported module '{report.module}' only, for the input the whole model feeds it (not the whole model)")
     if report.quantization:
         q = report.quantization
         out.print(f"int8 ({q['mode']}): max |diff| vs PyTorch {q['max_abs_diff']:.3g}, cosine {q['cosine']:.5f} on {q['compared_on']}")

@@ -475,7 +475,7 @@ def prune_within_(model: nn.Module, input_shape: tuple[int, int, int], target: T
 
 def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target: TargetSpec | None = None, *,
                      speedup: float | None = None, latency_ms: float | None = None, macs: float | None = None, scope: str = "banks",
-                     round_to: int | None = None,
+                     round_to: int | None = None, module: str | None = None,
                      batch_size: int = 1, threads: int = 1, max_seconds: float = MAX_SECONDS, max_candidates: int = MAX_CANDIDATES,
                      timer: Timer | None = None, accuracy: Callable[[nn.Module], float] | None = None,
                      scores: dict[str, float] | None = None) -> TargetReport:
@@ -499,6 +499,9 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
         accuracy: with `target.max_drop`, the validation top-1 of a pruned copy (`prune_within_`).
         scores: with `scope` all, rank the channels by these importances (`taylor_scores`) instead of
             their BatchNorm gains.
+        module: with `scope` all, the part of the model whose channels go (`PruneSpec.module`;
+            default: the whole model when torch.fx traces it, else its `backbone`). The timings
+            are of the whole model.
 
     Raises:
         PruneError: a bad target or setting, no Gabor banks or no channel groups.
@@ -517,7 +520,9 @@ def prune_to_target_(model: nn.Module, input_shape: tuple[int, int, int], target
     if scores is not None and scope != "all":
         raise PruneError("importance `scores` rank the channels of `scope` all; the Gabor banks' groups are ranked by their strength")
     shape = tuple(input_shape)
-    family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to, scores=scores)
+    if module is not None and scope != "all":
+        raise PruneError("`module` names the part whose channels `scope` all removes; add `scope` all")
+    family = GroupCandidates(model, shape) if scope == "banks" else RatioCandidates(model, shape, round_to, scores=scores, module=module)
     if (target.timed or target.max_drop is not None) and timer is None:
         timer = OrtTimer(model, shape, batch_size, threads)
     if target.max_drop is not None:

@@ -614,7 +614,7 @@ def prune(source: Source | str, output: str | os.PathLike | None = None, spec: P
             options.stage(f"pruning to {target.describe()}: " + ("scoring candidates on the validation split" if budget else
                                                                   "exporting and timing candidates with ONNX Runtime" if target.timed else
                                                                   "counting the candidates' MACs") + "...")
-            scoped = dict(scope=spec.scope, round_to=spec.round_to, scores=scores) if spec is not None else {}
+            scoped = dict(scope=spec.scope, round_to=spec.round_to, scores=scores, module=spec.module) if spec is not None else {}
             run.target = prune_to_target_(model.to("cpu"), recipe.input_shape, target, **scoped, **given(threads=threads),
                                           accuracy=measures.score if budget else None)
             if run.target.prune is None:
@@ -710,9 +710,10 @@ class ExportRun:
 
 
 def export(source: Source | str, output: str | os.PathLike, config: ExportConfig | None = None, *, data: str | None = None,
-           options: Options = OPTIONS) -> ExportRun:
+           module: str | None = None, options: Options = OPTIONS) -> ExportRun:
     """Export `source` as compact ONNX at `output` (`export_model`; `config` default `ExportConfig()`),
-    checked against PyTorch, and on `data` (checks, int8 calibration and ONNX accuracy) when given."""
+    checked against PyTorch, and on `data` (checks, int8 calibration and ONNX accuracy) when given;
+    only its `module` (a detector's backbone) when given."""
     from gaborprune._io import check_outputs
     from gaborprune.export.api import ExportConfig, export_model
 
@@ -724,7 +725,8 @@ def export(source: Source | str, output: str | os.PathLike, config: ExportConfig
         train, test, _ = _data(model, recipe, data)
         pair = (train, test)
     options.stage("lowering, exporting and checking..." + (" (timing the candidate forms)" if config.lowering == "auto" else ""))
-    return ExportRun(str(source), export_model(model, recipe.input_shape, output, config, provenance=recipe.provenance(), data=pair, force=options.force), data)
+    report = export_model(model, recipe.input_shape, output, config, provenance=recipe.provenance(), data=pair, force=options.force, module=module)
+    return ExportRun(str(source), report, data)
 
 
 # -- bench -------------------------------------------------------------------------------------------

@@ -19,3 +19,17 @@ os.environ["GABORPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gaborprune-test-ca
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+#: {test node id: its outcome} for the tests run so far in this session: the support table
+#: (tests/test_support_table.py, run last) checks that the tests it cites passed.
+OUTCOMES: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        OUTCOMES[report.nodeid] = report.outcome
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_support_table.py"))  # stable: the rest keep their order

@@ -126,7 +126,7 @@ def test_module_entry_point_and_clean_failure():
     ok = subprocess.run([sys.executable, "-m", "gaborprune", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "convert" in ok.stdout and "inspect" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "gaborprune", "inspect", "torchvision:resnet1"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown torchvision classification model 'resnet1'")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown torchvision classification, detection or segmentation model 'resnet1'")
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -100,7 +100,7 @@ def test_broken_files_give_clear_errors(tmp_path):
 def test_unknown_models_list_the_known_ones():
     with pytest.raises(ModelSourceError, match=r"unknown model 'resnet2'; known: resnet20, resnet32, .*torchvision:NAME"):
         gp.load_model("resnet2")
-    with pytest.raises(ModelSourceError, match="unknown torchvision classification model 'resnet1'; e.g. resnet"):
+    with pytest.raises(ModelSourceError, match="unknown torchvision classification, detection or segmentation model .resnet1.; e.g. resnet"):
         gp.load_model("torchvision:resnet1")
     with pytest.raises(ModelSourceError, match="cannot import module 'no_such_pkg.mod'"):
         gp.load_model("no_such_pkg.mod:build")

@@ -366,7 +366,8 @@ def test_silenced_units_go_exactly_in_every_topology_family(family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"])
-def test_silenced_units_go_exactly_in_torchvision_models(name):
+def test_silenced_units_go_exactly_in_torchvision_models(name, tmp_path):
+    """...and the pruned model exports, onnxruntime computing what PyTorch does."""
     torch.manual_seed(0)
     model, recipe = gp.load_model(f"torchvision:{name}", num_classes=10, input_shape=(3, 64, 64))
     randomize_norms(model).eval()
@@ -376,3 +377,22 @@ def test_silenced_units_go_exactly_in_torchvision_models(name):
     report = prune_model_(model, recipe.input_shape, PruneSpec(threshold=0.01, scope="all", round_to=1))
     assert all(report.plan.channels[w]["out"] for w in writers) and report.after.macs < report.before.macs
     torch.testing.assert_close(outputs(model, x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    import onnxruntime as ort
+
+    gp.export_model(model, recipe.input_shape, tmp_path / "m.onnx", gp.ExportConfig(lowering="dense", check_inputs=1))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), before[:1], rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_a_ratio_prunes_mobilenets_whose_shifts_are_not_zero(name):
+    """Trained BatchNorms have shifts: a removed channel's constant act(shift) would reach the zero-padded
+    depthwise convolution after it unevenly, so the channel must carry 0 (it was zeroed, then refused as
+    'a gaborprune bug'). The compacted model computes what the masked one does."""
+    torch.manual_seed(0)
+    model, recipe = gp.load_model(f"torchvision:{name}", num_classes=10, input_shape=(3, 64, 64))
+    randomize_norms(model).eval()
+    report = prune_model_(model, recipe.input_shape, PruneSpec(scope="all", ratio=0.3))
+    assert report.after.macs < 0.8 * report.before.macs
+    assert report.max_abs_diff <= 1e-4 * max(1.0, float(outputs(model, torch.randn(2, *recipe.input_shape)).abs().max()))

@@ -16,6 +16,7 @@ from gaborprune import __version__
 from gaborprune._io import check_output, write_bytes
 from gaborprune._validate import check_batch_memory, check_finite, check_threads
 from gaborprune.convert.layer import GaborConv2d
+from gaborprune.errors import GaborPruneError
 from gaborprune.export.macs import onnx_counts
 from gaborprune.export.onnx import ExportError, opset_of, parity, to_onnx
 from gaborprune.export.quantize import calibration_batches, onnx_top1, quantize_int8
@@ -106,13 +107,15 @@ class ExportReport:
     quantization: dict | None = None  # the int8 model written: {"mode", "max_abs_diff", "cosine", "compared_on", "file_bytes"}
     accuracy: dict[str, float] = field(default_factory=dict)  # top-1 percent on the test split: "onnx" (float), "int8"
     sparse_kernels: dict[str, list[int]] = field(default_factory=dict)  # {layer: [non-zero kernels, dense kernels]}
+    exporter: str = "dynamo"  # or torchscript, where torch.export cannot capture the model (a detector)
+    module: str = ""  # the module exported ("": the whole model)
 
     @property
     def flops(self) -> int:
         return 2 * self.macs
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("path", "opset", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs")}
+        d = {k: getattr(self, k) for k in ("path", "opset", "exporter", "module", "inputs", "max_abs_diff", "cosine", "file_bytes", "params", "macs")}
         d["flops"] = self.flops
         d |= {k: getattr(self, k) for k in ("macs_executed", "lowering", "lowering_ms", "lowering_note", "candidates", "sparse_kernels", "channels_cut",
                                             "bias_maps", "padded", "pad", "pad_block", "skipped", "note")}
@@ -157,7 +160,7 @@ def speed_note(model: nn.Module, channels_pruned: bool, report: ExportReport) ->
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-                 provenance: Mapping[str, Any] | None = None, data: tuple | None = None, force: bool = False) -> ExportReport:
+                 provenance: Mapping[str, Any] | None = None, data: tuple | None = None, force: bool = False, module: str | None = None) -> ExportReport:
     """Export `model` (inputs [N, *input_shape]) as a compact ONNX file at `path`, checked against PyTorch.
 
     `model` is not changed (a float32 CPU copy is exported). `provenance`, what the model was built
@@ -166,10 +169,13 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
     without it both are left out.
 
     Steps: choose the form (`config.lowering`; `gaborprune.export.search`: the model is lowered once
-    per form, Gabor banks baked and BatchNorm folded), export it with the dynamo exporter, run the full
-    ONNX checker, compare onnxruntime with the PyTorch model on seeded random inputs (and real test
+    per form, Gabor banks baked and BatchNorm folded), export it (`to_onnx`: the dynamo exporter, or
+    TorchScript's for a detector), run the full ONNX checker, compare onnxruntime with the PyTorch model on seeded random inputs (and real test
     images when `data` = (train, test) datasets is given), optionally quantise to int8, and only then
     write the file (atomically).
+
+    `module`: export only this module of `model` (a module path, e.g. a detector's `backbone`), for
+    the input the whole model feeds it (`gaborprune.prune.part`); the report's `module` says so.
 
     Raises:
         ExportError: the model cannot be exported, has NaN or infinite weights or outputs, or
@@ -177,6 +183,14 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
     """
     input_shape = tuple(input_shape)
     check_output(path, force)
+    if module:
+        from gaborprune.prune.part import find_part
+
+        try:
+            part = find_part(model, input_shape, module)
+        except GaborPruneError as e:
+            raise ExportError(str(e)) from None
+        model, input_shape = part.of(model), part.input_shape
     model = copy.deepcopy(model).cpu().float().eval()  # the caller's model keeps its device, dtype and mode
     bad = non_finite(model.state_dict())
     if bad:
@@ -219,7 +233,8 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], path: str 
     write_bytes(path, blob, force)
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]} for i in proto.graph.input]
     report = ExportReport(
-        path=str(Path(path)), opset=opset_of(proto), inputs=inputs, max_abs_diff=diff, cosine=cosine, file_bytes=len(blob),
+        path=str(Path(path)), opset=opset_of(proto), exporter=next(p.value for p in proto.metadata_props if p.key == "gaborprune.exporter"),
+        module=module or "", inputs=inputs, max_abs_diff=diff, cosine=cosine, file_bytes=len(blob),
         params=counts.params, macs=counts.macs, macs_executed=counts.macs_executed, lowering=lowering.forms,
         lowering_ms=found.layer_ms, lowering_note=found.reason, channels_cut=lowering.channels_cut, bias_maps=lowering.bias_maps,
         padded=lowering.padded, pad=found.form.pad, pad_block=found.block, candidates=[c.to_dict() for c in found.candidates],

@@ -126,14 +126,21 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (MapBias, SplitConv, CADAConv2d, Dropped, ChannelConstant)) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module, step: str) -> tuple[fx.Graph, dict[str, int]]:
+class _NormLeaves(_Tracer):
+    """BatchNorm subclasses whole: traced through, one would be an anonymous F.batch_norm call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, step: str, tracer: type[fx.Tracer] = _Tracer) -> tuple[fx.Graph, dict[str, int]]:
     """The model's fx graph (lowering wrappers as leaves) and how often each module is called.
 
     Raises:
         ExportError: torch.fx cannot trace the model, so `step` cannot run.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = tracer().trace(model)
     except Exception as e:  # tracing user code can fail in many ways
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ExportError(f"{step}: torch.fx could not trace the model ({detail})") from None
@@ -147,18 +154,25 @@ def _trace(model: nn.Module, step: str) -> tuple[fx.Graph, dict[str, int]]:
 @torch.no_grad()
 def fold_batchnorms_(model: nn.Module) -> list[str]:
     """Fold each BatchNorm2d that alone reads a convolution's output into that convolution (eval
-    semantics); the BatchNorm becomes Identity. Returns the folded BatchNorms' names.
+    semantics); the BatchNorm becomes Identity, or a subclass known to the channel analysis (timm's
+    BatchNormAct2d, `norm_steps`) the element-wise modules it applies after its batch norm (its
+    activation). Returns the folded BatchNorms' names.
 
     Raises:
         ExportError: torch.fx cannot trace the model (nothing is changed).
     """
-    graph, calls = _trace(model, "BatchNorms not folded")
+    from gaborprune.prune.dataflow import norm_steps
+
+    graph, calls = _trace(model, "BatchNorms not folded", _NormLeaves)
     modules = dict(model.named_modules())
     folded = []
     for n in graph.nodes:
         norm = modules.get(n.target) if n.op == "call_module" else None
         if not isinstance(norm, nn.BatchNorm2d) or not norm.track_running_stats or calls[n.target] != 1:
             continue
+        steps = norm_steps(norm)
+        if isinstance(steps, str) or not all(isinstance(step, nn.Module) for step in steps):
+            continue  # unknown, or a step that is a function: it stays whole (exact, not folded)
         src = n.args[0]
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1:
             continue
@@ -175,7 +189,8 @@ def fold_batchnorms_(model: nn.Module) -> list[str]:
         conv.bias.mul_(scale).add_(shift)
         if isinstance(outer, MapBias):
             outer.bias_map.mul_(scale.view(1, -1, 1, 1))
-        replace_module(model, n.target, nn.Identity())
+        after = [step for step in steps if not isinstance(step, nn.Identity)]
+        replace_module(model, n.target, after[0] if len(after) == 1 else nn.Sequential(*after) if after else nn.Identity())
         folded.append(n.target)
     return folded
 

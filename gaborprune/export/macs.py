@@ -14,16 +14,54 @@ class Counts:
     macs_executed: int  # the same, zero kernels included (what a dense kernel computes)
 
 
+def _run_shapes(proto, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of tensors `names` in one onnxruntime run of `proto` on zeros (a dynamic dimension
+    taken as 1), or {} where the graph does not run so."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    feeds = {}
+    for i in proto.graph.input:
+        try:
+            dtype = tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        except (KeyError, ValueError):
+            return {}
+        feeds[i.name] = np.zeros([d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim], dtype=dtype)
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.log_severity_level = 1, 3
+        outputs = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(names, feeds)
+    except Exception:  # a graph that does not run on zeros: the inferred shapes stand
+        return {}
+    return {n: list(y.shape) for n, y in zip(names, outputs)}
+
+
 def onnx_counts(proto) -> Counts:
-    """Count Conv, Gemm and MatMul work per image from the initializers and inferred shapes."""
+    """Count Conv, Gemm and MatMul work per image from the initializers and inferred shapes.
+
+    Where shape inference cannot follow the graph (a detector exported by TorchScript resizes its
+    input with computed sizes), the outputs of its Conv, Gemm and MatMul nodes are measured in one
+    onnxruntime run on zeros instead."""
     import onnx
     from onnx import numpy_helper
 
     inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {}
+    shapes, unknown = {}, set()
     for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        shapes[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in v.type.tensor_type.shape.dim]
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+        if any(d.dim_value <= 0 for d in list(dims)[1:]) or not v.type.tensor_type.HasField("shape"):  # a named batch is fine
+            unknown.add(v.name)
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    counted = [n.output[0] for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in weights]
+    missing = [name for name in counted if name in unknown or name not in shapes]
+    if missing:
+        shapes |= _run_shapes(proto, missing)
     params = sum(w.size for w in weights.values() if np.issubdtype(w.dtype, np.floating))
     macs = executed = 0
     for node in proto.graph.node:

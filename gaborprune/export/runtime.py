@@ -79,9 +79,15 @@ def input_spec(sess) -> tuple[str, list[int | str]]:
 
 
 def run(sess, x: np.ndarray) -> np.ndarray:
+    """The first output of `sess` on `x`."""
+    return run_all(sess, x)[0]
+
+
+def run_all(sess, x: np.ndarray) -> list[np.ndarray]:
+    """Every output of `sess` on `x`, in order."""
     name, _ = input_spec(sess)
     try:
-        return sess.run(None, {name: x})[0]
+        return sess.run(None, {name: x})
     except Exception as e:
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SessionError(f"the model cannot take an input of shape {list(x.shape)} ({detail}); check `input_shape` / `batch_size`") from None

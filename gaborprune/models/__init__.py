@@ -1,7 +1,9 @@
 """Model sources: one spec string names a model wherever the CLI or API takes one.
 
 - a built-in CIFAR network: resnet20, resnet32, resnet56, resnet20_altered, vgg11/13/16/19, cada_net;
-- `torchvision:NAME`: any torchvision classification model (weights from a local file only);
+- `torchvision:NAME`: any torchvision classification, detection or segmentation model (weights from a
+  local file only; a detector's input shape is its transform's image size);
+- `timm:NAME`: any timm model (the optional extra `gaborprune[timm]`; random weights or a local file);
 - `package.module:factory`: a user's own callable returning an `nn.Module`;
 - a gaborprune recipe file (`.pt`), handled by `gaborprune.recipe.load_model`.
 
@@ -26,7 +28,7 @@ from gaborprune._io import safe_torch_load
 from gaborprune.errors import ModelSourceError
 from gaborprune.models.cifar import BUILTINS
 
-_OTHER_FORMS = "torchvision:NAME, package.module:factory, or a recipe .pt file"
+_OTHER_FORMS = "torchvision:NAME, timm:NAME, package.module:factory, or a recipe .pt file"
 TRUST_ENV = "GABORPRUNE_TRUSTED_MODULES"
 
 
@@ -52,13 +54,15 @@ class ModelSource:
     def kind(self) -> str:
         if self.spec.startswith("torchvision:"):
             return "torchvision"
+        if self.spec.startswith("timm:"):
+            return "timm"
         if ":" in self.spec:
             return "factory"
         return "builtin"
 
     def build(self) -> nn.Module:
         """A fresh model with default initialisation. Raises ModelSourceError."""
-        builder = {"builtin": _builtin, "torchvision": _torchvision, "factory": _factory}[self.kind](self.spec)
+        builder = {"builtin": _builtin, "torchvision": _torchvision, "timm": _timm, "factory": _factory}[self.kind](self.spec)
         kwargs = dict(self.kwargs)
         if self.num_classes is not None:
             kwargs["num_classes"] = self.num_classes
@@ -83,14 +87,23 @@ class ModelSource:
             fixed = getattr(model, "image_size", None)
             if isinstance(fixed, int):
                 return (3, fixed, fixed)
+            transform = getattr(model, "transform", None)  # a detector's resizing: SSD's fixed size, else the shorter side
+            side = getattr(transform, "fixed_size", None) or getattr(transform, "min_size", None)
+            if isinstance(side, (tuple, list)) and side and all(isinstance(v, int) for v in side):
+                return (3, side[0], side[-1]) if len(side) == 2 and getattr(transform, "fixed_size", None) else (3, side[0], side[0])
             name = self.spec.split(":", 1)[1]
             try:
                 weights = torchvision_models().get_model_weights(name).DEFAULT
-                crop = weights.transforms.keywords.get("crop_size", 224)
+                keywords = weights.transforms.keywords
+                crop = keywords.get("crop_size", keywords.get("resize_size", 224))  # segmenters: the resize
                 crop = crop[0] if isinstance(crop, (list, tuple)) else crop
                 return (3, int(crop), int(crop))
             except (ValueError, AttributeError, KeyError):
                 return (3, 224, 224)
+        if self.kind == "timm":
+            from gaborprune.models.timm_models import timm_input_shape
+
+            return timm_input_shape(model)
         return (3, 224, 224)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +125,13 @@ def torchvision_classifiers() -> list[str]:
     return sorted(torchvision_models().list_models(module=torchvision_models()))
 
 
+def torchvision_detectors() -> list[str]:
+    """Names of torchvision's detection and segmentation models (SSD, Faster R-CNN, RetinaNet, FCOS,
+    Mask/Keypoint R-CNN; LR-ASPP, DeepLabV3, FCN)."""
+    tv = torchvision_models()
+    return sorted(tv.list_models(module=tv.detection) + tv.list_models(module=tv.segmentation))
+
+
 def _builtin(spec: str):
     if spec not in BUILTINS:
         raise ModelSourceError(f"unknown model '{spec}'; known: {', '.join(BUILTINS)}, or {_OTHER_FORMS}")
@@ -120,18 +140,28 @@ def _builtin(spec: str):
 
 def _torchvision(spec: str):
     name = spec.split(":", 1)[1]
+    detector = name in torchvision_detectors()
     known = torchvision_classifiers()
-    if name not in known:
-        close = [k for k in known if k.startswith(name[:4])][:8] or known[:8]
-        raise ModelSourceError(f"unknown torchvision classification model '{name}'; e.g. {', '.join(close)} "
+    if name not in known and not detector:
+        close = [k for k in known + torchvision_detectors() if k.startswith(name[:4])][:8] or known[:8]
+        raise ModelSourceError(f"unknown torchvision classification, detection or segmentation model '{name}'; e.g. {', '.join(close)} "
                                "(all: python -c 'import torchvision; print(torchvision.models.list_models())')")
 
     def build(**kwargs):
-        if kwargs.get("weights") is not None:
-            raise ModelSourceError("pretrained weights are never downloaded; pass a local state_dict with `weights`")
+        for key in ("weights", "weights_backbone"):
+            if kwargs.get(key) is not None:
+                raise ModelSourceError(f"pretrained weights are never downloaded (`{key}`); pass a local state_dict with `weights`")
+        if detector:  # their builders would fetch ImageNet weights for the backbone by default
+            kwargs["weights_backbone"] = None
         return torchvision_models().get_model(name, weights=None, **kwargs)
 
     return build
+
+
+def _timm(spec: str):
+    from gaborprune.models.timm_models import timm_builder
+
+    return timm_builder(spec.split(":", 1)[1])
 
 
 def trusted_factory(spec: str) -> bool:

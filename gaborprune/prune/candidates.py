@@ -28,6 +28,7 @@ from gaborprune.convert.layer import GaborConv2d
 from gaborprune.errors import PruneError
 from gaborprune.prune.analysis import ModelAnalysis
 from gaborprune.prune.groups import ChannelGroup
+from gaborprune.prune.part import analysed_part
 from gaborprune.prune.report import PruneReport
 from gaborprune.prune.select import PruneSpec
 
@@ -182,9 +183,11 @@ class RatioCandidates:
     `scope` all prune, each layer's count rounded to `round_to`)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], round_to: int | None, ratios: tuple[float, ...] = TARGET_RATIOS,
-                 scores: dict[str, float] | None = None) -> None:
+                 scores: dict[str, float] | None = None, module: str | None = None) -> None:
         self.input_shape, self.round_to, self.ratios, self.scores = tuple(input_shape), round_to, tuple(ratios), scores
-        self.analysis = ModelAnalysis(model, self.input_shape)  # every candidate is a copy of `model`: one trace
+        # every candidate is a copy of `model`: one trace, of the part the analysis reads (`gaborprune.prune.part`)
+        part, self.analysis = analysed_part(model, self.input_shape, module)
+        self.module = part.name or None
         self.notes: list[str] = []
 
     def __len__(self) -> int:
@@ -207,7 +210,8 @@ class RatioCandidates:
         return None  # known only once pruned
 
     def spec(self, k: int) -> PruneSpec:
-        return PruneSpec(ratio=self.ratios[k - 1], scope="all", round_to=self.round_to, importance="gain" if self.scores is None else "taylor")
+        return PruneSpec(ratio=self.ratios[k - 1], scope="all", round_to=self.round_to, importance="gain" if self.scores is None else "taylor",
+                         module=self.module)
 
     def prune_(self, model: nn.Module, k: int) -> PruneReport:
         from gaborprune.prune.run import prune_model_

@@ -2,8 +2,9 @@
 are constant, which are tied together, and who reads them.
 
 A *position* is (node, channel): one channel of one tensor of the graph. Positions are *tied* when
-one cannot go without the others: the input and output channel of an elementwise op, BatchNorm,
-pooling or depthwise convolution; the operands of an addition or product; a piece of a
+one cannot go without the others: the input and output channel of an elementwise op, BatchNorm
+(or a subclass that only adds element-wise steps, such as timm's BatchNormAct2d with its
+activation: `norm_steps`), pooling or depthwise convolution; the operands of an addition or product; a piece of a
 concatenation and its place in the result; a channel and its features after flattening. A
 *component* is a closed set of tied positions. Convolutions and linear layers bound it: those that
 write it (producers, which would lose output channels) and those that read it (readers, which
@@ -18,9 +19,12 @@ values are read from one eval-mode run. What removing a channel costs the reader
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -49,6 +53,17 @@ _MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _SHIFT_MODULES = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Dropout2d)
 _SHIFT_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, "contiguous", "clone", "mean"}
 SHAPE_ONLY_METHODS = {"size", "dim"}
+# what a BatchNorm2d subclass may do after its batch norm: element-wise on each value (no pooling)
+_POINTWISE_MODULES = tuple(t for t in _ELEMENTWISE_MODULES if not issubclass(t, (nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)))
+_POINTWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS - {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_POINTWISE_METHODS = _ELEMENTWISE_METHODS
+#: timm's own element-wise activation modules (timm.layers.activations and activations_me), by name,
+#: so that the analysis does not import timm. Most are traced through like any module; inside a
+#: BatchNormAct2d (its `act`) they are leaves that the analysis must recognise.
+_TIMM_ACTIVATIONS = {"Swish", "SwishMe", "Mish", "MishMe", "Sigmoid", "Tanh", "HardSwish", "HardSwishMe", "HardSigmoid",
+                     "HardSigmoidMe", "HardMish", "HardMishMe", "GELU", "GELUTanh", "QuickGELU"}
+# a BatchNorm subclass's forward may also check its input (timm's _assert(x.ndim == 4, ...))
+_CHECKS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch._assert}
 
 
 @dataclass(frozen=True)
@@ -74,8 +89,10 @@ class Component:
 
 
 class _Tracer(fx.Tracer):
+    # BatchNorm subclasses (timm's BatchNormAct2d) stay whole: traced through, their F.batch_norm call
+    # would be an anonymous function with the training flag of trace time baked in
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (GaborConv2d, Dropped, ChannelConstant)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (GaborConv2d, Dropped, ChannelConstant, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(m, qualname)
 
 
 class _Recorder(fx.Interpreter):
@@ -93,6 +110,96 @@ class _Recorder(fx.Interpreter):
             first = out[0].reshape(out.shape[1], -1)[:, 0] if out.shape[1] else out.new_zeros(0)
             self.values[n] = first.detach().double().clone()  # before any in-place op
         return out
+
+
+def pointwise(m: nn.Module) -> bool:
+    """Whether module `m` is the same element-wise function of every value, channel by channel
+    (a single-parameter PReLU counts; a per-channel one does not)."""
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters == 1
+    if isinstance(m, _POINTWISE_MODULES):
+        return True
+    cls = type(m)
+    return cls.__module__.startswith("timm.layers.activations") and cls.__name__ in _TIMM_ACTIVATIONS and next(m.parameters(), None) is None
+
+
+class _ChildLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def norm_steps(norm: nn.BatchNorm2d) -> tuple[nn.Module | Callable[[Tensor], Tensor], ...] | str:
+    """What a BatchNorm2d subclass (timm's BatchNormAct2d: `act(drop(bn(x)))`) does after its batch
+    norm, in order: its own element-wise child modules (`pointwise`) or element-wise functions
+    (callables of one tensor); () for a plain BatchNorm2d. Or, as a string, why the analysis does
+    not know the subclass: its forward must be `F.batch_norm` of its input with its own statistics
+    and affine parameters (running statistics in eval mode, so that a shift folded into its running
+    mean is exact), then only those steps. Decided from its forward traced in eval mode, once per
+    class, settings and children's types."""
+    if type(norm) is nn.BatchNorm2d:
+        return ()
+    scalar = (bool, int, float, str, type(None))
+    settings = tuple(sorted((k, v) for k, v in vars(norm).items() if k not in ("training", "num_features") and isinstance(v, scalar)))
+    children = tuple((name, type(c), pointwise(c)) for name, c in norm.named_modules() if c is not norm)
+    key = (type(norm), settings, children)
+    if key not in _NORM_STEPS:
+        _NORM_STEPS[key] = _norm_steps(norm)
+    found = _NORM_STEPS[key]
+    return found if isinstance(found, str) else tuple(norm.get_submodule(step) if isinstance(step, str) else step for step in found)
+
+
+_NORM_STEPS: dict[tuple, tuple | str] = {}  # norm_steps' verdicts: child names or callables, or why not
+
+
+def _norm_steps(norm: nn.BatchNorm2d) -> tuple[str | Callable[[Tensor], Tensor], ...] | str:
+    """`norm_steps` with the child modules by name."""
+    was_training = norm.training
+    norm.training = False  # this module's flag only: its children are leaves
+    try:
+        graph = _ChildLeaves().trace(norm)
+    except Exception as e:  # tracing user code can fail in many ways
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return f"its forward cannot be traced ({detail})"
+    finally:
+        norm.training = was_training
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    (out,) = [n for n in nodes if n.op == "output"]
+    node, steps, chain = out.args[0], [], set()
+    while isinstance(node, fx.Node) and not (node.op == "call_function" and node.target is F.batch_norm):
+        chain.add(node)
+        if len(node.all_input_nodes) != 1 or not node.args or node.args[0] is not node.all_input_nodes[0]:
+            return "its forward does more than a batch norm and element-wise steps"
+        rest = node.args[1:]
+        if node.op == "call_module" and pointwise(norm.get_submodule(node.target)) and not rest and not node.kwargs:
+            steps.append(node.target)
+        elif node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS:
+            steps.append(partial(node.target, *rest, **node.kwargs))
+        elif node.op == "call_method" and node.target in _POINTWISE_METHODS and not rest and not node.kwargs:
+            steps.append(getattr(Tensor, node.target))
+        else:
+            what = f"'{node.target}', a {type(norm.get_submodule(node.target)).__name__}" if node.op == "call_module" else f"'{node_name(node)}'"
+            return f"after its batch norm it applies {what}, which the analysis does not know as element-wise"
+        node = node.all_input_nodes[0]
+    if not isinstance(node, fx.Node):
+        return "its forward does not end in a batch norm and element-wise steps"
+    chain.add(node)
+    try:
+        bound = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return "its batch norm is called with arguments the analysis does not know"
+    bound.apply_defaults()
+    args = bound.arguments
+    own = all(args[k] is None or isinstance(args[k], fx.Node) and args[k].op == "get_attr" and args[k].target == k
+              for k in ("running_mean", "running_var", "weight", "bias"))
+    stats = not norm.track_running_stats or (args["training"] is False and args["running_mean"] is not None and args["running_var"] is not None)
+    if inputs != [args["input"]] or not own or not stats or any(isinstance(args[k], fx.Node) for k in ("training", "momentum", "eps")):
+        return "its batch norm is not of its input with its own statistics and parameters"
+    for n in nodes:  # off the chain only input checks, so nothing else changes a value
+        if n not in chain and n.op not in ("placeholder", "output", "get_attr") and not (
+                n.op == "call_function" and n.target in _CHECKS or n.op == "call_method" and n.target in SHAPE_ONLY_METHODS):
+            return f"its forward does more than a batch norm and element-wise steps ('{node_name(n)}')"
+    return tuple(reversed(steps))
 
 
 def zero_padded(conv: nn.Module) -> bool:
@@ -120,8 +227,15 @@ def direct_norms(graph: ChannelGraph) -> dict[str, str]:
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:
-    """The torch.fx graph of `model`, Gabor banks and stand-ins as leaves. Raises whatever tracing user code raises."""
-    return _Tracer().trace(model)
+    """The torch.fx graph of `model` in eval mode (the mode the analysis runs it in: a forward that
+    branches on `self.training` must not bake batch statistics into the graph), Gabor banks, stand-ins
+    and BatchNorms as leaves. Raises whatever tracing user code raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _Tracer().trace(model)
+    finally:
+        model.train(was_training)
 
 
 def trace_channels(model: nn.Module, input_shape: tuple[int, int, int], graph: fx.Graph | None = None) -> ChannelGraph:
@@ -182,6 +296,13 @@ class ChannelGraph:
                 return Role("opaque", why=f"a grouped convolution ({m.groups} groups)")
             if isinstance(m, nn.Linear):
                 return Role("linear", tuple(ins))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) is not nn.BatchNorm2d:
+                # a BatchNorm2d subclass that only adds element-wise steps (timm's BatchNormAct2d) is a
+                # BatchNorm: per channel, and its constants (act(bn(c))) are read from the run like any
+                steps = norm_steps(m) if isinstance(m, nn.BatchNorm2d) else "not a BatchNorm2d"
+                if isinstance(steps, str):
+                    return Role("opaque", why=f"a {type(m).__name__}, a BatchNorm subclass that channel surgery cannot slice: {steps}")
+                return Role("aligned", tuple(ins))
             if isinstance(m, nn.AvgPool2d):
                 zero_only = m.count_include_pad and m.padding not in (0, (0, 0))
                 return Role("aligned", tuple(ins), zero_only=zero_only, shift=not zero_only)
@@ -224,6 +345,8 @@ class ChannelGraph:
         return Role("cat", tuple(pieces))
 
     def _flatten(self, n: fx.Node, ins: list[fx.Node]) -> Role:
+        if not ins:  # a parameter reshaped to broadcast, e.g. ConvNeXt's layer scale gamma.reshape(1, -1, 1, 1)
+            return Role("opaque", why="a reshaped parameter")
         src = self.shapes[ins[0]]
         if self.shapes[n] == src:  # flattening [N, C] or [N, C, 1]-like shapes that are already flat
             return Role("aligned", tuple(ins[:1]), shift=True)

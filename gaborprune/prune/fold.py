@@ -68,7 +68,7 @@ def absorb(graph: ChannelGraph, node: fx.Node, delta: Tensor) -> list[Fold] | No
         if u.op == "call_method" and u.target in SHAPE_ONLY_METHODS or role.kind == "constant":
             continue
         if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and role.kind == "aligned":
-            folds.append(Fold(u.target, "running_mean", -delta))  # BN(y - d) with mean - d == BN(y)
+            folds.append(Fold(u.target, "running_mean", -delta))  # BN(y - d) with mean - d == BN(y), act(BN(..)) too
         elif role.kind == "linear" and m.bias is not None:
             folds.append(Fold(u.target, "bias", m.weight.detach().double() @ delta))
         elif role.kind == "conv" and m.bias is not None and not zero_padded(m):

@@ -63,6 +63,10 @@ class ChannelGroup:
         saves: ((layer, side, index), ...): the work the channel's removal drops (see the module doc);
             side is "out" (a row), "in" (a column or a linear layer's input feature) or "depthwise".
         unit: the component's number: the out and in group of one channel share it.
+        padded: an "out" group whose channel a zero-padded depthwise convolution carries: its
+            constant cannot be folded (a padded reader's can, exactly away from the borders), so
+            scope "all" zeroes the writers' BatchNorm shifts with their gains
+            (`gaborprune.prune.structured.zero_units_`).
     """
 
     kind: str
@@ -70,6 +74,7 @@ class ChannelGroup:
     note: str = ""
     saves: tuple[tuple[str, str, int], ...] = field(default=(), compare=False)
     unit: int = field(default=-1, compare=False)
+    padded: bool = field(default=False, compare=False)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -202,8 +207,10 @@ class _Verdicts:
         note = (f"the dead channel goes only when its constant is 0 at zero-padded '{node_name(padded[0])}' "
                 "(e.g. a BatchNorm shift <= 0 before a ReLU)") if padded else ""
         if self.norms is not None and all(n.target in self.norms for n, _ in producers):
-            note = ""  # scope "all" zeroes the producers' BatchNorm channels: the constant is 0
-        return ChannelGroup("out", self._members(rows), note, self._saves(comp), unit)
+            note = ""  # scope "all" zeroes the producers' BatchNorm gains (and shifts before a padded depthwise convolution)
+        # a constant through a zero-padded depthwise convolution cannot be folded even away from the borders
+        depthwise = any(g.roles[n].kind == "depthwise" and zero_padded(g.modules[n.target]) for n, _ in comp.positions)
+        return ChannelGroup("out", self._members(rows), note, self._saves(comp), unit, padded=depthwise)
 
     def _in(self, comp: Component, unit: int) -> ChannelGroup | str:
         g = self.graph

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -74,6 +75,15 @@ class PrunePlan:
         if not (isinstance(self.constants, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in self.constants.items())):
             raise PruneError("malformed prune plan (constants must map convolution names to a BatchNorm name or null); the recipe may be corrupt")
 
+    def within(self, module: str) -> PrunePlan:
+        """This plan, made on `module` of a model (its names relative to it), in the model's names."""
+        if not module:
+            return self
+        full = f"{module}.{{}}".format
+        return PrunePlan({full(k): v for k, v in self.kernels.items()}, {full(k): v for k, v in self.channels.items()}, self.spec,
+                         tuple(f | {"module": full(f["module"])} for f in self.folds),
+                         {full(k): None if v is None else full(v) for k, v in self.constants.items()})
+
     def to_dict(self) -> dict:
         d = {"kernels": self.kernels, "channels": self.channels, "spec": self.spec,
              "folds": [{"module": f["module"], "attr": f["attr"], "delta": list(f["delta"])} for f in self.folds]}
@@ -126,8 +136,9 @@ def _keep(size: int, removed: list[int], what: str) -> torch.Tensor:
 def slice_module(m: nn.Module, out: list[int] = (), inp: list[int] = ()) -> nn.Module:
     """A fresh module like `m` without output channels `out` and input channels `inp`.
 
-    Handles Conv2d and GaborConv2d (ungrouped, or depthwise with out == inp), BatchNorm2d (out) and
-    Linear (inp). Parameters, buffers, frozen parameters and train/eval mode carry over.
+    Handles Conv2d and GaborConv2d (ungrouped, or depthwise with out == inp), BatchNorm2d and its
+    subclasses (out; a subclass keeps its class and children, e.g. timm's BatchNormAct2d its
+    activation) and Linear (inp). Parameters, buffers, frozen parameters and train/eval mode carry over.
     """
     ref = next(m.parameters(), None)
     factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
@@ -143,9 +154,24 @@ def slice_module(m: nn.Module, out: list[int] = (), inp: list[int] = ()) -> nn.M
         slice_in = not depthwise
     elif isinstance(m, nn.BatchNorm2d) and not inp:
         keep_out, keep_in, slice_in = _keep(m.num_features, out, "channel"), None, False
+        if type(m) is not nn.BatchNorm2d:
+            # a subclass (timm's BatchNormAct2d) keeps its class, forward and children (its activation):
+            # a copy with its own per-channel tensors sliced
+            for name, child in m.named_children():
+                if any(t.numel() > 1 for t in [*child.parameters(), *child.buffers()]):
+                    raise PruneError(f"cannot remove channels from a {type(m).__name__} whose '{name}' has per-channel tensors")
+            new = copy.deepcopy(m)
+            with torch.no_grad():
+                for key, t in m.named_parameters(recurse=False):
+                    setattr(new, key, nn.Parameter(t.detach()[keep_out.to(t.device)].clone(), requires_grad=t.requires_grad))
+                for key, t in m.named_buffers(recurse=False):
+                    if t.dim() >= 1:  # running statistics; num_batches_tracked is a scalar
+                        setattr(new, key, t[keep_out.to(t.device)].clone())
+            new.num_features = len(keep_out)
+            return new.train(m.training)
         new = nn.BatchNorm2d(len(keep_out), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
     elif isinstance(m, ChannelConstant) and not inp:
-        return ChannelConstant(m.was, m.value.detach().flatten()[_keep(m.out_channels, out, "channel").to(m.value.device)]).train(m.training)
+        return ChannelConstant(m.was, m.value.detach().flatten()[_keep(m.out_channels, out, "channel").to(m.value.device)], m).train(m.training)
     elif isinstance(m, nn.Linear) and not out:
         keep_out, keep_in, slice_in = None, _keep(m.in_features, inp, "input feature"), True
         new = nn.Linear(len(keep_in), m.out_features, m.bias is not None, **factory)
@@ -203,7 +229,7 @@ def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
             replace_module(model, name, _cut(modules, name, sides.get("out", []), sides.get("in", []), plan.constants))
         except PruneError as e:
             raise PruneError(f"'{name}': {e}") from None
-    for norm in folded:
+    for norm in folded:  # its whole forward, a subclass's activation too, is in the constant (`folded_constant`)
         replace_module(model, norm, nn.Identity())
     return model
 
@@ -215,12 +241,12 @@ def _cut(modules: dict[str, nn.Module], name: str, out: list[int], inp: list[int
         size = m.num_features if isinstance(m, nn.BatchNorm2d) else m.out_channels
         if set(out) >= set(range(size)):
             kind = "gabor" if isinstance(m, GaborConv2d) else "conv" if isinstance(m, nn.Conv2d) else "norm"
-            return Dropped(kind, size if isinstance(m, nn.BatchNorm2d) else m.in_channels)
+            return Dropped(kind, size if isinstance(m, nn.BatchNorm2d) else m.in_channels, m)
     if name in constants:
         if not (isinstance(m, (nn.Conv2d, GaborConv2d)) and set(inp) >= set(range(m.in_channels))):
             raise PruneError("the plan makes it a constant but does not remove all its input channels")
         norm = modules[constants[name]] if constants[name] is not None else None
         value = folded_constant(m, norm)
         keep = _keep(m.out_channels, out, "output channel").to(value.device)
-        return ChannelConstant("gabor" if isinstance(m, GaborConv2d) else "conv", value[keep]).train(m.training)
+        return ChannelConstant("gabor" if isinstance(m, GaborConv2d) else "conv", value[keep], m).train(m.training)
     return slice_module(m, out, inp)

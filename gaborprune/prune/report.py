@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
@@ -74,6 +74,13 @@ class PruneReport:
     accuracy_pruned: float | None = None  # right after pruning
     accuracy_recalibrated: float | None = None  # after re-estimating BatchNorm statistics, when that ran
     accuracy_after: float | None = None  # final (after recalibration and recovery, when they ran)
+
+    def within(self, module: str, before: ModelSummary, after: ModelSummary) -> PruneReport:
+        """This report of a prune of `module` (`PruneSpec.module`) as a report on the whole model,
+        whose counts are `before` and `after`: every name made a path in the whole model."""
+        full = f"{module}.{{}}".format
+        return replace(self, plan=self.plan.within(module), layers=[replace(c, name=full(c.name)) for c in self.layers], before=before, after=after,
+                       kept=[replace(k, layer=full(k.layer)) for k in self.kept])
 
     @property
     def step(self) -> PruneStep:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from torch import nn
 from gaborprune.errors import PruneError
 from gaborprune.prune.analysis import ModelAnalysis
 from gaborprune.prune.graph import analyse_channels
+from gaborprune.prune.part import analysed_part, flat_outputs
 from gaborprune.prune.plan import PrunePlan, apply_plan_
 from gaborprune.prune.report import LayerChange, PruneReport, layer_shapes
 from gaborprune.prune.select import PruneSpec, select_kernels
@@ -27,16 +29,20 @@ THIN_SHARE = 0.02
 
 @torch.no_grad()
 def _max_abs_diff(a: nn.Module, b: nn.Module, input_shape: tuple[int, int, int]) -> tuple[float, float]:
-    """Largest |a(x) - b(x)| and largest |a(x)| on random inputs, both models in eval mode."""
+    """Largest |a(x) - b(x)| and largest |a(x)| on random inputs, both models in eval mode, over every
+    tensor of the outputs (`flat_outputs`; outputs of other shapes differ by infinity)."""
     param = next(a.parameters())
     x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(1)).to(param.device, param.dtype)
     modes = a.training, b.training
     a.eval(), b.eval()
     try:
-        ya, yb = a(x), b(x)
+        ya, yb = flat_outputs(a(x)), flat_outputs(b(x))
     finally:
         a.train(modes[0]), b.train(modes[1])
-    return float((ya - yb).abs().max()), float(ya.abs().max())
+    if [t.shape for t in ya] != [t.shape for t in yb]:
+        return math.inf, 0.0
+    diff = max((float((u.double() - v.double()).abs().max()) for u, v in zip(ya, yb) if u.numel()), default=0.0)
+    return diff, max((float(u.abs().max()) for u in ya if u.numel()), default=0.0)
 
 
 def _warnings(changes: list[LayerChange], before, total_macs: int) -> list[str]:
@@ -72,7 +78,11 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     can go exactly (`analyse_channels`: dead output channels, and channels that only dead input
     columns read, with their producers' kernels), fold their constants, cut them out (`apply_plan_`),
     and check that the compacted model computes what the masked one did. The graph is traced once
-    (`analysis`, a `ModelAnalysis` of `model` or of a model of its architecture, is reused when given).
+    (`analysis`, a `ModelAnalysis` of `model` or of a model of its architecture, or with `spec.module`
+    of that module, is reused when given).
+    A model that torch.fx cannot trace whole (a detector) is analysed in its part `spec.module`
+    (default: its `backbone`; `gaborprune.prune.part`), exactly: the report's names are the whole
+    model's, and its counts (`before`, `after`) are the whole model's.
     `scores`: with `spec.importance` "taylor", each channel's importance
     (`gaborprune.prune.importance.taylor_scores` of `model` on labelled training batches).
 
@@ -82,12 +92,23 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
             so reload it.
     """
     shape = tuple(input_shape)
+    part, analysis = analysed_part(model, shape, spec.module, analysis)
+    if not part.name:
+        return _prune(model, shape, spec, analysis, scores)
+    inner = {k.removeprefix(part.name + "."): v for k, v in scores.items() if k.startswith(part.name + ".")} if scores is not None else None
+    before = summarize(model, shape)
+    report = _prune(part.of(model), part.input_shape, spec, analysis, inner)
+    return report.within(part.name, before, summarize(model, shape))
+
+
+
+def _prune(model: nn.Module, shape: tuple[int, int, int], spec: PruneSpec, analysis: ModelAnalysis, scores: dict[str, float] | None) -> PruneReport:
+    """`prune_model_` on a model the channel analysis reads whole."""
     if spec.importance == "taylor" and spec.ratio is None:
         raise PruneError("`importance` taylor ranks the channels a `ratio` removes (or a target's search); give `ratio`, or drop `importance`")
     if spec.importance == "taylor" and scores is None:
         raise PruneError("`importance` taylor ranks channels by their loss change on training batches: pass `scores` "
                          "(gaborprune.taylor_scores(model, input_shape, batches)), or give `data` to the workflow")
-    analysis = analysis if analysis is not None and analysis.same_architecture(model) else ModelAnalysis(model, shape)
     keep = select_kernels(model, shape, spec, analysis)
     before = summarize(model, shape, analysis.norms)
     shapes_before = layer_shapes(model)

@@ -36,6 +36,9 @@ class PruneSpec:
             `threshold` x its family's strongest (`gaborprune.prune.structured`).
         round_to: with scope "all" only, each layer (or residual stream) keeps a multiple of this many
             channels; None or 1: any count.
+        module: the part of the model the channel analysis reads (`gaborprune.prune.part`): a
+            module path, "" for the whole model; None (default): the whole model when torch.fx
+            traces it, else its `backbone` (detectors).
         importance: with scope "all" and a `ratio` (or a target), what ranks the channels (`gaborprune.prune.importance`):
             "gain" (the BatchNorm gain) or "taylor" (the first-order loss change of removing each, which
             `prune_model_` then needs as `scores`); None: "taylor" where the workflow has training data
@@ -53,8 +56,12 @@ class PruneSpec:
     scope: str = "banks"
     round_to: int | None = None
     importance: str | None = None
+    module: str | None = None
 
     def __post_init__(self) -> None:
+        if self.module is not None and not (isinstance(self.module, str) and all(p.isidentifier() or p.isdigit() for p in self.module.split("."))
+                                            or self.module == ""):
+            raise PruneError(f"`module` must be a module path such as 'backbone' or 'backbone.body', not {self.module!r}")
         if self.scope not in SCOPES:
             raise PruneError(f"unknown `scope` '{self.scope}'; known: {', '.join(SCOPES)}")
         if self.round_to is not None and not (is_int(self.round_to) and 1 <= self.round_to <= 1024):
@@ -87,7 +94,8 @@ class PruneSpec:
         d = {"threshold": self.threshold, "ratio": self.ratio, "keep": self.keep,
              "layer_ratio": dict(self.layer_ratio), "layer_keep": dict(self.layer_keep)}
         return (d | ({"scope": self.scope, "round_to": self.round_to} if self.scope != "banks" else {})
-                | ({"importance": self.importance} if self.importance is not None else {}))
+                | ({"importance": self.importance} if self.importance is not None else {})
+                | ({"module": self.module} if self.module is not None else {}))
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneSpec:
@@ -112,6 +120,8 @@ class PruneSpec:
             parts.append(f"{rest}threshold {self.threshold:g}")
         if self.scope == "all":
             parts.append(f"channels of every convolution{f' (multiples of {self.round_to})' if self.round_to and self.round_to > 1 else ''}")
+        if self.module:
+            parts.append(f"in '{self.module}'")
         return ", ".join(parts)
 
 

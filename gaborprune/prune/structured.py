@@ -142,7 +142,9 @@ def dead_units(model: nn.Module, input_shape: tuple[int, int, int], threshold: f
 @torch.no_grad()
 def zero_units_(model: nn.Module, dead: list[Unit], norms: dict[str, str]) -> dict[str, set[tuple[int, int]]]:
     """Zero each dead unit's side in `model` (see the module doc; the BatchNorm shifts stay, as the
-    constants `clear_removed_` clears once they are folded). Returns the Gabor kernels masked, {bank: {(o, i)}}."""
+    constants `clear_removed_` clears once they are folded, except before a zero-padded depthwise
+    convolution, which no fold makes exact: `ChannelGroup.padded`). Returns the Gabor kernels
+    masked, {bank: {(o, i)}}."""
     modules = dict(model.named_modules())
     masked: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for u in dead:
@@ -162,6 +164,8 @@ def zero_units_(model: nn.Module, dead: list[Unit], norms: dict[str, str]) -> di
                 norm = modules.get(norms.get(layer, ""))
                 if norm is not None and norm.affine:
                     norm.weight[rows] = 0
+                    if g.padded:  # a zero-padded depthwise convolution would carry act(shift) unevenly: the channel must carry 0
+                        norm.bias[rows] = 0
     return masked
 
 

@@ -16,6 +16,8 @@ _EXPORTS = {
     "TrainResult": "gaborprune.train.loop",
     "evaluate": "gaborprune.train.loop",
     "finetune_": "gaborprune.train.loop",
+    "Pressure": "gaborprune.train.pressure",
+    "PressureReport": "gaborprune.train.pressure",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

@@ -25,10 +25,10 @@ from gaborprune.errors import TrainingError
 from gaborprune.norms import batch_norms, recalibrate_norms_ as recalibrate_batches_
 from gaborprune.probe import probe
 from gaborprune.recipe import Recipe
-from gaborprune.sparsity import GaborSparsity
 from gaborprune.train.checkpoint import Checkpoints
 from gaborprune.train.config import FinetuneStep, TrainConfig
 from gaborprune.train.distributed import Dist
+from gaborprune.train.pressure import Pressure
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,17 @@ class StepInfo:
 
 
 def output_classes(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """The size of the model's output for one input (its number of classes)."""
-    return probe(model, input_shape).shape[-1]
+    """The size of the model's output for one input (its number of classes).
+
+    Raises:
+        TrainingError: the model's output is not logits [N, classes] (a detector's boxes, a
+            segmenter's masks): the built-in loop trains and evaluates classifiers only."""
+    out = probe(model, input_shape)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {list(out.shape)}"
+        raise TrainingError(f"the model's output ({what}) is not logits [N, classes]: fine-tuning and evaluation here are for classifiers; "
+                            "train a detector or segmenter in your own loop with `gp.Pressure` (README: Your own training loop)")
+    return out.shape[-1]
 
 
 def check_classes(model: nn.Module, recipe: Recipe, num_classes: int, data_name: str) -> None:
@@ -219,7 +228,8 @@ def finetune_(
         # one step per epoch on a split that small trains next to nothing; say so instead of reporting chance accuracy
         raise TrainingError(f"`batch_size` {config.batch_size} is larger than the {len(train_data)} training samples of '{data_name}'; "
                             f"give `batch_size` {len(train_data)} or less")
-    sparsity = GaborSparsity(model, recipe.input_shape, config.structure, config.scope)  # the channel groups, found once, weighed by MACs
+    pressure = Pressure._for_finetune(model, recipe.input_shape, config.structure, config.scope, config.sparsity)
+    sparsity = pressure.sparsity  # the channel groups, found once, weighed by MACs
     cost_table = {}
     if config.latency_aware and config.sparsity and sparsity.groups.groups:
         from gaborprune.export.costs import measure
@@ -267,7 +277,7 @@ def finetune_(
 
     ips = 0.0
     # the penalty reuses the kernels of each step's forward pass (not under torch.compile, whose graphs keep no module state)
-    track = sparsity.track_forward() if config.sparsity and sparsity and not config.compile else contextlib.nullcontext()
+    track = pressure.tracking() if config.sparsity and sparsity and not config.compile else contextlib.nullcontext()
     with track:
         for epoch in range(start_epoch, config.epochs):
             net.train()
@@ -284,7 +294,7 @@ def finetune_(
                     loss = criterion(logits, y)
                 total = loss.float()
                 if config.sparsity and sparsity:
-                    total = total + config.sparsity * sparsity.penalty()
+                    total = total + pressure()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
                 scaler.step(optimizer)
@@ -306,12 +316,12 @@ def finetune_(
             if config.recalibrates:
                 recalibrate_norms_(model, train_data, per_rank, device, dist=dist, channels_last=channels_last)
             result = evaluate(model, test_data, device, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
-            alive = sparsity.alive()
+            now = pressure.report()
             record = {
                 "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss / train_seen,
                 "train_accuracy": 100 * train_correct / train_seen, "test_loss": result.loss, "test_top1": result.top1,
-                "test_top5": result.top5, "images_per_second": ips, "seconds": elapsed, "kernels_alive": alive,
-                "groups_alive": sparsity.groups_alive(), "groups_total": sparsity.groups_total(),
+                "test_top5": result.top5, "images_per_second": ips, "seconds": elapsed, "kernels_alive": now.kernels_alive,
+                "groups_alive": now.groups_alive, "groups_total": now.groups_total,
             }
             if sparsity:
                 with torch.no_grad():
@@ -331,6 +341,7 @@ def finetune_(
     final = history[-1]["test_top1"] if history else evaluate(model, test_data, device, dist=dist).top1
     notes = {g.label: g.note for g in sparsity.groups.groups if g.note}
     best = max(best, final)
-    return TrainResult(len(history), best, final, sparsity.alive(), sparsity.totals(), ips, str(device), history,
-                       sparsity.groups_total(), sparsity.groups_alive(), notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table,
+    alive = pressure.report()
+    return TrainResult(len(history), best, final, alive.kernels_alive, alive.kernels_total, ips, str(device), history,
+                       alive.groups_total, alive.groups_alive, notes, sparsity.groups.reasons(), sparsity.weighed_by, cost_table,
                        FinetuneStep(config, data_name, len(history), best, tuple(history)))
