@@ -50,8 +50,10 @@ ROWS = (
         (T + "test_detection_models.py::test_prune_is_exact_on_the_whole_model_and_exports[lraspp",
          T + "test_detection_models.py::test_prune_is_exact_on_the_whole_model_and_exports[deeplabv3",
          T + "test_detection_models.py::test_convert_then_replay[lraspp")),
-    Row("timm", "`timm:NAME` (extra `gaborprune[timm]`): resnet10t, mobilenetv3_small_100, regnetx_002, convnext_atto, ghostnet_050",
-        ("yes, all five", "yes where the analysis follows the channels; what it keeps, the report says why", "yes, all five"),
+    Row("timm", "`timm:NAME` (extra `gaborprune[timm]`): resnet10t, mobilenetv3_small_100, efficientnet_b0, regnetx_002, convnext_atto, "
+        "ghostnet_050, repvgg_a0",
+        ("yes, all seven", "yes, all seven, where the analysis follows the channels (timm's BatchNormAct2d included); what it keeps, "
+         "the report says why", "yes, all seven"),
         (T + "test_timm_models.py::test_convert", T + "test_timm_models.py::test_prune_all_and_export")),
     Row("your own model", "`package.module:factory`, or `gp.prune_model_` on any `nn.Module`",
         ("any `nn.Conv2d`", "where torch.fx traces it (`--module` names a part that does)", "where torch.export or TorchScript exports it"),
