@@ -18,8 +18,9 @@ def _run_shapes(proto, names: list[str]) -> dict[str, list[int]]:
     """The shapes of tensors `names` in one onnxruntime run of `proto` on zeros (a dynamic dimension
     taken as 1), or {} where the graph does not run so."""
     import onnx
-    import onnxruntime as ort
     from onnx.helper import tensor_dtype_to_np_dtype
+
+    from gaborprune.export.runtime import session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
@@ -33,9 +34,7 @@ def _run_shapes(proto, names: list[str]) -> dict[str, list[int]]:
             return {}
         feeds[i.name] = np.zeros([d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim], dtype=dtype)
     try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.log_severity_level = 1, 3
-        outputs = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(names, feeds)
+        outputs = session(probe.SerializeToString(), threads=1).run(names, feeds)
     except Exception:  # a graph that does not run on zeros: the inferred shapes stand
         return {}
     return {n: list(y.shape) for n, y in zip(names, outputs)}

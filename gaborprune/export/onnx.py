@@ -143,12 +143,13 @@ def parity(sess, reference: nn.Module, inputs: list[Tensor]) -> tuple[float, flo
     Outputs that are not one tensor (a segmenter's dict, a detector's boxes, scores and labels per
     image) are compared in order (`output_groups`). A group of tensors with one row per detection
     (a dict of tensors of the same length) is compared as a set of rows (`_row_diff`): their
-    sorted scores, and at least MATCHED of the rows each found on the other side. Outputs of other
-    shapes (a detector keeping another number of boxes) differ by infinity.
+    sorted scores, and at least MATCHED of the rows each found on the other side; a detector keeping
+    another number of boxes is refused. Outputs of other shapes differ by infinity.
 
     Raises:
         ExportError: either side gives a NaN or infinite output (NaN compares false, so it would
-            pass), or fewer than MATCHED of a detector's boxes are found on the other side.
+            pass), a detector keeps another number of boxes, or fewer than MATCHED of its boxes are
+            found on the other side.
     """
     from gaborprune.export.runtime import run_all
     from gaborprune.prune.part import output_groups

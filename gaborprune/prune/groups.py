@@ -209,7 +209,7 @@ class _Verdicts:
         if self.norms is not None and all(n.target in self.norms for n, _ in producers):
             note = ""  # scope "all" zeroes the producers' BatchNorm gains (and shifts before a padded depthwise convolution)
         # a constant through a zero-padded depthwise convolution cannot be folded even away from the borders
-        depthwise = any(g.roles[n].kind == "depthwise" and zero_padded(g.modules[n.target]) for n, _ in comp.positions)
+        depthwise = any(g.roles[n].kind == "depthwise" for n in padded)
         return ChannelGroup("out", self._members(rows), note, self._saves(comp), unit, padded=depthwise)
 
     def _in(self, comp: Component, unit: int) -> ChannelGroup | str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gaborprune.errors import PruneError
+from gaborprune.probe import probe
 from gaborprune.prune.analysis import ModelAnalysis
 from gaborprune.prune.dataflow import _Tracer
 
@@ -98,13 +99,7 @@ def trace_failure(module: nn.Module) -> str | None:
 def flat_outputs(out) -> list[torch.Tensor]:
     """The tensors of a model's output in order: a tensor, or dicts (in key order), lists and tuples
     of them (a segmenter's {"out": ...}, a detector's [{"boxes", "scores", "labels"}, ...])."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flat_outputs(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in flat_outputs(v)]
-    return []
+    return [t for group in output_groups(out) for t in group]
 
 
 def output_groups(out) -> list[list[torch.Tensor]]:
@@ -117,23 +112,12 @@ def output_groups(out) -> list[list[torch.Tensor]]:
     return [[out]] if isinstance(out, torch.Tensor) else []
 
 
-@torch.no_grad()
 def _fed(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape (batch left out) of the one tensor the whole model feeds module `name` on an input [1, *input_shape]."""
+    """The shape (batch left out) of the one tensor the whole model feeds module `name` (`probe`:
+    one eval-mode pass on an input [1, *input_shape])."""
     seen: list = []
-    hook = model.get_submodule(name).register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)) or None, with_kwargs=True)
-    param = next(model.parameters(), None)
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    was = model.training
-    model.eval()
-    try:
-        model(x.to(param.device, param.dtype) if param is not None else x)
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise PruneError(f"the model does not run on an input {[1, *input_shape]} ({detail}); give its `input_shape`") from None
-    finally:
-        hook.remove()
-        model.train(was)
+    probe(model, input_shape, [model.get_submodule(name).register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)) or None,
+                                                                                 with_kwargs=True)])
     if not seen:
         raise PruneError(f"module '{name}' is not called when the model runs; name a module of its forward pass")
     args, kwargs = seen[0]

@@ -101,7 +101,6 @@ def prune_model_(model: nn.Module, input_shape: tuple[int, int, int], spec: Prun
     return report.within(part.name, before, summarize(model, shape))
 
 
-
 def _prune(model: nn.Module, shape: tuple[int, int, int], spec: PruneSpec, analysis: ModelAnalysis, scores: dict[str, float] | None) -> PruneReport:
     """`prune_model_` on a model the channel analysis reads whole."""
     if spec.importance == "taylor" and spec.ratio is None:
