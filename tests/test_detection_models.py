@@ -217,3 +217,17 @@ def test_the_builtin_loop_refuses_a_detector_in_one_line(command: str, tmp_path)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "output (OrderedDict) is not logits [N, classes]" in result.output and "gp.Pressure" in result.output
     assert not (tmp_path / "f.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "export"])
+def test_a_bad_module_is_one_line_from_the_cli(command: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from gaborprune.cli import app
+
+    out = tmp_path / ("p.pt" if command == "prune" else "p.onnx")
+    args = [command, "torchvision:ssdlite320_mobilenet_v3_large", "--module", "neck", "-o", str(out), "--threads", "1"]
+    result = CliRunner().invoke(app, args + (["--scope", "all", "--ratio", "0.2"] if command == "prune" else []))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "the model has no module 'neck'; its top-level modules: backbone, anchor_generator, head, transform" in result.output
+    assert len(result.output.strip().splitlines()) <= 2 and not out.exists()

@@ -230,6 +230,22 @@ def test_a_local_state_dict_loads_and_pretrained_weights_are_refused(tmp_path) -
         ModelSource("timm:resnet10t", kwargs={"weights": "IMAGENET1K"}).build()
 
 
+@pytest.mark.parametrize("key, value", [("pretrained", True), ("checkpoint_path", "/etc/passwd"), ("cache_dir", "/tmp"),
+                                        ("pretrained_cfg_overlay", {"file": "/etc/passwd"})])
+def test_a_recipe_cannot_make_timm_fetch_or_read_weights(key, value, tmp_path) -> None:
+    """A recipe's source arguments are data whoever wrote it chose: none of them may make timm download
+    or read a file (create_model's checkpoint_path would load any path)."""
+    with pytest.raises(ModelSourceError, match=f"`{key}`: pretrained weights are never downloaded or read"):
+        ModelSource("timm:resnet10t", kwargs={key: value}).build()
+    model, recipe = gp.load_model("timm:resnet10t", num_classes=NUM_CLASSES, input_shape=SHAPE)
+    path = gp.save_recipe(tmp_path / "r.pt", model, recipe)
+    payload = torch.load(path, weights_only=True)
+    payload["source"]["kwargs"] = {key: value}
+    torch.save(payload, tmp_path / "hostile.pt")
+    with pytest.raises(gp.GaborPruneError, match=f"`{key}`"):
+        gp.load_model(str(tmp_path / "hostile.pt"))
+
+
 def test_an_unknown_name_is_one_line_naming_close_ones() -> None:
     with pytest.raises(ModelSourceError) as info:
         gp.load_model("timm:nonexistent_model")

@@ -15,6 +15,9 @@ from gaborprune.errors import ModelSourceError
 
 #: The input a timm model is assumed to take when its configuration names none.
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
+#: `timm.create_model` arguments that fetch or read weights (a download, a checkpoint file, a cache
+#: folder): refused, since a recipe's arguments are data its author chose, and nothing is downloaded.
+_FETCHING = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 
 
 def _timm():
@@ -32,7 +35,8 @@ def timm_builder(name: str) -> Callable[..., nn.Module]:
 
     Raises:
         ModelSourceError: timm is not installed, or `name` is not a timm model (the message names
-            close ones); `build` raises it for a `weights` argument, since nothing is downloaded.
+            close ones); `build` raises it for an argument that would fetch or read weights
+            (`weights`, `pretrained`, `checkpoint_path`, ...), since nothing is downloaded.
     """
     timm = _timm()
     if not name or not timm.is_model(name):
@@ -43,11 +47,11 @@ def timm_builder(name: str) -> Callable[..., nn.Module]:
                                "(all: python -c 'import timm; print(timm.list_models())')")
 
     def build(**kwargs: Any) -> nn.Module:
-        if kwargs.get("weights") is not None:
-            raise ModelSourceError("pretrained weights are never downloaded; pass a local state_dict file with `weights` "
-                                   "(a timm model's `state_dict()` saved with torch.save)")
-        kwargs.pop("weights", None)
-        return timm.create_model(name, pretrained=False, **kwargs)
+        fetching = [k for k in _FETCHING if kwargs.get(k) not in (None, False)]
+        if fetching:
+            raise ModelSourceError(f"`{fetching[0]}`: pretrained weights are never downloaded or read by timm here; pass a local state_dict "
+                                   "file with `weights` (a timm model's `state_dict()` saved with torch.save)")
+        return timm.create_model(name, **{k: v for k, v in kwargs.items() if k not in _FETCHING}, pretrained=False)
 
     return build
 
